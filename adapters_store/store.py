@@ -1,0 +1,102 @@
+"""The store interface: versioned, checksummed adapter blobs behind one async API, opened from a URL.
+
+A store knows bytes and the few facts the API lists (``AdapterInfo``); it never parses tensors. Validation
+happens before ``put`` (``adapters_store.validation``), so a store only ever holds blobs that decoded cleanly.
+"""
+from __future__ import annotations
+
+import abc
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+from urllib.parse import urlparse
+
+from adapters_store.ids import AdapterId
+
+
+@dataclass(frozen=True)
+class AdapterMeta:
+    """What the caller knows about a blob it puts (read off the decoded adapter)."""
+
+    task: str
+    num_virtual_tokens: int
+    labels: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class AdapterInfo:
+    id: str
+    version: int
+    sha256: str
+    task: str
+    num_virtual_tokens: int
+    labels: list[str]
+    bytes: int
+    created_at: str  # ISO 8601, UTC
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> "AdapterInfo":
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+
+
+@dataclass
+class Page:
+    items: list[AdapterInfo] = field(default_factory=list)
+    next_cursor: str | None = None
+
+
+class AdapterStore(abc.ABC):
+    """Async store of adapter blobs. Versions per adapter increase monotonically, also across deletes."""
+
+    url: str
+
+    @abc.abstractmethod
+    async def put(self, adapter_id: AdapterId, blob: bytes, meta: AdapterMeta) -> AdapterInfo:
+        """Store ``blob`` as the adapter's next version and make it current atomically."""
+
+    @abc.abstractmethod
+    async def get_info(self, adapter_id: AdapterId) -> AdapterInfo:
+        """Info of the current version; ``AdapterNotFound`` if there is none."""
+
+    @abc.abstractmethod
+    async def get_blob(self, adapter_id: AdapterId, version: int | None = None) -> tuple[AdapterInfo, bytes]:
+        """The current (or given) version's info and bytes, sha256-checked (``IntegrityError``)."""
+
+    @abc.abstractmethod
+    async def list(self, tenant: str | None = None, cursor: str | None = None, limit: int = 100) -> Page:
+        """Current versions ordered by id, ``limit`` at a time; pass ``next_cursor`` back for the next page."""
+
+    @abc.abstractmethod
+    async def delete(self, adapter_id: AdapterId) -> None:
+        """Remove every version; ``AdapterNotFound`` if there is none."""
+
+    async def ping(self) -> None:
+        """Raise ``StoreUnavailable`` if the store cannot be reached."""
+
+    async def close(self) -> None:
+        return None
+
+
+_STORES: dict[str, Callable[[str], AdapterStore]] = {}
+
+
+def register_store(scheme: str):
+    def deco(factory: Callable[[str], AdapterStore]):
+        _STORES[scheme] = factory
+        return factory
+
+    return deco
+
+
+def open_store(url: str) -> AdapterStore:
+    """``file://PATH`` (embedded default) or ``redis://HOST:PORT/DB``; a bare path means ``file://``."""
+    import adapters_store.local  # noqa: F401  (registers "file")
+
+    scheme = urlparse(url).scheme or "file"
+    if scheme in ("redis", "rediss"):
+        import adapters_store.redis_store  # noqa: F401
+    if scheme not in _STORES:
+        raise ValueError(f"unknown store scheme {scheme!r} in {url!r}; known: {sorted(_STORES)}")
+    return _STORES[scheme](url)

