@@ -1,0 +1,132 @@
+"""The adapter blob: one self-describing safetensors file (DESIGN decision 3).
+
+Tensors
+    ``prompt_embeddings``  [P, layers * 2 * kv_heads * head_dim]  PEFT's flat layout: slot 2l = key of layer l,
+                           slot 2l+1 = value of layer l.
+    ``classifier.*``       the head of a ``classify`` adapter (``adapters_store.heads``).
+Metadata
+    ``__metadata__["ptserve"]`` = JSON of ``AdapterConfig`` (task, labels, head kind, backbone fingerprint,
+    format version, and the PEFT fields needed to write the adapter back out as a PEFT folder).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+import torch
+from safetensors.torch import save as st_save
+
+from adapters_store.errors import InvalidAdapter
+from adapters_store.fingerprint import BackboneFingerprint
+
+FORMAT = "ptserve.adapter"
+FORMAT_VERSION = 1
+TASKS = ("classify", "generate")
+PEFT_TASK_TYPE = {"classify": "SEQ_CLS", "generate": "CAUSAL_LM"}
+PREFIX_KEY = "prompt_embeddings"
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    task: str  # "classify" | "generate"
+    num_virtual_tokens: int
+    backbone: BackboneFingerprint
+    labels: tuple[str, ...] = ()
+    head: str | None = None  # head kind for "classify" (adapters_store.heads), None for "generate"
+    base_model_name_or_path: str = ""
+    format_version: int = FORMAT_VERSION
+
+    def to_metadata(self) -> dict[str, str]:
+        body = {
+            "format": FORMAT,
+            "format_version": self.format_version,
+            "task": self.task,
+            "num_virtual_tokens": self.num_virtual_tokens,
+            "labels": list(self.labels),
+            "head": self.head,
+            "base_model_name_or_path": self.base_model_name_or_path,
+            "backbone": self.backbone.to_dict(),
+        }
+        return {"format": "pt", "ptserve": json.dumps(body, sort_keys=True)}
+
+    @classmethod
+    def from_metadata(cls, metadata: dict[str, str] | None) -> "AdapterConfig":
+        if not metadata or "ptserve" not in metadata:
+            raise InvalidAdapter(
+                "safetensors metadata has no 'ptserve' entry: not a ptserve adapter blob "
+                "(upload a PEFT folder as multipart with adapter_config.json + adapter_model.safetensors)"
+            )
+        try:
+            body = json.loads(metadata["ptserve"])
+            if body.get("format") != FORMAT:
+                raise InvalidAdapter(f"metadata format is {body.get('format')!r}, expected {FORMAT!r}")
+            if body.get("format_version") != FORMAT_VERSION:
+                raise InvalidAdapter(
+                    f"format_version {body.get('format_version')!r} is not supported (expected {FORMAT_VERSION})"
+                )
+            task = body["task"]
+            if task not in TASKS:
+                raise InvalidAdapter(f"task {task!r} is not one of {TASKS}")
+            labels = body.get("labels") or []
+            if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+                raise InvalidAdapter("labels must be a list of strings")
+            p = body["num_virtual_tokens"]
+            if not isinstance(p, int) or isinstance(p, bool):
+                raise InvalidAdapter("num_virtual_tokens must be an integer")
+            return cls(
+                task=task,
+                num_virtual_tokens=p,
+                backbone=BackboneFingerprint.from_dict(body["backbone"]),
+                labels=tuple(labels),
+                head=body.get("head"),
+                base_model_name_or_path=str(body.get("base_model_name_or_path") or ""),
+            )
+        except InvalidAdapter:
+            raise
+        except (ValueError, KeyError, TypeError) as exc:
+            raise InvalidAdapter(f"malformed ptserve metadata: {type(exc).__name__}: {exc}") from None
+
+    def peft_config(self) -> dict:
+        """``adapter_config.json`` of the equivalent PEFT PREFIX_TUNING adapter."""
+        fp = self.backbone
+        cfg = {
+            "peft_type": "PREFIX_TUNING",
+            "task_type": PEFT_TASK_TYPE[self.task],
+            "num_virtual_tokens": self.num_virtual_tokens,
+            "num_layers": fp.num_layers,
+            "token_dim": fp.token_dim,
+            "num_attention_heads": fp.num_kv_heads,
+            "num_transformer_submodules": 1,
+            "encoder_hidden_size": fp.hidden_size,
+            "prefix_projection": False,
+            "inference_mode": True,
+            "base_model_name_or_path": self.base_model_name_or_path or None,
+            "revision": None,
+            "auto_mapping": None,
+            "init_weights": None,
+            "modules_to_save": ["classifier", "score"] if self.task == "classify" else None,
+        }
+        return cfg
+
+
+@dataclass
+class Adapter:
+    """A decoded, validated adapter in host memory."""
+
+    config: AdapterConfig
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def prompt_embeddings(self) -> torch.Tensor:  # [P, layers * 2 * kv_heads * head_dim]
+        return self.tensors[PREFIX_KEY]
+
+    def head_tensors(self) -> dict[str, torch.Tensor]:
+        return {k: v for k, v in self.tensors.items() if k != PREFIX_KEY}
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+def encode_blob(adapter: Adapter) -> bytes:
+    tensors = {k: v.detach().contiguous().cpu() for k, v in adapter.tensors.items()}
+    return st_save(tensors, metadata=adapter.config.to_metadata())

@@ -1,0 +1,35 @@
+"""Classification head kinds: which tensors an adapter's head carries, by backbone family.
+
+A head is applied to the backbone's output after the prefixed forward pass (``server/heads.py`` runs them);
+this module only names the tensors and their shapes, so validation can check an upload before it is loaded.
+"""
+from __future__ import annotations
+
+# head kind -> tensor name -> shape, with C = number of labels and H = hidden size
+HEAD_SHAPES: dict[str, dict[str, tuple[str, ...]]] = {
+    # BERT / MiniLM (PEFT SEQ_CLS, THUDM): the backbone's frozen pooler (dense + tanh on [CLS]), then a linear layer.
+    "pooler_linear": {"classifier.weight": ("C", "H"), "classifier.bias": ("C",)},
+    # RoBERTa family: dense + tanh + out_proj on the first token, all trained (RobertaClassificationHead).
+    "cls_mlp": {
+        "classifier.dense.weight": ("H", "H"),
+        "classifier.dense.bias": ("H",),
+        "classifier.out_proj.weight": ("C", "H"),
+        "classifier.out_proj.bias": ("C",),
+    },
+}
+
+HEAD_FOR_MODEL_TYPE: dict[str, str] = {
+    "bert": "pooler_linear",
+    "roberta": "cls_mlp",
+    "xlm-roberta": "cls_mlp",
+    "camembert": "cls_mlp",
+}
+
+
+def head_kind_for(model_type: str) -> str | None:
+    return HEAD_FOR_MODEL_TYPE.get(model_type)
+
+
+def head_shapes(kind: str, num_labels: int, hidden: int) -> dict[str, tuple[int, ...]]:
+    dims = {"C": num_labels, "H": hidden}
+    return {name: tuple(dims[d] for d in shape) for name, shape in HEAD_SHAPES[kind].items()}

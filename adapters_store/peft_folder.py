@@ -1,0 +1,137 @@
+"""PEFT ``PREFIX_TUNING`` adapter folders <-> ptserve blobs, without loss.
+
+A PEFT folder is ``adapter_config.json`` + ``adapter_model.safetensors`` holding ``prompt_embeddings``
+[P, layers * 2 * kv_heads * head_dim] and, for ``SEQ_CLS``, the head saved as ``base_model.classifier.*``.
+PEFT records no backbone fingerprint: a folder is accepted when its geometry fits the loaded backbone,
+whatever its ``base_model_name_or_path`` says (DESIGN decision 4); a differing name becomes a note.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from adapters_store.errors import BackboneMismatch, InvalidAdapter, PayloadTooLarge
+from adapters_store.fingerprint import BackboneFingerprint
+from adapters_store.format import PREFIX_KEY, Adapter, AdapterConfig, encode_blob
+from adapters_store.validation import Limits, check_finite, decode_blob, read_header
+
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+MAX_CONFIG_BYTES = 64 << 10
+_TASKS = {"SEQ_CLS": "classify", "CAUSAL_LM": "generate"}
+_PEFT_HEAD_PREFIXES = ("base_model.model.", "base_model.")
+
+
+def _peft_head_name(key: str) -> str | None:
+    """``base_model.classifier.weight`` (or ``...classifier.modules_to_save.default.weight``) -> ``classifier.weight``."""
+    for prefix in _PEFT_HEAD_PREFIXES:
+        if key.startswith(prefix):
+            key = key[len(prefix):]
+            break
+    key = key.replace(".modules_to_save.default.", ".").replace(".original_module.", ".")
+    return key if key.startswith("classifier.") else None
+
+
+def parse_peft_config(raw: bytes) -> dict:
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise PayloadTooLarge(f"{CONFIG_FILE} is {len(raw)} bytes; at most {MAX_CONFIG_BYTES}")
+    try:
+        cfg = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise InvalidAdapter(f"{CONFIG_FILE} is not valid JSON") from None
+    if not isinstance(cfg, dict):
+        raise InvalidAdapter(f"{CONFIG_FILE} must be a JSON object")
+    if cfg.get("peft_type") != "PREFIX_TUNING":
+        raise InvalidAdapter(f"peft_type is {cfg.get('peft_type')!r}; ptserve serves PREFIX_TUNING adapters")
+    if cfg.get("task_type") not in _TASKS:
+        raise InvalidAdapter(f"task_type {cfg.get('task_type')!r} is not one of {sorted(_TASKS)}")
+    for key in ("num_virtual_tokens", "num_layers", "token_dim", "num_attention_heads"):
+        if not isinstance(cfg.get(key), int) or isinstance(cfg.get(key), bool):
+            raise InvalidAdapter(f"{CONFIG_FILE} field {key!r} must be an integer, got {cfg.get(key)!r}")
+    return cfg
+
+
+def peft_to_blob(
+    config_raw: bytes,
+    weights_raw: bytes,
+    server: BackboneFingerprint,
+    server_name: str,
+    head_kind: str | None,
+    labels: list[str] | None = None,
+    limits: Limits = Limits(),
+) -> tuple[bytes, Adapter, list[str]]:
+    """Convert an uploaded PEFT folder to a validated ptserve blob: (blob, adapter, notes for the answer)."""
+    if len(weights_raw) > limits.max_bytes:
+        raise PayloadTooLarge(f"{WEIGHTS_FILE} is {len(weights_raw)} bytes; at most {limits.max_bytes}")
+    cfg = parse_peft_config(config_raw)
+    diffs = server.geometry_differences(cfg["num_layers"], cfg["token_dim"], cfg["num_attention_heads"])
+    if diffs:
+        raise BackboneMismatch("PEFT adapter does not fit the loaded backbone: " + "; ".join(diffs))
+    read_header(weights_raw, what=WEIGHTS_FILE)  # size/format checks before loading any tensor
+    try:
+        raw_tensors = st_load(weights_raw)
+    except Exception as exc:
+        raise InvalidAdapter(f"safetensors could not read {WEIGHTS_FILE}: {exc}") from None
+    task = _TASKS[cfg["task_type"]]
+    tensors = {}
+    for key, value in raw_tensors.items():
+        name = PREFIX_KEY if key == PREFIX_KEY else (_peft_head_name(key) if task == "classify" else None)
+        if name is None:
+            raise InvalidAdapter(f"{WEIGHTS_FILE} holds unexpected tensor {key!r}")
+        tensors[name] = value
+    check_finite(tensors)
+    if task == "classify":
+        num_labels = _num_labels(tensors)
+        labels = labels or [f"LABEL_{i}" for i in range(num_labels)]
+    config = AdapterConfig(
+        task=task,
+        num_virtual_tokens=cfg["num_virtual_tokens"],
+        backbone=server,
+        labels=tuple(labels or ()) if task == "classify" else (),
+        head=head_kind if task == "classify" else None,
+        base_model_name_or_path=str(cfg.get("base_model_name_or_path") or ""),
+    )
+    blob = encode_blob(Adapter(config, tensors))
+    adapter = decode_blob(blob, server, head_kind, limits)  # the one validation path for every upload
+    notes = []
+    if config.base_model_name_or_path and config.base_model_name_or_path != server_name:
+        notes.append(
+            f"adapter names base model {config.base_model_name_or_path!r}, server runs {server_name!r}; "
+            "accepted because the geometry fits"
+        )
+    return blob, adapter, notes
+
+
+def _num_labels(tensors: dict) -> int:
+    for name in ("classifier.weight", "classifier.out_proj.weight"):
+        if name in tensors and tensors[name].dim() == 2:
+            return int(tensors[name].shape[0])
+    raise InvalidAdapter(f"a SEQ_CLS adapter needs its classifier tensors; found {sorted(tensors)}")
+
+
+def adapter_to_peft(adapter: Adapter) -> tuple[dict, dict]:
+    """(adapter_config.json dict, safetensors dict) of the PEFT folder equivalent to ``adapter``."""
+    tensors = {PREFIX_KEY: adapter.prompt_embeddings}
+    for name, t in adapter.head_tensors().items():
+        tensors[f"base_model.{name}"] = t
+    return adapter.config.peft_config(), tensors
+
+
+def write_peft_folder(adapter: Adapter, out_dir: str | Path) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg, tensors = adapter_to_peft(adapter)
+    (out / CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
+    (out / WEIGHTS_FILE).write_bytes(st_save({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": "pt"}))
+    return out
+
+
+def read_peft_folder(folder: str | Path) -> tuple[bytes, bytes]:
+    folder = Path(folder)
+    return (folder / CONFIG_FILE).read_bytes(), (folder / WEIGHTS_FILE).read_bytes()
+
+
+__all__ = ["peft_to_blob", "adapter_to_peft", "write_peft_folder", "read_peft_folder"]

@@ -1,0 +1,141 @@
+"""Decode and validate adapter blobs before anything is stored, cached or put on a device.
+
+Order matters: sizes and the raw safetensors header are checked before any tensor is materialised, names,
+dtypes and shapes before values, values (finite) before the adapter is returned. Nothing is ever unpickled.
+"""
+from __future__ import annotations
+
+import json
+import math
+import struct
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load as st_load
+
+from adapters_store.errors import BackboneMismatch, InvalidAdapter, PayloadTooLarge
+from adapters_store.fingerprint import BackboneFingerprint
+from adapters_store.format import PREFIX_KEY, Adapter, AdapterConfig
+from adapters_store.heads import head_shapes
+
+ALLOWED_DTYPES = {"F32": 4, "F16": 2, "BF16": 2}
+MAX_HEADER_BYTES = 1 << 20
+MAX_LABELS = 1024
+MAX_LABEL_CHARS = 128
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_bytes: int = 64 << 20
+    max_virtual_tokens: int = 256
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    dtype: str
+    shape: tuple[int, ...]
+
+
+def read_header(data: bytes, what: str = "adapter") -> tuple[dict[str, str], dict[str, TensorEntry]]:
+    """Parse a safetensors header without touching tensor data: (metadata, name -> dtype/shape)."""
+    if data[:1] == b"\x80" or data[:2] == b"PK":
+        raise InvalidAdapter(f"{what} looks like a pickle / torch.save file; only safetensors is accepted")
+    if len(data) < 8:
+        raise InvalidAdapter(f"{what} is truncated ({len(data)} bytes): not a safetensors file")
+    (n,) = struct.unpack("<Q", data[:8])
+    if n > MAX_HEADER_BYTES:
+        raise InvalidAdapter(f"{what} safetensors header claims {n} bytes; at most {MAX_HEADER_BYTES} allowed")
+    if 8 + n > len(data):
+        raise InvalidAdapter(f"{what} is truncated: header needs {n} bytes, file has {len(data) - 8}")
+    try:
+        header = json.loads(data[8 : 8 + n])
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise InvalidAdapter(f"{what} is not a safetensors file (header is not JSON)") from None
+    if not isinstance(header, dict):
+        raise InvalidAdapter(f"{what} safetensors header must be a JSON object")
+    metadata = header.pop("__metadata__", None) or {}
+    if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+        raise InvalidAdapter(f"{what} safetensors __metadata__ must map strings to strings")
+    body = len(data) - 8 - n
+    entries: dict[str, TensorEntry] = {}
+    for name, spec in header.items():
+        try:
+            dtype, shape, (begin, end) = spec["dtype"], tuple(int(d) for d in spec["shape"]), spec["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise InvalidAdapter(f"{what} tensor {name!r} has a malformed header entry") from None
+        if dtype not in ALLOWED_DTYPES:
+            raise InvalidAdapter(f"tensor {name!r} has dtype {dtype}; allowed: {sorted(ALLOWED_DTYPES)}")
+        if any(d < 0 for d in shape) or end > body or begin > end:
+            raise InvalidAdapter(f"{what} is truncated or corrupt: tensor {name!r} data lies outside the file")
+        if end - begin != math.prod(shape) * ALLOWED_DTYPES[dtype]:
+            raise InvalidAdapter(f"tensor {name!r}: {end - begin} bytes do not hold shape {list(shape)} {dtype}")
+        entries[name] = TensorEntry(dtype, shape)
+    return metadata, entries
+
+
+def check_config(config: AdapterConfig, server: BackboneFingerprint, head_kind: str | None, limits: Limits) -> None:
+    diffs = server.differences(config.backbone)
+    if diffs:
+        raise BackboneMismatch("adapter was made for another backbone: " + "; ".join(diffs))
+    if not 1 <= config.num_virtual_tokens <= limits.max_virtual_tokens:
+        raise InvalidAdapter(f"num_virtual_tokens={config.num_virtual_tokens}; allowed 1..{limits.max_virtual_tokens}")
+    if config.num_virtual_tokens >= server.max_positions > 0:
+        raise InvalidAdapter(
+            f"num_virtual_tokens={config.num_virtual_tokens} leaves no room for input "
+            f"(backbone has {server.max_positions} positions)"
+        )
+    if config.task == "classify":
+        if head_kind is None:
+            raise InvalidAdapter(f"backbone {server.model_type!r} serves no classification heads")
+        if config.head != head_kind:
+            raise InvalidAdapter(f"head {config.head!r} does not fit this backbone; expected {head_kind!r}")
+        if not 1 <= len(config.labels) <= MAX_LABELS:
+            raise InvalidAdapter(f"a classify adapter needs 1..{MAX_LABELS} labels, got {len(config.labels)}")
+        if len(set(config.labels)) != len(config.labels) or any(
+            not 0 < len(x) <= MAX_LABEL_CHARS for x in config.labels
+        ):
+            raise InvalidAdapter(f"labels must be unique non-empty strings of at most {MAX_LABEL_CHARS} chars")
+    elif config.head is not None or config.labels:
+        raise InvalidAdapter("a generate adapter carries no head and no labels")
+
+
+def expected_shapes(config: AdapterConfig) -> dict[str, tuple[int, ...]]:
+    fp = config.backbone
+    shapes = {PREFIX_KEY: (config.num_virtual_tokens, fp.prefix_width)}
+    if config.task == "classify":
+        shapes.update(head_shapes(config.head, len(config.labels), fp.hidden_size))
+    return shapes
+
+
+def check_entries(entries: dict[str, TensorEntry], wanted: dict[str, tuple[int, ...]]) -> None:
+    missing, extra = sorted(set(wanted) - set(entries)), sorted(set(entries) - set(wanted))
+    if missing or extra:
+        raise InvalidAdapter(f"tensor names: expected {sorted(wanted)}; missing {missing}, unexpected {extra}")
+    for name, shape in wanted.items():
+        if entries[name].shape != shape:
+            raise InvalidAdapter(f"tensor {name!r} has shape {list(entries[name].shape)}, expected {list(shape)}")
+
+
+def check_finite(tensors: dict[str, torch.Tensor]) -> None:
+    for name, t in tensors.items():
+        if not bool(torch.isfinite(t).all()):
+            raise InvalidAdapter(f"tensor {name!r} contains NaN or Inf")
+
+
+def decode_blob(
+    data: bytes, server: BackboneFingerprint, head_kind: str | None, limits: Limits = Limits()
+) -> Adapter:
+    """Validate ``data`` against the loaded backbone and return the adapter; raise a 4xx error otherwise."""
+    if len(data) > limits.max_bytes:
+        raise PayloadTooLarge(f"adapter is {len(data)} bytes; at most {limits.max_bytes} allowed")
+    metadata, entries = read_header(data)
+    config = AdapterConfig.from_metadata(metadata)
+    check_config(config, server, head_kind, limits)
+    check_entries(entries, expected_shapes(config))
+    try:
+        tensors = st_load(data)
+    except Exception as exc:  # safetensors raises its own error type for any structural problem
+        raise InvalidAdapter(f"safetensors could not read the adapter: {exc}") from None
+    check_finite(tensors)
+    return Adapter(config=config, tensors=tensors)
+

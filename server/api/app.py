@@ -1,0 +1,45 @@
+"""The app factory: ``create_app(settings)`` wires routes, middleware and error handlers; the lifespan loads
+the backbone in the background so ``/healthz`` answers at once and ``/readyz`` says when serving can start."""
+from __future__ import annotations
+
+import asyncio
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from server.api import routes_adapters, routes_classify, routes_health
+from server.api.errors import install_error_handlers
+from server.api.middleware import BodyLimitMiddleware, MetricsMiddleware
+from server.api.state import ServerState
+from server.settings import Settings
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    state = ServerState(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        loading = asyncio.create_task(state.start(), name="ptserve-start")
+        try:
+            yield
+        finally:
+            loading.cancel()
+            await asyncio.gather(loading, return_exceptions=True)
+            await state.stop()
+
+    app = FastAPI(title="ptserve", version="0.1.0", lifespan=lifespan,
+                  description="Multi-tenant inference server for P-Tuning v2 prefixes.")
+    app.state.ptserve = state
+    for module in (routes_adapters, routes_classify, routes_health):
+        app.include_router(module.router)
+    install_error_handlers(app)
+
+    def body_limit(method: str, path: str) -> int:
+        if method == "PUT" and path.startswith("/v1/adapters/"):
+            return settings.max_adapter_bytes + (64 << 10)  # multipart framing + adapter_config.json
+        return settings.max_body_bytes
+
+    app.add_middleware(BodyLimitMiddleware, limit_for=body_limit)
+    app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+    return app

@@ -1,0 +1,115 @@
+"""Adapter routes: upload (ptserve blob or PEFT folder), list, show, download, delete."""
+from __future__ import annotations
+
+import json
+
+from fastapi import APIRouter, Query, Request, Response
+from starlette.datastructures import UploadFile
+
+from adapters_store.errors import InvalidAdapter
+from adapters_store.ids import AdapterId, check_tenant
+from adapters_store.peft_folder import CONFIG_FILE, WEIGHTS_FILE
+from adapters_store.store import AdapterInfo
+from server.api.deps import AdaptersDep
+from server.api.errors import BadRequest, error_response
+from server.api.schemas import AdapterList, AdapterPublic, ErrorResponse
+
+router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 422, 503)}
+
+
+def _public(info: AdapterInfo, notes: list[str] | None = None) -> AdapterPublic:
+    return AdapterPublic(**info.to_json(), notes=notes or [])
+
+
+@router.put(
+    "/{tenant}/{name}", status_code=201, response_model=AdapterPublic, responses=ERRORS,
+    openapi_extra={"requestBody": {"content": {
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        "multipart/form-data": {"schema": {"type": "object", "properties": {
+            CONFIG_FILE: {"type": "string", "format": "binary"},
+            WEIGHTS_FILE: {"type": "string", "format": "binary"},
+            "labels": {"type": "string", "description": "JSON list of label names (PEFT folders carry none)"},
+        }}},
+    }}},
+)
+async def put_adapter(tenant: str, name: str, request: Request, adapters: AdaptersDep):
+    """Upload a new version: a ptserve blob (octet-stream) or a PEFT folder (multipart, PEFT file names)."""
+    adapter_id = AdapterId.of(tenant, name)
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    try:
+        if content_type == "application/octet-stream":
+            uploaded = await adapters.put_blob(adapter_id, await request.body())
+        elif content_type == "multipart/form-data":
+            config_raw, weights_raw, labels = await _read_peft_form(request, adapters.limits.max_bytes)
+            uploaded = await adapters.put_peft(adapter_id, config_raw, weights_raw, labels)
+        else:
+            return error_response(
+                415, "unsupported_media_type",
+                "send application/octet-stream (ptserve blob) or multipart/form-data with the PEFT files "
+                f"{CONFIG_FILE!r} and {WEIGHTS_FILE!r}",
+            )
+    except Exception:
+        adapters_metrics(request).uploads.labels("rejected").inc()
+        raise
+    adapters_metrics(request).uploads.labels("accepted").inc()
+    return _public(uploaded.info, uploaded.notes)
+
+
+def adapters_metrics(request: Request):
+    return request.app.state.ptserve.metrics
+
+
+async def _read_peft_form(request: Request, max_bytes: int) -> tuple[bytes, bytes, list[str] | None]:
+    form = await request.form(max_files=2, max_fields=2, max_part_size=max_bytes)
+    parts = {}
+    for field in (CONFIG_FILE, WEIGHTS_FILE):
+        part = form.get(field)
+        if not isinstance(part, UploadFile):
+            raise BadRequest(f"multipart upload needs a file part named {field!r} (the PEFT folder's files)")
+        parts[field] = await part.read()
+    labels = None
+    if (raw := form.get("labels")) is not None:
+        try:
+            labels = json.loads(raw) if isinstance(raw, str) else None
+        except json.JSONDecodeError:
+            labels = None
+        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+            raise InvalidAdapter('labels must be a JSON list of strings, e.g. ["negative", "positive"]')
+    return parts[CONFIG_FILE], parts[WEIGHTS_FILE], labels
+
+
+@router.get("", response_model=AdapterList, responses=ERRORS)
+async def list_adapters(
+    adapters: AdaptersDep,
+    tenant: str | None = None,
+    cursor: str | None = None,
+    limit: int = Query(100, ge=1, le=1000),
+):
+    if tenant is not None:
+        check_tenant(tenant)
+    page = await adapters.list(tenant, cursor, limit)
+    return AdapterList(data=[_public(i) for i in page.items], next_cursor=page.next_cursor)
+
+
+@router.get("/{tenant}/{name}", response_model=AdapterPublic, responses=ERRORS)
+async def get_adapter(tenant: str, name: str, adapters: AdaptersDep):
+    return _public(await adapters.info(AdapterId.of(tenant, name)))
+
+
+@router.get(
+    "/{tenant}/{name}/blob", responses={200: {"content": {"application/octet-stream": {}}}, **ERRORS},
+    response_class=Response,
+)
+async def get_blob(tenant: str, name: str, adapters: AdaptersDep):
+    info, blob = await adapters.blob(AdapterId.of(tenant, name))
+    return Response(
+        blob, media_type="application/octet-stream",
+        headers={"ETag": f'"{info.sha256}"', "X-Ptserve-Version": str(info.version)},
+    )
+
+
+@router.delete("/{tenant}/{name}", status_code=204, response_class=Response, responses=ERRORS)
+async def delete_adapter(tenant: str, name: str, adapters: AdaptersDep):
+    await adapters.delete(AdapterId.of(tenant, name))
+    return Response(status_code=204)

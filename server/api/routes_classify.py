@@ -1,0 +1,44 @@
+"""``POST /v1/classify``: tokenise against the adapter's prefix, queue the rows, answer with labels."""
+from __future__ import annotations
+
+import torch
+from fastapi import APIRouter
+
+from adapters_store.errors import InvalidInput, WrongTask
+from adapters_store.ids import AdapterId
+from server.api.deps import ReadyDep
+from server.api.schemas import ClassifyRequest, ClassifyResponse, ErrorResponse, Prediction, Usage
+from server.engine import Row
+
+router = APIRouter(tags=["inference"])
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 422, 503)}
+
+
+@router.post("/v1/classify", response_model=ClassifyResponse, responses=ERRORS)
+async def classify(req: ClassifyRequest, state: ReadyDep) -> ClassifyResponse:
+    limit = state.settings.max_inputs_per_request
+    if len(req.inputs) > limit:
+        raise InvalidInput(f"{len(req.inputs)} inputs; at most {limit} per request")
+    adapter = await state.adapters.resident(AdapterId.parse(req.adapter))
+    if adapter.config.task != "classify":
+        raise WrongTask(f"adapter {req.adapter} is a {adapter.config.task!r} adapter; use /v1/generate")
+    token_ids = state.engine.tokenize(req.inputs, adapter.num_virtual_tokens, req.truncate)
+    rows = [Row(adapter, ids) for ids in token_ids]
+    logits = await state.batcher.submit(rows, [r.length for r in rows])
+    return ClassifyResponse(
+        adapter=adapter.id,
+        version=adapter.version,
+        predictions=[_prediction(adapter.labels, row_logits, req.return_logits) for row_logits in logits],
+        usage=Usage(input_tokens=sum(len(ids) for ids in token_ids)),
+    )
+
+
+def _prediction(labels: tuple[str, ...], logits: torch.Tensor, with_logits: bool) -> Prediction:
+    probs = torch.softmax(logits, dim=-1)
+    best = int(probs.argmax())
+    return Prediction(
+        label=labels[best],
+        score=float(probs[best]),
+        scores={label: float(p) for label, p in zip(labels, probs)},
+        logits=[float(x) for x in logits] if with_logits else None,
+    )

@@ -1,0 +1,74 @@
+"""What the app holds while it runs: built in the lifespan, reached by routes through ``deps``."""
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from adapters_store.store import AdapterStore, open_store
+from adapters_store.validation import Limits
+from server.adapters import AdapterService
+from server.backbone import Backbone, load_backbone
+from server.batch_plan import BatchPolicy
+from server.batcher import Batcher
+from server.engine import Engine
+from server.metrics import Metrics
+from server.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServerState:
+    settings: Settings
+    metrics: Metrics = field(default_factory=Metrics)
+    backbone: Backbone | None = None
+    engine: Engine | None = None
+    store: AdapterStore | None = None
+    adapters: AdapterService | None = None
+    batcher: Batcher | None = None
+    load_error: str | None = None
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+
+    async def start(self) -> None:
+        """Load the backbone off the event loop, then open the store and start the batcher."""
+        s = self.settings
+        try:
+            if s.threads:
+                torch.set_num_threads(s.threads)
+            self.backbone = await asyncio.to_thread(load_backbone, s.backbone, s.device, s.dtype, s.allow_download)
+            self.engine = Engine(self.backbone)
+            self.store = open_store(s.store)
+            limits = Limits(max_bytes=s.max_adapter_bytes, max_virtual_tokens=s.max_virtual_tokens)
+            self.adapters = AdapterService(self.store, self.engine, s.cache_bytes, limits)
+            self.metrics.watch_cache(self.adapters.cache)
+            policy = BatchPolicy(max_batch_size=s.max_batch_size, max_batch_tokens=s.max_batch_tokens)
+            self.batcher = Batcher(self.engine.classify, policy, s.max_wait_ms, on_pass=self.metrics.observe_pass)
+            self.batcher.start()
+            fp = self.backbone.fingerprint
+            self.metrics.build.info({
+                "version": _version(), "backbone": s.backbone, "model_type": fp.model_type,
+                "device": str(self.backbone.device), "dtype": str(self.backbone.dtype).removeprefix("torch."),
+            })
+            self.ready.set()
+            log.info("ptserve ready: backbone %s, store %s", s.backbone, s.store)
+        except Exception as exc:  # surfaced by /readyz and by every route that needs the engine
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            log.exception("start-up failed")
+
+    async def stop(self) -> None:
+        if self.batcher:
+            await self.batcher.stop()
+        if self.store:
+            await self.store.close()
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ptserve")
+    except PackageNotFoundError:
+        return "dev"

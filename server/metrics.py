@@ -1,0 +1,92 @@
+"""How Prometheus sees ptserve: every metric is defined here, on a registry owned by the app.
+
+The engine and batcher produce plain reports; this module turns them into counters and histograms. No label's
+values grow with tenants or adapters (DESIGN decision 7): endpoints are route templates, statuses are classes.
+"""
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from adapters_store.cache import AdapterCache
+from server.batcher import PassReport
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+RATIO_BUCKETS = (1.0, 1.05, 1.1, 1.25, 1.5, 2, 3, 5)
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "ptserve_requests", "HTTP requests by endpoint and status class.", ["endpoint", "status_class"], registry=r
+        )
+        self.request_latency = Histogram(
+            "ptserve_request_duration_seconds", "End-to-end HTTP latency.", ["endpoint"],
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.queue_wait = Histogram(
+            "ptserve_queue_wait_seconds", "Time a row waited in the batcher queue.", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.inference = Histogram(
+            "ptserve_inference_duration_seconds", "Duration of one forward pass.", buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.batch_size = Histogram("ptserve_batch_size", "Rows per forward pass.", buckets=BATCH_BUCKETS, registry=r)
+        self.batch_tokens = Histogram(
+            "ptserve_batch_tokens", "Padded (virtual + real) tokens per forward pass.",
+            buckets=(64, 256, 1024, 4096, 16384, 65536), registry=r,
+        )
+        self.padding_ratio = Histogram(
+            "ptserve_batch_padding_ratio", "Computed tokens / real tokens per forward pass.",
+            buckets=RATIO_BUCKETS, registry=r,
+        )
+        self.queue_depth = Gauge("ptserve_queue_depth", "Rows waiting in the batcher queue.", registry=r)
+        self.uploads = Counter("ptserve_adapter_uploads", "Adapter uploads by result.", ["result"], registry=r)
+        self.build = Info("ptserve_build", "Server build and backbone.", registry=r)
+
+    def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
+        self.requests.labels(endpoint, f"{status // 100}xx").inc()
+        self.request_latency.labels(endpoint).observe(seconds)
+
+    def observe_pass(self, report: PassReport) -> None:
+        self.batch_size.observe(report.rows)
+        self.inference.observe(report.run_s)
+        for w in report.queue_wait_s:
+            self.queue_wait.observe(w)
+        stats = report.stats
+        if stats is not None and stats.real_tokens:
+            self.batch_tokens.observe(stats.computed_tokens)
+            self.padding_ratio.observe(stats.computed_tokens / stats.real_tokens)
+
+    def watch_cache(self, cache: AdapterCache) -> None:
+        self.registry.register(_CacheCollector(cache))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class _CacheCollector(Collector):
+    """Reads the adapter cache's own counters at scrape time (the cache stays free of Prometheus)."""
+
+    def __init__(self, cache: AdapterCache):
+        self.cache = cache
+
+    def collect(self):
+        s = self.cache.stats
+        for name, help_text, value in (
+            ("hits", "Adapter cache hits.", s.hits),
+            ("misses", "Adapter cache misses.", s.misses),
+            ("loads", "Adapter loads from the store.", s.loads),
+            ("evictions", "Adapters evicted from the cache.", s.evictions),
+        ):
+            yield CounterMetricFamily(f"ptserve_adapter_cache_{name}", help_text, value=value)
+        yield GaugeMetricFamily(
+            "ptserve_adapter_cache_resident_bytes", "Bytes of resident adapters.", value=self.cache.used_bytes
+        )
+        yield GaugeMetricFamily("ptserve_adapter_cache_resident_adapters", "Resident adapters.", value=len(self.cache))
+        yield GaugeMetricFamily("ptserve_adapter_cache_capacity_bytes", "Adapter cache budget.", value=self.cache.capacity)

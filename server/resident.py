@@ -1,0 +1,49 @@
+"""Adapters resident on the engine's device, laid out for gathering into a batch."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from adapters_store.format import Adapter, AdapterConfig
+from adapters_store.fingerprint import BackboneFingerprint
+
+
+@dataclass(frozen=True)
+class ResidentAdapter:
+    id: str
+    version: int
+    config: AdapterConfig
+    kv: torch.Tensor  # [layers, 2, kv_heads, P, head_dim] on the device, in the backbone's dtype
+    head: dict[str, torch.Tensor]  # classifier tensors on the device (empty for generate adapters)
+
+    @property
+    def num_virtual_tokens(self) -> int:
+        return self.kv.shape[3]
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        return self.config.labels
+
+    @property
+    def nbytes(self) -> int:
+        return self.kv.numel() * self.kv.element_size() + sum(
+            t.numel() * t.element_size() for t in self.head.values()
+        )
+
+
+def prefix_kv(prompt_embeddings: torch.Tensor, fp: BackboneFingerprint) -> torch.Tensor:
+    """PEFT flat layout [P, L*2*H*D] -> [L, 2, H, P, D] (slot 2l = key of layer l, 2l+1 = value)."""
+    p = prompt_embeddings.shape[0]
+    kv = prompt_embeddings.view(p, fp.num_layers, 2, fp.num_kv_heads, fp.head_dim)
+    return kv.permute(1, 2, 3, 0, 4).contiguous()
+
+
+def make_resident(
+    adapter: Adapter, adapter_id: str, version: int, fp: BackboneFingerprint,
+    device: torch.device, dtype: torch.dtype,
+) -> ResidentAdapter:
+    kv = prefix_kv(adapter.prompt_embeddings.to(torch.float32), fp).to(device=device, dtype=dtype)
+    # Heads stay float32 on the device: they are tiny and it keeps logits comparable across dtypes.
+    head = {k: v.to(device=device, dtype=torch.float32) for k, v in adapter.head_tensors().items()}
+    return ResidentAdapter(adapter_id, version, adapter.config, kv, head)
