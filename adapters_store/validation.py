@@ -38,7 +38,9 @@ class TensorEntry:
 
 def read_header(data: bytes, what: str = "adapter") -> tuple[dict[str, str], dict[str, TensorEntry]]:
     """Parse a safetensors header without touching tensor data: (metadata, name -> dtype/shape)."""
-    if data[:1] == b"\x80" or data[:2] == b"PK":
+    # A safetensors header starts with '{' at byte 8; only without it do the pickle / zip magic bytes mean
+    # anything (a valid header length can itself start with 0x80 or spell "PK").
+    if data[8:9] != b"{" and (data[:1] == b"\x80" or data[:2] == b"PK"):
         raise InvalidAdapter(f"{what} looks like a pickle / torch.save file; only safetensors is accepted")
     if len(data) < 8:
         raise InvalidAdapter(f"{what} is truncated ({len(data)} bytes): not a safetensors file")
