@@ -1,0 +1,95 @@
+"""PEFT numerical reference for ptserve, run where PEFT prefix tuning works for SEQ_CLS (transformers 4.57.x).
+
+PEFT 0.21 cannot run SEQ_CLS prefix tuning on transformers 5.x, which ptserve runs on; the tests call this script
+with a second interpreter (``PTSERVE_REF_PYTHON``, built by ``make ref-venv``) and compare its logits with the
+server's. Only the standard PEFT/transformers API is used here, so it is PEFT's answer, not ours.
+
+  make    --model M --out DIR --virtual-tokens P --labels C --seed S --texts T.json --result R.json
+          builds a random PEFT SEQ_CLS PREFIX_TUNING adapter, saves it as a PEFT folder, writes PEFT's logits
+  logits  --model M --adapter DIR --texts T.json --result R.json
+          loads a PEFT folder (e.g. one ptserve exported) with PeftModel.from_pretrained, writes its logits
+"""
+from __future__ import annotations
+
+import argparse
+import json
+
+import torch
+from peft import PeftModel, PrefixTuningConfig, TaskType, get_peft_model
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+
+def logits_for(model, tokenizer, texts: list[str]) -> list[list[float]]:
+    """Each text alone (no padding), so the reference involves no batching at all."""
+    out = []
+    with torch.no_grad():
+        for text in texts:
+            enc = tokenizer([text], return_tensors="pt")
+            out.append(model(**enc).logits[0].tolist())
+    return out
+
+
+def cmd_make(a) -> None:
+    torch.manual_seed(a.seed)
+    base = AutoModelForSequenceClassification.from_pretrained(a.model, num_labels=a.labels)
+    model = get_peft_model(base, PrefixTuningConfig(task_type=TaskType.SEQ_CLS, num_virtual_tokens=a.virtual_tokens))
+    with torch.no_grad():  # random but non-trivial values, so a wrong layout or offset shows up in the logits
+        for name, p in model.named_parameters():
+            if p.requires_grad:
+                p.normal_(0.0, 1.0 if "prompt_encoder" in name else 0.2)
+    model.eval()
+    model.save_pretrained(a.out)
+    tokenizer = AutoTokenizer.from_pretrained(a.model)
+    _write(a.result, logits_for(model, tokenizer, _texts(a.texts)))
+
+
+def cmd_logits(a) -> None:
+    with open(f"{a.adapter}/adapter_config.json") as f:
+        num_labels = None
+        cfg = json.load(f)
+    from safetensors import safe_open
+
+    with safe_open(f"{a.adapter}/adapter_model.safetensors", "pt") as st:
+        for key in st.keys():
+            if key.endswith("classifier.weight"):
+                num_labels = st.get_slice(key).get_shape()[0]
+    base = AutoModelForSequenceClassification.from_pretrained(a.model, num_labels=num_labels)
+    model = PeftModel.from_pretrained(base, a.adapter).eval()
+    assert cfg["peft_type"] == "PREFIX_TUNING"
+    tokenizer = AutoTokenizer.from_pretrained(a.model)
+    _write(a.result, logits_for(model, tokenizer, _texts(a.texts)))
+
+
+def _texts(path: str) -> list[str]:
+    with open(path) as f:
+        return json.load(f)
+
+
+def _write(path: str, logits: list[list[float]]) -> None:
+    import peft
+    import transformers
+
+    with open(path, "w") as f:
+        json.dump({"logits": logits, "transformers": transformers.__version__, "peft": peft.__version__}, f)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    make = sub.add_parser("make")
+    make.add_argument("--out", required=True)
+    make.add_argument("--virtual-tokens", type=int, required=True)
+    make.add_argument("--labels", type=int, default=3)
+    make.add_argument("--seed", type=int, default=0)
+    logits = sub.add_parser("logits")
+    logits.add_argument("--adapter", required=True)
+    for p in (make, logits):
+        p.add_argument("--model", required=True)
+        p.add_argument("--texts", required=True)
+        p.add_argument("--result", required=True)
+    a = parser.parse_args()
+    {"make": cmd_make, "logits": cmd_logits}[a.cmd](a)
+
+
+if __name__ == "__main__":
+    main()

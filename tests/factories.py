@@ -1,0 +1,95 @@
+"""Small builders shared by the tests: random adapters for a backbone, tiny backbones from configs, servers."""
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import torch
+
+from adapters_store.fingerprint import BackboneFingerprint
+from adapters_store.format import Adapter, AdapterConfig, encode_blob
+from adapters_store.heads import head_shapes
+
+MINILM_LABELS = ("negative", "neutral", "positive")
+
+
+def make_adapter(
+    fp: BackboneFingerprint, num_virtual_tokens: int, seed: int = 0, labels=MINILM_LABELS,
+    head: str | None = "pooler_linear", task: str = "classify", scale: float = 1.0,
+) -> Adapter:
+    """A random adapter with the geometry of ``fp`` (prefix values ~ N(0, scale))."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {"prompt_embeddings": torch.randn(num_virtual_tokens, fp.prefix_width, generator=g) * scale}
+    if task == "classify":
+        for name, shape in head_shapes(head, len(labels), fp.hidden_size).items():
+            tensors[name] = torch.randn(*shape, generator=g) * 0.2
+    else:
+        labels, head = (), None
+    cfg = AdapterConfig(task=task, num_virtual_tokens=num_virtual_tokens, backbone=fp, labels=tuple(labels), head=head)
+    return Adapter(cfg, tensors)
+
+
+def make_blob(fp: BackboneFingerprint, num_virtual_tokens: int, seed: int = 0, **kw) -> bytes:
+    return encode_blob(make_adapter(fp, num_virtual_tokens, seed, **kw))
+
+
+def save_tiny_encoder(model_type: str, out: Path, tokenizer_from: str, seed: int = 0) -> Path:
+    """A tiny random BERT or RoBERTa saved as an HF folder (tokenizer copied from ``tokenizer_from``)."""
+    from transformers import AutoTokenizer, BertConfig, BertModel, RobertaConfig, RobertaModel
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_from, local_files_only=True)
+    common = dict(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                  intermediate_size=64, max_position_embeddings=128)
+    torch.manual_seed(seed)
+    if model_type == "bert":
+        model = BertModel(BertConfig(**common))
+    elif model_type == "roberta":
+        model = RobertaModel(RobertaConfig(**{**common, "max_position_embeddings": 130}, pad_token_id=tok.pad_token_id))
+    else:
+        raise ValueError(model_type)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def running_server(env: dict[str, str], timeout: float = 120.0):
+    """``ptserve serve`` in a subprocess on a free loopback port; yields its base URL once /readyz is 200."""
+    port = free_port()
+    full_env = {**os.environ, "PTSERVE_HOST": "127.0.0.1", "PTSERVE_PORT": str(port), "PTSERVE_THREADS": "2", **env}
+    exe = shutil.which("ptserve", path=str(Path(sys.executable).parent)) or "ptserve"
+    proc = subprocess.Popen([exe, "serve"], env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited early:\n{proc.stdout.read().decode(errors='replace')}")
+            try:
+                if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise TimeoutError("server did not become ready")
+            time.sleep(0.2)
+        yield url
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
