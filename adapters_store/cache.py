@@ -66,11 +66,13 @@ class AdapterCache(Generic[V]):
 
     async def _fill(self, key: Hashable) -> V:
         generation = self._generation.get(key, 0)
+        task = asyncio.current_task()
         try:
             self.stats.loads += 1
             value = await self._load(key)
         finally:
-            self._inflight.pop(key, None)
+            if self._inflight.get(key) is task:  # invalidate may have detached us; don't drop a newer load
+                del self._inflight[key]
         if self._generation.get(key, 0) == generation:  # not invalidated while loading
             self._insert(key, value)
         return value
@@ -96,4 +98,5 @@ class AdapterCache(Generic[V]):
     def invalidate(self, key: Hashable) -> bool:
         """Forget ``key`` (a new version was published or it was deleted). True if it was resident."""
         self._generation[key] = self._generation.get(key, 0) + 1
+        self._inflight.pop(key, None)  # later gets start a fresh load instead of joining the stale one
         return self._drop(key)
