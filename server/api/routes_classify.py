@@ -19,12 +19,12 @@ async def classify(req: ClassifyRequest, state: ReadyDep) -> ClassifyResponse:
     limit = state.settings.max_inputs_per_request
     if len(req.inputs) > limit:
         raise InvalidInput(f"{len(req.inputs)} inputs; at most {limit} per request")
-    adapter = await state.adapters.resident(AdapterId.parse(req.adapter))
-    if adapter.config.task != "classify":
-        raise WrongTask(f"adapter {req.adapter} is a {adapter.config.task!r} adapter; use /v1/generate")
-    token_ids = state.engine.tokenize(req.inputs, adapter.num_virtual_tokens, req.truncate)
-    rows = [Row(adapter, ids) for ids in token_ids]
-    logits = await state.batcher.submit(rows, [r.length for r in rows])
+    async with state.adapters.lease(AdapterId.parse(req.adapter)) as adapter:
+        if adapter.config.task != "classify":
+            raise WrongTask(f"adapter {req.adapter} is a {adapter.config.task!r} adapter; use /v1/generate")
+        token_ids = state.engine.tokenize(req.inputs, adapter.num_virtual_tokens, req.truncate)
+        rows = [Row(adapter, ids) for ids in token_ids]
+        logits = await state.batcher.submit(rows, [r.length for r in rows])
     return ClassifyResponse(
         adapter=adapter.id,
         version=adapter.version,

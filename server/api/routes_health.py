@@ -1,8 +1,12 @@
 """Liveness, readiness and the Prometheus scrape endpoint."""
 from __future__ import annotations
 
+import asyncio
+from urllib.parse import urlsplit, urlunsplit
+
 from fastapi import APIRouter, Response
 
+from adapters_store.errors import PtserveError
 from server.api.deps import StateDep
 from server.api.errors import error_response
 from server.metrics import CONTENT_TYPE
@@ -21,7 +25,19 @@ async def readyz(state: StateDep):
         return error_response(503, "not_ready", f"start-up failed: {state.load_error}")
     if not state.ready.is_set():
         return error_response(503, "not_ready", "the backbone is still loading")
-    return {"status": "ready", "backbone": state.settings.backbone, "store": state.store.url}
+    # A store outage degrades but does not stop serving: resident adapters still answer, so stay in rotation.
+    try:
+        await asyncio.wait_for(state.store.ping(), timeout=2.0)
+        store_status = "ok"
+    except (PtserveError, asyncio.TimeoutError):
+        store_status = "unavailable"
+    return {
+        "status": "ready" if store_status == "ok" else "degraded",
+        "backbone": state.settings.backbone,
+        "store": _redact(state.store.url),
+        "store_status": store_status,
+        "resident_adapters": len(state.adapters.cache),
+    }
 
 
 @router.get("/metrics", response_class=Response)
@@ -29,3 +45,12 @@ async def metrics(state: StateDep) -> Response:
     if state.batcher is not None:
         state.metrics.queue_depth.set(state.batcher.depth)
     return Response(state.metrics.render(), media_type=CONTENT_TYPE)
+
+
+def _redact(url: str) -> str:
+    """Store URLs may carry a password (redis://:secret@host); never echo it."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    host = parts.hostname + (f":{parts.port}" if parts.port else "")
+    return urlunsplit((parts.scheme, f"***@{host}", parts.path, parts.query, parts.fragment))

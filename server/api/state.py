@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from adapters_store.ids import AdapterId
 from adapters_store.store import AdapterStore, open_store
 from adapters_store.validation import Limits
 from server.adapters import AdapterService
@@ -31,6 +32,7 @@ class ServerState:
     batcher: Batcher | None = None
     load_error: str | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
+    watcher: asyncio.Task | None = None
 
     async def start(self) -> None:
         """Load the backbone off the event loop, then open the store and start the batcher."""
@@ -47,6 +49,8 @@ class ServerState:
             policy = BatchPolicy(max_batch_size=s.max_batch_size, max_batch_tokens=s.max_batch_tokens)
             self.batcher = Batcher(self.engine.classify, policy, s.max_wait_ms, on_pass=self.metrics.observe_pass)
             self.batcher.start()
+            await self.adapters.preload([AdapterId.parse(x) for x in s.preload])
+            self.watcher = asyncio.get_running_loop().create_task(self.adapters.watch(), name="ptserve-watch")
             fp = self.backbone.fingerprint
             self.metrics.build.info({
                 "version": _version(), "backbone": s.backbone, "model_type": fp.model_type,
@@ -59,6 +63,9 @@ class ServerState:
             log.exception("start-up failed")
 
     async def stop(self) -> None:
+        if self.watcher:
+            self.watcher.cancel()
+            await asyncio.gather(self.watcher, return_exceptions=True)
         if self.batcher:
             await self.batcher.stop()
         if self.store:
