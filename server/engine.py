@@ -71,11 +71,10 @@ class Engine:
         return [tuple(r) for r in ids]
 
     # --- one forward pass -----------------------------------------------------------------------------------
-    def gather_prefixes(self, rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Rows' prefixes left-padded to P_max: kv [layers, 2, B, kv_heads, P_max, head_dim], valid [B, P_max]."""
+    def gather_prefixes(self, rows: list[Row]) -> torch.Tensor:
+        """Rows' prefixes left-padded to P_max: [layers, 2, B, kv_heads, P_max, head_dim]."""
         fp, dev = self.fp, self.backbone.device
-        lens = torch.tensor([r.adapter.num_virtual_tokens for r in rows], device=dev)
-        p_max = int(lens.max())
+        p_max = max(r.adapter.num_virtual_tokens for r in rows)
         kv = torch.zeros(
             fp.num_layers, 2, len(rows), fp.num_kv_heads, p_max, fp.head_dim, device=dev, dtype=self.backbone.dtype
         )
@@ -86,38 +85,19 @@ class Engine:
             a = rows[members[0]].adapter
             idx = torch.tensor(members, device=dev)
             kv[:, :, idx, :, p_max - a.num_virtual_tokens:] = a.kv.unsqueeze(2)
-        valid = torch.arange(p_max, device=dev)[None, :] >= (p_max - lens)[:, None]
-        return kv, valid
+        return kv
 
     def encode(self, rows: list[Row]) -> tuple[EncoderOutput, BatchStats]:
-        bb, dev = self.backbone, self.backbone.device
-        t_max = max(len(r.input_ids) for r in rows)
-        input_ids = torch.full((len(rows), t_max), bb.pad_token_id, dtype=torch.long)
-        for i, r in enumerate(rows):
-            input_ids[i, : len(r.input_ids)] = torch.tensor(r.input_ids)
-        lengths = [len(r.input_ids) for r in rows]
-        token_valid = torch.arange(t_max)[None, :] < torch.tensor(lengths)[:, None]  # [B, T_max]
-        prefix_lens = torch.tensor([r.adapter.num_virtual_tokens for r in rows])
-        positions = bb.family.first_position + prefix_lens[:, None] + torch.arange(t_max)[None, :]
-        positions = positions.clamp(max=self.fp.max_positions - 1)  # pad columns only; real ones fit
-
-        kv, prefix_valid = self.gather_prefixes(rows)
-        mask = torch.cat([prefix_valid, token_valid.to(dev)], dim=1)[:, None, None, :]  # [B, 1, 1, P_max + T_max]
-        ctx = PrefixContext(keys=kv[:, 0], values=kv[:, 1], mask=mask)
+        kv = self.gather_prefixes(rows)
+        prefix_lens = [r.adapter.num_virtual_tokens for r in rows]
         with torch.inference_mode():
-            out = bb.model(
-                input_ids=input_ids.to(dev),
-                token_type_ids=torch.zeros_like(input_ids, device=dev),
-                position_ids=positions.to(dev),
-                ptserve_prefix=ctx,
-            )
+            hidden, pooled = encoder_forward(self.backbone, [r.input_ids for r in rows], kv, prefix_lens)
         stats = BatchStats(
             rows=len(rows),
             real_tokens=sum(r.length for r in rows),
-            computed_tokens=len(rows) * (kv.shape[4] + t_max),
+            computed_tokens=len(rows) * (kv.shape[4] + hidden.shape[1]),
         )
-        pooled = getattr(out, "pooler_output", None)
-        return EncoderOutput(out.last_hidden_state, pooled, lengths), stats
+        return EncoderOutput(hidden, pooled, [len(r.input_ids) for r in rows]), stats
 
     def classify(self, rows: list[Row]) -> tuple[list[torch.Tensor], BatchStats]:
         """Logits per row ([num_labels] float32, cpu), all rows in one forward pass."""
@@ -125,3 +105,35 @@ class Engine:
         with torch.inference_mode():
             logits = apply_heads([r.adapter for r in rows], enc.hidden, enc.pooled)
         return logits, stats
+
+
+def encoder_forward(
+    bb: Backbone,
+    token_ids: list[tuple[int, ...]],  # B rows of token ids (special tokens included)
+    kv: torch.Tensor,  # [layers, 2, B, kv_heads, P_max, head_dim]; row b's prefix in the last P_b slots
+    prefix_lens: list[int],  # P_b per row
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One prefixed forward pass of an encoder: (hidden [B, T_max, H], pooled [B, H] or None).
+
+    Differentiable with respect to ``kv``: the trainer calls this same function, so what is trained is what is
+    served. Real tokens are right-padded; the mask hides pad tokens and the pad slots of shorter prefixes.
+    """
+    dev, b = bb.device, len(token_ids)
+    t_max, p_max = max(len(t) for t in token_ids), kv.shape[4]
+    input_ids = torch.full((b, t_max), bb.pad_token_id, dtype=torch.long)
+    for i, ids in enumerate(token_ids):
+        input_ids[i, : len(ids)] = torch.tensor(ids)
+    lengths = torch.tensor([len(t) for t in token_ids])
+    p_lens = torch.tensor(prefix_lens)
+    token_valid = torch.arange(t_max)[None, :] < lengths[:, None]  # [B, T_max]
+    prefix_valid = torch.arange(p_max)[None, :] >= (p_max - p_lens)[:, None]  # [B, P_max]
+    positions = bb.family.first_position + p_lens[:, None] + torch.arange(t_max)[None, :]
+    positions = positions.clamp(max=bb.fingerprint.max_positions - 1)  # pad columns only; real ones fit
+    mask = torch.cat([prefix_valid, token_valid], dim=1)[:, None, None, :].to(dev)  # [B, 1, 1, P_max + T_max]
+    out = bb.model(
+        input_ids=input_ids.to(dev),
+        token_type_ids=torch.zeros_like(input_ids, device=dev),
+        position_ids=positions.to(dev),
+        ptserve_prefix=PrefixContext(keys=kv[:, 0], values=kv[:, 1], mask=mask),
+    )
+    return out.last_hidden_state, getattr(out, "pooler_output", None)
