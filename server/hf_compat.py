@@ -10,7 +10,7 @@ from typing import Callable
 
 import torch
 import transformers
-from transformers import AttentionInterface, AutoConfig, AutoModel, AutoTokenizer
+from transformers import AttentionInterface, AutoConfig, AutoModel, AutoModelForCausalLM, AutoTokenizer
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 TRANSFORMERS_VERSION = tuple(int(x) for x in transformers.__version__.split(".")[:2])
@@ -27,10 +27,16 @@ def load_config(path: str, local_only: bool) -> dict:
     return AutoConfig.from_pretrained(path, local_files_only=local_only).to_dict()
 
 
-def load_model(path: str, attn_implementation: str, dtype: torch.dtype, local_only: bool) -> torch.nn.Module:
-    return AutoModel.from_pretrained(
-        path, attn_implementation=attn_implementation, dtype=dtype, local_files_only=local_only
-    )
+def load_model(
+    path: str, attn_implementation: str, dtype: torch.dtype, local_only: bool, causal_lm: bool = False
+) -> torch.nn.Module:
+    auto = AutoModelForCausalLM if causal_lm else AutoModel
+    return auto.from_pretrained(path, attn_implementation=attn_implementation, dtype=dtype, local_files_only=local_only)
+
+
+def decoder_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """(base transformer returning hidden states, LM head) of an HF causal LM."""
+    return model.base_model, model.get_output_embeddings()
 
 
 def load_tokenizer(path: str, local_only: bool):

@@ -47,3 +47,21 @@ def make_resident(
     # Heads stay float32 on the device: they are tiny and it keeps logits comparable across dtypes.
     head = {k: v.to(device=device, dtype=torch.float32) for k, v in adapter.head_tensors().items()}
     return ResidentAdapter(adapter_id, version, adapter.config, kv, head)
+
+
+def gather_prefixes(
+    adapters: list[ResidentAdapter], fp: BackboneFingerprint, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """One adapter per row, prefixes left-padded to P_max: [layers, 2, B, kv_heads, P_max, head_dim].
+
+    One copy per distinct adapter (rows sharing an adapter are filled together); pad slots are zeros and masked.
+    """
+    p_max = max(a.num_virtual_tokens for a in adapters)
+    kv = torch.zeros(fp.num_layers, 2, len(adapters), fp.num_kv_heads, p_max, fp.head_dim, device=device, dtype=dtype)
+    groups: dict[int, list[int]] = {}
+    for i, a in enumerate(adapters):
+        groups.setdefault(id(a), []).append(i)
+    for members in groups.values():
+        a = adapters[members[0]]
+        kv[:, :, torch.tensor(members, device=device), :, p_max - a.num_virtual_tokens:] = a.kv.unsqueeze(2)
+    return kv

@@ -1,0 +1,98 @@
+"""One generation request as the engine sees it: its adapter, tokens, sampling settings and text so far.
+
+Text is produced incrementally: each new token re-decodes the output and the part not yet sent is released,
+except a tail that could still become a stop string or is an incomplete UTF-8 character.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+import threading
+from dataclasses import dataclass, field
+
+import torch
+
+from server.resident import ResidentAdapter
+
+_ids = itertools.count()
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_new_tokens: int = 64
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0  # 1 = off
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+@dataclass
+class Sequence:
+    adapter: ResidentAdapter
+    prompt_ids: list[int]
+    params: SamplingParams
+    tokenizer: object
+    eos_ids: frozenset[int]
+    max_positions: int  # P + tokens may not exceed this
+    id: int = field(default_factory=lambda: next(_ids))
+    output_ids: list[int] = field(default_factory=list)
+    cached: int = 0  # tokens whose K/V are in this row's cache slot
+    sent: int = 0  # characters of the output text already released
+    finish_reason: str | None = None
+    text: str = ""
+    cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def __post_init__(self):
+        seed = self.params.seed if self.params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        self.generator = torch.Generator().manual_seed(seed)
+
+    @property
+    def prefix_len(self) -> int:
+        return self.adapter.num_virtual_tokens
+
+    @property
+    def reserved_tokens(self) -> int:
+        """Cache columns this request may need: prompt + max_new_tokens (its prefix sits in the prefix area)."""
+        return len(self.prompt_ids) + self.params.max_new_tokens
+
+    @property
+    def last_token(self) -> int:
+        return self.output_ids[-1] if self.output_ids else self.prompt_ids[-1]
+
+    def append(self, token: int) -> str:
+        """Record a generated token; returns the text it releases (maybe empty) and sets ``finish_reason``."""
+        if token in self.eos_ids:
+            self.finish_reason = "stop"
+            return self._release(final=True)
+        self.output_ids.append(token)
+        self.text = self.tokenizer.decode(self.output_ids, skip_special_tokens=True)
+        for stop in self.params.stop:
+            at = self.text.find(stop)
+            if at != -1:
+                self.text, self.finish_reason = self.text[:at], "stop"
+                return self._release(final=True)
+        if len(self.output_ids) >= self.params.max_new_tokens or (
+            self.prefix_len + len(self.prompt_ids) + len(self.output_ids) >= self.max_positions
+        ):
+            self.finish_reason = "length"
+            return self._release(final=True)
+        return self._release(final=False)
+
+    def _release(self, final: bool) -> str:
+        end = len(self.text)
+        if not final:
+            if self.text.endswith("\ufffd"):  # a multi-byte character is not complete yet
+                end -= 1
+            for stop in self.params.stop:  # hold back a tail that may grow into a stop string
+                for k in range(min(len(stop) - 1, end), 0, -1):
+                    if self.text[:end].endswith(stop[:k]):
+                        end = min(end, len(self.text) - k)
+                        break
+        delta = self.text[self.sent: max(end, self.sent)]
+        self.sent = max(end, self.sent)
+        return delta
