@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import abc
 from dataclasses import asdict, dataclass, field
-from typing import Callable
+from typing import Awaitable, Callable, Iterable
 from urllib.parse import urlparse
 
+from adapters_store.errors import AdapterNotFound
 from adapters_store.ids import AdapterId
 
 
@@ -71,6 +72,26 @@ class AdapterStore(abc.ABC):
     @abc.abstractmethod
     async def delete(self, adapter_id: AdapterId) -> None:
         """Remove every version; ``AdapterNotFound`` if there is none."""
+
+    async def versions(self, ids: Iterable[AdapterId]) -> dict[AdapterId, int | None]:
+        """Each adapter's current version (None: it has none), e.g. to re-check cached copies on resync."""
+        out: dict[AdapterId, int | None] = {}
+        for adapter_id in ids:
+            try:
+                out[adapter_id] = (await self.get_info(adapter_id)).version
+            except AdapterNotFound:
+                out[adapter_id] = None
+        return out
+
+    async def watch(
+        self,
+        on_event: Callable[[AdapterId, int | None], Awaitable[None] | None],
+        on_resync: Callable[[], Awaitable[None] | None],
+    ) -> None:
+        """Follow changes made through other processes, as a long-lived task: ``on_event(id, version)`` per put
+        (version None: deleted), ``on_resync()`` after every (re)connect. A store without a change feed (the
+        local directory) returns at once."""
+        return None
 
     async def ping(self) -> None:
         """Raise ``StoreUnavailable`` if the store cannot be reached."""

@@ -1,4 +1,7 @@
 import os
+import shutil
+import socket
+import time
 
 import pytest
 
@@ -22,3 +25,95 @@ def minilm_engine(minilm):
     from server.engine import Engine
 
     return Engine(minilm)
+
+
+class RedisServer:
+    """A throwaway ``redis-server`` on a loopback port, without persistence; tests may kill and restart it."""
+
+    def __init__(self, directory, port: int | None = None):
+        self.dir, self.port, self.proc = directory, port or _free_port(), None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> "RedisServer":
+        import subprocess
+
+        import redis
+
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
+             "--appendonly", "no", "--dir", str(self.dir)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                client.ping()
+                break
+            except redis.ConnectionError:
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"redis-server did not start on port {self.port}") from None
+                time.sleep(0.02)
+        client.close()
+        return self
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory):
+    """URL of a fresh redis-server for the session (without the binary: db 15 of the machine's, flushed).
+    Tests share it: give each store a key prefix of its own (``redis_prefix``)."""
+    if shutil.which("redis-server") is None:
+        import redis
+
+        url = "redis://127.0.0.1:6379/15"
+        redis.Redis.from_url(url).flushdb()
+        yield url
+        return
+    server = RedisServer(tmp_path_factory.mktemp("redis")).start()
+    yield server.url
+    server.kill()
+
+
+@pytest.fixture
+def redis_server_factory(tmp_path):
+    """Start dedicated redis-servers (``RedisServer``) a test may kill and restart; all die afterwards."""
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not on PATH")
+    servers: list[RedisServer] = []
+
+    def start(port: int | None = None) -> RedisServer:
+        servers.append(RedisServer(tmp_path, port).start())
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.kill()
+
+
+@pytest.fixture
+def redis_prefix(redis_server):
+    """A key prefix of this test's own on the shared server (``?prefix=...``); its keys go afterwards."""
+    import uuid
+
+    import redis
+
+    prefix = f"t{uuid.uuid4().hex}"
+    yield prefix
+    with redis.Redis.from_url(redis_server) as client:
+        keys = list(client.scan_iter(match=prefix + "*", count=1000))
+        for i in range(0, len(keys), 1000):
+            client.unlink(*keys[i:i + 1000])
