@@ -88,9 +88,9 @@ class AdapterStore(abc.ABC):
         on_event: Callable[[AdapterId, int | None], Awaitable[None] | None],
         on_resync: Callable[[], Awaitable[None] | None],
     ) -> None:
-        """Follow changes made through other processes, as a long-lived task: ``on_event(id, version)`` per put
-        (version None: deleted), ``on_resync()`` after every (re)connect. A store without a change feed (the
-        local directory) returns at once."""
+        """Follow changes made through other processes, as a long-lived task: ``on_event(id, version)`` per
+        put (version None: deleted), ``on_resync()`` after every (re)connect. A store without a change feed
+        (the local directory) returns at once."""
         return None
 
     async def ping(self) -> None:
