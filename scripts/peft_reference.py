@@ -8,6 +8,9 @@ server's. Only the standard PEFT/transformers API is used here, so it is PEFT's 
           builds a random PEFT SEQ_CLS PREFIX_TUNING adapter, saves it as a PEFT folder, writes PEFT's logits
   logits  --model M --adapter DIR --texts T.json --result R.json
           loads a PEFT folder (e.g. one ptserve exported) with PeftModel.from_pretrained, writes its logits
+  generate --model M --adapter DIR --prompts P.json --max-new N --result R.json
+          PEFT greedy ``generate`` of a CAUSAL_LM PEFT folder on token-id prompts (EOS ignored), writes the tokens
+          (PEFT 0.21.2's generate ignores the prefix on transformers 5.24, so this reference needs 4.57)
 """
 from __future__ import annotations
 
@@ -60,17 +63,32 @@ def cmd_logits(a) -> None:
     _write(a.result, logits_for(model, tokenizer, _texts(a.texts)))
 
 
+def cmd_generate(a) -> None:
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(a.model)
+    model = PeftModel.from_pretrained(base, a.adapter).eval()
+    outputs = []
+    with torch.no_grad():
+        for ids in _texts(a.prompts):
+            x = torch.tensor([ids])
+            out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=a.max_new,
+                                 min_new_tokens=a.max_new, do_sample=False, eos_token_id=None, pad_token_id=0)
+            outputs.append(out[0, len(ids):].tolist())
+    _write(a.result, outputs, key="tokens")
+
+
 def _texts(path: str) -> list[str]:
     with open(path) as f:
         return json.load(f)
 
 
-def _write(path: str, logits: list[list[float]]) -> None:
+def _write(path: str, values: list, key: str = "logits") -> None:
     import peft
     import transformers
 
     with open(path, "w") as f:
-        json.dump({"logits": logits, "transformers": transformers.__version__, "peft": peft.__version__}, f)
+        json.dump({key: values, "transformers": transformers.__version__, "peft": peft.__version__}, f)
 
 
 def main() -> None:
@@ -84,11 +102,16 @@ def main() -> None:
     logits = sub.add_parser("logits")
     logits.add_argument("--adapter", required=True)
     for p in (make, logits):
-        p.add_argument("--model", required=True)
         p.add_argument("--texts", required=True)
+    gen = sub.add_parser("generate")
+    gen.add_argument("--adapter", required=True)
+    gen.add_argument("--prompts", required=True)
+    gen.add_argument("--max-new", type=int, required=True)
+    for p in (make, logits, gen):
+        p.add_argument("--model", required=True)
         p.add_argument("--result", required=True)
     a = parser.parse_args()
-    {"make": cmd_make, "logits": cmd_logits}[a.cmd](a)
+    {"make": cmd_make, "logits": cmd_logits, "generate": cmd_generate}[a.cmd](a)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,10 @@ import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
@@ -65,19 +67,33 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@dataclass
+class ServerProcess:
+    url: str
+    proc: subprocess.Popen
+    log_path: Path  # the server's stdout and stderr (JSON log lines)
+
+    def log_lines(self) -> list[str]:
+        return self.log_path.read_text(errors="replace").splitlines()
+
+
 @contextmanager
-def running_server(env: dict[str, str], timeout: float = 120.0):
-    """``ptserve serve`` in a subprocess on a free loopback port; yields its base URL once /readyz is 200."""
+def server_process(env: dict[str, str], timeout: float = 120.0):
+    """``ptserve serve`` in a subprocess on a free loopback port; yields a ``ServerProcess`` once /readyz is 200
+    (the test may signal ``proc`` itself; whatever still runs at the end is terminated)."""
     port = free_port()
     full_env = {**os.environ, "PTSERVE_HOST": "127.0.0.1", "PTSERVE_PORT": str(port), "PTSERVE_THREADS": "2", **env}
     exe = shutil.which("ptserve", path=str(Path(sys.executable).parent)) or "ptserve"
-    proc = subprocess.Popen([exe, "serve"], env=full_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    log_file = tempfile.NamedTemporaryFile(prefix="ptserve-", suffix=".log", delete=False)
+    log_path = Path(log_file.name)
+    proc = subprocess.Popen([exe, "serve"], env=full_env, stdout=log_file, stderr=subprocess.STDOUT)
+    log_file.close()
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
-                raise RuntimeError(f"server exited early:\n{proc.stdout.read().decode(errors='replace')}")
+                raise RuntimeError(f"server exited early:\n{log_path.read_text(errors='replace')}")
             try:
                 if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
                     break
@@ -86,10 +102,20 @@ def running_server(env: dict[str, str], timeout: float = 120.0):
             if time.monotonic() > deadline:
                 raise TimeoutError("server did not become ready")
             time.sleep(0.2)
-        yield url
+        yield ServerProcess(url, proc, log_path)
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        log_path.unlink(missing_ok=True)
+
+
+@contextmanager
+def running_server(env: dict[str, str], timeout: float = 120.0):
+    """``ptserve serve`` in a subprocess on a free loopback port; yields its base URL once /readyz is 200."""
+    with server_process(env, timeout) as server:
+        yield server.url

@@ -1,0 +1,117 @@
+"""Runs the generation engine on its own thread and streams each request's events back to its coroutine.
+
+The engine thread loops ``step()`` while there is work and sleeps on its inbox when there is none. Events cross
+to the event loop with ``call_soon_threadsafe``; a caller that goes away (client disconnect) sets the sequence's
+``cancelled`` flag and the engine frees its slot at the next step.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable
+
+from server.generation.engine import GenerationEngine, StepEvent
+from server.generation.sequence import Sequence
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """What one engine step did, for metrics."""
+
+    rows: int
+    tokens: int
+    seconds: float
+
+
+class GenerationRunner:
+    def __init__(self, engine: GenerationEngine, on_step: Callable[[StepReport], None] | None = None):
+        self.engine = engine
+        self._on_step = on_step or (lambda report: None)
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._sinks: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="ptserve-generate", daemon=True)
+
+    @property
+    def running(self) -> int:
+        return len(self.engine.scheduler.running)
+
+    @property
+    def waiting(self) -> int:
+        return len(self.engine.scheduler.waiting) + self._inbox.qsize()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._inbox.put(None)
+        self._thread.join(timeout=30)
+
+    async def generate(self, seq: Sequence) -> AsyncIterator[StepEvent]:
+        """Events of ``seq`` until it finishes; leaving early (disconnect, cancel) frees its row."""
+        sink: asyncio.Queue = asyncio.Queue()
+        self._inbox.put((seq, asyncio.get_running_loop(), sink))
+        done = False
+        try:
+            while not done:
+                event = await sink.get()
+                if isinstance(event, BaseException):
+                    raise event
+                done = event.done
+                yield event
+        finally:
+            if not done:
+                seq.cancelled.set()
+
+    # --- engine thread --------------------------------------------------------------------------------------
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._take_new(block=not self.engine.has_work)
+            if not self.engine.has_work:
+                continue
+            start = time.perf_counter()
+            try:
+                events = self.engine.step()
+            except Exception as exc:  # a failed step fails its requests, never the thread
+                log.exception("generation step failed")
+                self._fail_all(exc)
+                continue
+            for event in events:
+                self._deliver(event.seq, event)
+            tokens = sum(1 for e in events if e.token is not None)
+            self._on_step(StepReport(len(self.engine.scheduler.running), tokens, time.perf_counter() - start))
+
+    def _take_new(self, block: bool) -> None:
+        try:
+            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while item is not None:
+            seq, loop, sink = item
+            self._sinks[seq.id] = (loop, sink)
+            self.engine.add(seq)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _deliver(self, seq: Sequence, event) -> None:
+        loop, sink = self._sinks[seq.id]
+        if isinstance(event, BaseException) or event.done:
+            del self._sinks[seq.id]
+        loop.call_soon_threadsafe(sink.put_nowait, event)
+
+    def _fail_all(self, exc: Exception) -> None:
+        sched = self.engine.scheduler
+        for seq in [*sched.running, *sched.waiting]:
+            self._deliver(seq, exc)
+        sched.running.clear()
+        sched.waiting.clear()
+        sched.reserved = 0
