@@ -18,6 +18,7 @@ from adapters_store.peft_folder import peft_to_blob
 from adapters_store.store import AdapterInfo, AdapterMeta, AdapterStore, Page
 from adapters_store.validation import Limits, decode_blob
 from server.engine import Engine
+from server.logs import note
 from server.resident import ResidentAdapter
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,7 @@ class AdapterService:
     async def lease(self, adapter_id: AdapterId) -> AsyncIterator[ResidentAdapter]:
         """The resident adapter, held (not evicted) for as long as the request's rows are in flight."""
         async with self.cache.lease(adapter_id) as resident:
+            note(adapter=resident.id, version=resident.version)  # for the request's access-log line
             yield resident
 
     async def preload(self, ids: list[AdapterId]) -> None:

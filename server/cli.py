@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import ipaddress
-import logging
 from typing import Optional
 
 import typer
@@ -34,9 +33,9 @@ def serve(
     insecure: bool = typer.Option(False, help="Allow a non-loopback bind without PTSERVE_ADMIN_KEY."),
 ) -> None:
     """Run the HTTP server (settings not given as flags come from PTSERVE_* variables)."""
-    import uvicorn
-
     from server.api.app import create_app
+    from server.logs import configure_logging
+    from server.serving import serve_app
 
     flags = dict(host=host, port=port, store=store, backbone=backbone, device=device, dtype=dtype, threads=threads)
     settings = Settings(**{k: v for k, v in flags.items() if v is not None})
@@ -46,9 +45,11 @@ def serve(
             "Set an admin key, bind 127.0.0.1, or pass --insecure.", err=True,
         )
         raise typer.Exit(2)
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level,
-                timeout_graceful_shutdown=30)
+    configure_logging(settings.log_level, settings.log_format)
+    fastapi_app = create_app(settings)
+    # One worker per process (a replica); run more replicas on the same store to scale (docs/design.md).
+    serve_app(fastapi_app, fastapi_app.state.ptserve, settings.host, settings.port, settings.log_level,
+              settings.drain_timeout_s)
 
 
 @app.command()

@@ -5,7 +5,7 @@ values grow with tenants or adapters (DESIGN decision 7): endpoints are route te
 """
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, PlatformCollector, ProcessCollector
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
@@ -18,6 +18,10 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 RATIO_BUCKETS = (1.0, 1.05, 1.1, 1.25, 1.5, 2, 3, 5)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
+# error types (server.limits, server.auth) counted as refusals; a closed set, so the label stays bounded
+REJECTION_REASONS = ("queue_full", "tenant_concurrency_limit", "deadline_exceeded", "draining", "unauthorized",
+                     "forbidden")
+STORE_ERROR_KINDS = ("store_unavailable", "store_integrity_error")
 
 
 class Metrics:
@@ -48,6 +52,30 @@ class Metrics:
         self.queue_depth = Gauge("ptserve_queue_depth", "Rows waiting in the batcher queue.", registry=r)
         self.uploads = Counter("ptserve_adapter_uploads", "Adapter uploads by result.", ["result"], registry=r)
         self.build = Info("ptserve_build", "Server build and backbone.", registry=r)
+        self.rejections = Counter(
+            "ptserve_requests_rejected", "Requests refused (overload, deadline, draining, auth) by reason.", ["reason"],
+            registry=r,
+        )
+        self.store_errors = Counter(
+            "ptserve_store_errors", "Store failures met on the request path, by kind.", ["kind"], registry=r
+        )
+        for reason in REJECTION_REASONS:
+            self.rejections.labels(reason)
+        for kind in STORE_ERROR_KINDS:
+            self.store_errors.labels(kind)
+        self.inflight = Gauge("ptserve_requests_in_flight", "HTTP requests being served (operations excluded).",
+                              registry=r)
+        self.draining = Gauge("ptserve_draining", "1 while the server drains before exiting.", registry=r)
+        ProcessCollector(registry=r)  # process_resident_memory_bytes, cpu, fds
+        PlatformCollector(registry=r)
+
+    def observe_error(self, error_type: str) -> None:
+        """A typed error left the app: count refusals and store failures (other types are in requests_total)."""
+        if error_type in REJECTION_REASONS:
+            self.rejections.labels(error_type).inc()
+        elif error_type in STORE_ERROR_KINDS:
+            self.store_errors.labels(error_type).inc()
+
 
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
         self.requests.labels(endpoint, f"{status // 100}xx").inc()

@@ -50,6 +50,17 @@ class Settings(BaseSettings):
 
     log_level: str = Field("info", description="Python logging level.")
 
+    # --- multi-tenancy, limits, backpressure, shutdown, logs (issue 5; docs/design.md "Tenancy and overload") ---
+    key_cache_ttl_s: float = Field(0.5, ge=0, le=1.0, description="How long a tenant key lookup is cached (revocation "
+                                   "reaches every replica within this).")
+    max_new_tokens_limit: int = Field(4096, ge=1, description="Largest max_new_tokens a generate request may ask.")
+    max_queue_rows: int = Field(1024, ge=1, description="Rows the batcher queue holds before answering 429.")
+    max_queue_rows_per_tenant: int = Field(256, ge=1, description="Rows one tenant may have queued before 429.")
+    max_concurrent_per_tenant: int = Field(64, ge=0, description="Inference requests of one tenant in flight (0 = any).")
+    request_timeout_s: float = Field(30.0, gt=0, description="Deadline of an inference request (queue + run): 504.")
+    drain_timeout_s: float = Field(30.0, ge=0, description="On SIGTERM, how long in-flight and queued work may finish.")
+    log_format: Literal["json", "text"] = Field("json", description="json = one JSON object per log line.")
+
     @field_validator("preload", mode="before")
     @classmethod
     def _split_ids(cls, v):

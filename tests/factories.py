@@ -119,3 +119,43 @@ def running_server(env: dict[str, str], timeout: float = 120.0):
     """``ptserve serve`` in a subprocess on a free loopback port; yields its base URL once /readyz is 200."""
     with server_process(env, timeout) as server:
         yield server.url
+
+
+DECODER_CORPUS = [
+    "the quick brown fox jumps over the lazy dog", "hello world this is a tiny corpus for a tiny tokenizer",
+    "prefix tuning adds virtual tokens to every layer", "many tenants share one frozen backbone",
+    "continuous batching lets requests join and leave at token boundaries",
+]
+
+
+def save_tiny_decoder(kind: str, out: Path, seed: int = 0) -> Path:
+    """A tiny random GPT-2, Llama (grouped-query attention) or Qwen2 with a byte-level BPE tokenizer trained here."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
+                              Qwen2Config, Qwen2ForCausalLM)
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(DECODER_CORPUS * 10, trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+                                  pad_token="<|endoftext|>")
+    eos, vocab = tok.eos_token_id, len(tok)
+    special = dict(eos_token_id=eos, bos_token_id=eos, pad_token_id=eos)
+    torch.manual_seed(seed)
+    if kind == "gpt2":
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=256, **special))
+    elif kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             max_position_embeddings=256, **special))
+    elif kind == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128,
+                                             num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                             max_position_embeddings=256, **special))
+    else:
+        raise ValueError(kind)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

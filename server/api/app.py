@@ -7,9 +7,9 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from server.api import routes_adapters, routes_classify, routes_health
+from server.api import routes_adapters, routes_classify, routes_health, routes_tenants
 from server.api.errors import install_error_handlers
-from server.api.middleware import BodyLimitMiddleware, MetricsMiddleware
+from server.api.middleware import BodyLimitMiddleware, RequestMiddleware
 from server.api.state import ServerState
 from server.settings import Settings
 
@@ -31,7 +31,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="ptserve", version="0.1.0", lifespan=lifespan,
                   description="Multi-tenant inference server for P-Tuning v2 prefixes.")
     app.state.ptserve = state
-    for module in (routes_adapters, routes_classify, routes_health):
+    for module in (routes_adapters, routes_classify, routes_health, routes_tenants):
         app.include_router(module.router)
     install_error_handlers(app)
 
@@ -41,5 +41,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         return settings.max_body_bytes
 
     app.add_middleware(BodyLimitMiddleware, limit_for=body_limit)
-    app.add_middleware(MetricsMiddleware, metrics=state.metrics)
+    app.add_middleware(RequestMiddleware, state=state)  # outermost: request ids, draining, metrics, access log
     return app

@@ -1,13 +1,29 @@
-"""FastAPI dependencies: the parts of ``ServerState`` a route needs, or 503 while the server is not ready."""
+"""FastAPI dependencies: the parts of ``ServerState`` a route needs (or 503 while the server is not ready), and
+the caller's identity.
+
+Auth in a route, in one line each (``server.auth`` has the rules)::
+
+    async def route(req: Body, principal: Principal, state: ReadyDep):
+        adapter_id = authorize(principal, req.adapter)  # AdapterId; another tenant's adapter -> the same 404
+        with state.limiter.slot(adapter_id.tenant):      # per-tenant concurrency -> 429
+            ... state.batcher.submit(rows, lengths, tenant=adapter_id.tenant, deadline=request_deadline(state))
+"""
 from __future__ import annotations
 
+import time
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPBearer
 
 from server.adapters import AdapterService
 from server.api.errors import NotReady
 from server.api.state import ServerState
+from server.auth import Identity, authorize, authorize_tenant, require_admin  # noqa: F401  (re-exported)
+from server.logs import note
+
+# Declares the scheme in OpenAPI (Swagger's "Authorize"); the header itself is read by ``Authenticator``.
+_bearer = HTTPBearer(auto_error=False, description="An admin key or a tenant key (ptk_...).")
 
 
 def get_state(request: Request) -> ServerState:
@@ -25,6 +41,25 @@ def get_adapters(state: Annotated[ServerState, Depends(get_ready_state)]) -> Ada
     return state.adapters
 
 
+async def authenticate(request: Request, _=Security(_bearer)) -> Identity:
+    """The caller (401 for a missing, malformed, unknown or revoked key; everyone is admin on an open server)."""
+    state: ServerState = request.app.state.ptserve
+    principal = await state.auth.authenticate(request.headers.get("authorization"))
+    note(tenant=principal.log_name, key_id=principal.key_id)
+    return principal
+
+
+async def authenticate_admin(principal: Annotated[Identity, Depends(authenticate)]) -> Identity:
+    return require_admin(principal)
+
+
+def request_deadline(state: ServerState) -> float:
+    """The ``time.monotonic()`` instant by which an inference request must be done (else 504)."""
+    return time.monotonic() + state.settings.request_timeout_s
+
+
 StateDep = Annotated[ServerState, Depends(get_state)]
 ReadyDep = Annotated[ServerState, Depends(get_ready_state)]
 AdaptersDep = Annotated[AdapterService, Depends(get_adapters)]
+Principal = Annotated[Identity, Depends(authenticate)]
+AdminPrincipal = Annotated[Identity, Depends(authenticate_admin)]

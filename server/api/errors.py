@@ -28,7 +28,9 @@ def error_response(status: int, type_: str, message: str, headers: dict | None =
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(PtserveError)
     async def _ptserve(request: Request, exc: PtserveError):
-        return error_response(exc.status, exc.type, exc.message)
+        request.app.state.ptserve.metrics.observe_error(exc.type)
+        # 401 carries WWW-Authenticate, 429 Retry-After, 503 draining Retry-After (see server.auth/limits)
+        return error_response(exc.status, exc.type, exc.message, getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)
     async def _validation(request: Request, exc: RequestValidationError):
@@ -41,7 +43,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException):
         kind = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return error_response(exc.status_code, kind, str(exc.detail))
+        return error_response(exc.status_code, kind, str(exc.detail), getattr(exc, "headers", None))
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

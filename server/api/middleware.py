@@ -1,13 +1,17 @@
-"""ASGI middleware: request body limits enforced while the body streams in, and per-request metrics."""
+"""ASGI middleware: request body limits enforced while the body streams in; request ids, draining, per-request
+metrics and access logs."""
 from __future__ import annotations
 
 import json
+import re
 import time
+import uuid
 from typing import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.metrics import Metrics
+from server.limits import Draining
+from server.logs import RequestContext, bind, log_request, unbind
 
 
 class _TooLarge(Exception):
@@ -60,26 +64,63 @@ async def _send_413(send: Send, limit: int) -> None:
     await send({"type": "http.response.body", "body": body})
 
 
-class MetricsMiddleware:
-    """Counts and times every request by route template (bounded label values) and status class."""
+OPS_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # never refused while draining, not "in flight"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
-    def __init__(self, app: ASGIApp, metrics: Metrics):
-        self.app, self.metrics = app, metrics
+
+class RequestMiddleware:
+    """The outermost layer: request id (``X-Request-ID`` accepted or made, always returned), refusal while
+    draining, the in-flight count a drain waits for, per-request metrics (route template and status class:
+    bounded label values) and one JSON access-log line per request."""
+
+    def __init__(self, app: ASGIApp, state):  # state: server.api.state.ServerState
+        self.app, self.state = app, state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        start, status = time.perf_counter(), 500
+        headers = dict(scope.get("headers") or [])
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
+        ctx = RequestContext(given if _REQUEST_ID.match(given) else uuid.uuid4().hex,
+                             scope["method"], scope["path"])
+        token, start, status = bind(ctx), time.perf_counter(), 500
+        rid_header = (b"x-request-id", ctx.request_id.encode())
+        ops = scope["path"] in OPS_PATHS
 
         async def capture(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
+                message = {**message, "headers": [*message.get("headers", []), rid_header]}
             await send(message)
 
+        endpoint = "unmatched"
         try:
-            await self.app(scope, receive, capture)
+            if self.state.draining and not ops:
+                self.state.metrics.rejections.labels("draining").inc()
+                err = Draining()
+                return await _send_json(capture, err.status, err.type, err.message, err.headers)
+            if not ops:
+                self.state.inflight += 1
+            try:
+                await self.app(scope, receive, capture)
+            finally:
+                if not ops:
+                    self.state.inflight -= 1
         finally:
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or "unmatched"
-            self.metrics.observe_request(endpoint, status, time.perf_counter() - start)
+            latency = time.perf_counter() - start
+            self.state.metrics.observe_request(endpoint, status, latency)
+            if not ops or status >= 400:
+                log_request(ctx, status, latency, endpoint)
+            unbind(token)
+
+
+async def _send_json(send: Send, status: int, type_: str, message: str, headers: dict | None = None) -> None:
+    body = json.dumps({"error": {"type": type_, "message": message}}).encode()
+    extra = [(k.lower().encode(), str(v).encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            *extra]})
+    await send({"type": "http.response.body", "body": body})

@@ -10,12 +10,12 @@ from adapters_store.errors import InvalidAdapter
 from adapters_store.ids import AdapterId, check_tenant
 from adapters_store.peft_folder import CONFIG_FILE, WEIGHTS_FILE
 from adapters_store.store import AdapterInfo
-from server.api.deps import AdaptersDep
+from server.api.deps import AdaptersDep, Principal, authorize, authorize_tenant
 from server.api.errors import BadRequest, error_response
 from server.api.schemas import AdapterList, AdapterPublic, ErrorResponse
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 422, 503)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 415, 422, 503)}
 
 
 def _public(info: AdapterInfo, notes: list[str] | None = None) -> AdapterPublic:
@@ -33,9 +33,10 @@ def _public(info: AdapterInfo, notes: list[str] | None = None) -> AdapterPublic:
         }}},
     }}},
 )
-async def put_adapter(tenant: str, name: str, request: Request, adapters: AdaptersDep):
+async def put_adapter(tenant: str, name: str, request: Request, principal: Principal, adapters: AdaptersDep):
     """Upload a new version: a ptserve blob (octet-stream) or a PEFT folder (multipart, PEFT file names)."""
     adapter_id = AdapterId.of(tenant, name)
+    authorize_tenant(principal, adapter_id.tenant)
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     try:
         if content_type == "application/octet-stream":
@@ -81,28 +82,33 @@ async def _read_peft_form(request: Request, max_bytes: int) -> tuple[bytes, byte
 
 @router.get("", response_model=AdapterList, responses=ERRORS)
 async def list_adapters(
+    principal: Principal,
     adapters: AdaptersDep,
     tenant: str | None = None,
     cursor: str | None = None,
     limit: int = Query(100, ge=1, le=1000),
 ):
+    """Current adapters, by id; a tenant key sees only its own tenant's (``tenant`` defaults to it)."""
     if tenant is not None:
         check_tenant(tenant)
+        authorize_tenant(principal, tenant)
+    elif not principal.is_admin:
+        tenant = principal.tenant
     page = await adapters.list(tenant, cursor, limit)
     return AdapterList(data=[_public(i) for i in page.items], next_cursor=page.next_cursor)
 
 
 @router.get("/{tenant}/{name}", response_model=AdapterPublic, responses=ERRORS)
-async def get_adapter(tenant: str, name: str, adapters: AdaptersDep):
-    return _public(await adapters.info(AdapterId.of(tenant, name)))
+async def get_adapter(tenant: str, name: str, principal: Principal, adapters: AdaptersDep):
+    return _public(await adapters.info(authorize(principal, AdapterId.of(tenant, name))))
 
 
 @router.get(
     "/{tenant}/{name}/blob", responses={200: {"content": {"application/octet-stream": {}}}, **ERRORS},
     response_class=Response,
 )
-async def get_blob(tenant: str, name: str, adapters: AdaptersDep):
-    info, blob = await adapters.blob(AdapterId.of(tenant, name))
+async def get_blob(tenant: str, name: str, principal: Principal, adapters: AdaptersDep):
+    info, blob = await adapters.blob(authorize(principal, AdapterId.of(tenant, name)))
     return Response(
         blob, media_type="application/octet-stream",
         headers={"ETag": f'"{info.sha256}"', "X-Ptserve-Version": str(info.version)},
@@ -110,6 +116,6 @@ async def get_blob(tenant: str, name: str, adapters: AdaptersDep):
 
 
 @router.delete("/{tenant}/{name}", status_code=204, response_class=Response, responses=ERRORS)
-async def delete_adapter(tenant: str, name: str, adapters: AdaptersDep):
-    await adapters.delete(AdapterId.of(tenant, name))
+async def delete_adapter(tenant: str, name: str, principal: Principal, adapters: AdaptersDep):
+    await adapters.delete(authorize(principal, AdapterId.of(tenant, name)))
     return Response(status_code=204)

@@ -5,26 +5,28 @@ import torch
 from fastapi import APIRouter
 
 from adapters_store.errors import InvalidInput, WrongTask
-from adapters_store.ids import AdapterId
-from server.api.deps import ReadyDep
+from server.api.deps import Principal, ReadyDep, authorize, request_deadline
 from server.api.schemas import ClassifyRequest, ClassifyResponse, ErrorResponse, Prediction, Usage
 from server.engine import Row
 
 router = APIRouter(tags=["inference"])
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 422, 503)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429, 503, 504)}
 
 
 @router.post("/v1/classify", response_model=ClassifyResponse, responses=ERRORS)
-async def classify(req: ClassifyRequest, state: ReadyDep) -> ClassifyResponse:
+async def classify(req: ClassifyRequest, principal: Principal, state: ReadyDep) -> ClassifyResponse:
+    deadline = request_deadline(state)
     limit = state.settings.max_inputs_per_request
     if len(req.inputs) > limit:
         raise InvalidInput(f"{len(req.inputs)} inputs; at most {limit} per request")
-    async with state.adapters.lease(AdapterId.parse(req.adapter)) as adapter:
-        if adapter.config.task != "classify":
-            raise WrongTask(f"adapter {req.adapter} is a {adapter.config.task!r} adapter; use /v1/generate")
-        token_ids = state.engine.tokenize(req.inputs, adapter.num_virtual_tokens, req.truncate)
-        rows = [Row(adapter, ids) for ids in token_ids]
-        logits = await state.batcher.submit(rows, [r.length for r in rows])
+    adapter_id = authorize(principal, req.adapter)
+    with state.limiter.slot(adapter_id.tenant):
+        async with state.adapters.lease(adapter_id) as adapter:
+            if adapter.config.task != "classify":
+                raise WrongTask(f"adapter {req.adapter} is a {adapter.config.task!r} adapter; use /v1/generate")
+            token_ids = state.engine.tokenize(req.inputs, adapter.num_virtual_tokens, req.truncate)
+            rows = [Row(adapter, ids) for ids in token_ids]
+            logits = await state.batcher.submit(rows, [r.length for r in rows], adapter_id.tenant, deadline)
     return ClassifyResponse(
         adapter=adapter.id,
         version=adapter.version,

@@ -21,6 +21,8 @@ async def healthz() -> dict:
 
 @router.get("/readyz")
 async def readyz(state: StateDep):
+    if state.draining:
+        return error_response(503, "draining", "the server is shutting down", {"Retry-After": "1"})
     if state.load_error:
         return error_response(503, "not_ready", f"start-up failed: {state.load_error}")
     if not state.ready.is_set():
@@ -44,6 +46,8 @@ async def readyz(state: StateDep):
 async def metrics(state: StateDep) -> Response:
     if state.batcher is not None:
         state.metrics.queue_depth.set(state.batcher.depth)
+    state.metrics.inflight.set(state.inflight)
+    state.metrics.draining.set(1 if state.draining else 0)
     return Response(state.metrics.render(), media_type=CONTENT_TYPE)
 
 

@@ -8,13 +8,16 @@ from dataclasses import dataclass, field
 import torch
 
 from adapters_store.ids import AdapterId
+from adapters_store.keys import KeyStore, open_key_store
 from adapters_store.store import AdapterStore, open_store
 from adapters_store.validation import Limits
 from server.adapters import AdapterService
 from server.backbone import Backbone, load_backbone
 from server.batch_plan import BatchPolicy
+from server.auth import Authenticator
 from server.batcher import Batcher
 from server.engine import Engine
+from server.limits import TenantLimiter
 from server.metrics import Metrics
 from server.settings import Settings
 
@@ -33,6 +36,25 @@ class ServerState:
     load_error: str | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     watcher: asyncio.Task | None = None
+    keys: KeyStore | None = None
+    auth: Authenticator | None = None
+    limiter: TenantLimiter | None = None
+    draining: bool = False  # SIGTERM received: /readyz 503, new requests 503, in-flight ones finish
+    inflight: int = 0  # requests inside the app (operations endpoints excluded)
+
+    def __post_init__(self) -> None:
+        s = self.settings
+        try:
+            self.keys = open_key_store(s.store)
+        except ValueError as exc:  # the adapter store fails the same way in start(); /readyz reports it
+            log.error("no key store: %s", exc)
+        self.auth = Authenticator(s.admin_key, self.keys, s.key_cache_ttl_s)
+        self.limiter = TenantLimiter(s.max_concurrent_per_tenant)
+
+    @property
+    def idle(self) -> bool:
+        """No request in flight and nothing queued: a drain may end."""
+        return self.inflight == 0 and (self.batcher is None or self.batcher.idle)
 
     async def start(self) -> None:
         """Load the backbone off the event loop, then open the store and start the batcher."""
@@ -47,7 +69,10 @@ class ServerState:
             self.adapters = AdapterService(self.store, self.engine, s.cache_bytes, limits)
             self.metrics.watch_cache(self.adapters.cache)
             policy = BatchPolicy(max_batch_size=s.max_batch_size, max_batch_tokens=s.max_batch_tokens)
-            self.batcher = Batcher(self.engine.classify, policy, s.max_wait_ms, on_pass=self.metrics.observe_pass)
+            self.batcher = Batcher(
+                self.engine.classify, policy, s.max_wait_ms, on_pass=self.metrics.observe_pass,
+                max_queue_rows=s.max_queue_rows, max_queue_rows_per_tenant=s.max_queue_rows_per_tenant,
+            )
             self.batcher.start()
             await self.adapters.preload([AdapterId.parse(x) for x in s.preload])
             self.watcher = asyncio.get_running_loop().create_task(self.adapters.watch(), name="ptserve-watch")
@@ -70,6 +95,8 @@ class ServerState:
             await self.batcher.stop()
         if self.store:
             await self.store.close()
+        if self.keys:
+            await self.keys.close()
 
 
 def _version() -> str:
