@@ -1,0 +1,199 @@
+"""The continuous-batching scheduler on fake sequences (torch-free): FIFO admission, slot and token budgets,
+packed slots after a departure, and a randomized simulation that checks the invariants after every operation."""
+from __future__ import annotations
+
+import itertools
+import random
+from dataclasses import dataclass, field
+
+import pytest
+
+from server.generation.scheduler import Move, Scheduler
+
+_ids = itertools.count()
+
+
+@dataclass(eq=False)  # identity semantics, like the engine's Sequence objects in the scheduler's lists
+class FakeSeq:
+    reserved_tokens: int
+    id: int = field(default_factory=lambda: next(_ids))
+
+
+def seqs(*sizes: int) -> list[FakeSeq]:
+    return [FakeSeq(n) for n in sizes]
+
+
+def check_invariants(s: Scheduler) -> None:
+    assert s.reserved == sum(q.reserved_tokens for q in s.running)
+    assert len(s.running) <= s.max_running
+    assert len({id(q) for q in s.running}) == len(s.running), "a sequence runs twice"
+    assert len({id(q) for q in s.waiting}) == len(s.waiting), "a sequence waits twice"
+    assert not {id(q) for q in s.running} & {id(q) for q in s.waiting}, "a sequence both waits and runs"
+    # over budget only when the batch is a lone request (it always runs)
+    assert s.reserved <= s.max_tokens or len(s.running) == 1
+
+
+# --- admission ------------------------------------------------------------------------------------------------
+def test_admission_is_fifo_and_returns_slot_order():
+    s = Scheduler(max_running=8, max_tokens=1000)
+    a, b, c = seqs(10, 20, 30)
+    for q in (a, b, c):
+        s.add(q)
+    assert s.admit() == [a, b, c]
+    assert s.running == [a, b, c]
+    assert [s.slot_of(q) for q in (a, b, c)] == [0, 1, 2]
+    assert not s.waiting and s.reserved == 60
+    d = FakeSeq(5)
+    s.add(d)
+    assert s.admit() == [d] and s.slot_of(d) == 3
+
+
+def test_never_more_than_max_running():
+    s = Scheduler(max_running=3, max_tokens=10**6)
+    batch = seqs(*[1] * 7)
+    for q in batch:
+        s.add(q)
+    assert s.admit() == batch[:3]
+    assert s.admit() == []  # full: nobody else joins
+    assert list(s.waiting) == batch[3:]
+    s.remove(batch[1])
+    assert s.admit() == [batch[3]]  # one left, the next in line joins
+    assert len(s.running) == 3
+
+
+def test_token_budget_blocks_head_of_line_without_overtaking():
+    s = Scheduler(max_running=8, max_tokens=100)
+    a, big, small = seqs(60, 50, 10)
+    for q in (a, big, small):
+        s.add(q)
+    # big does not fit beside a; small would, but FIFO: it may not overtake big
+    assert s.admit() == [a]
+    assert list(s.waiting) == [big, small]
+    s.remove(a)
+    assert s.admit() == [big, small]
+    assert s.reserved == 60
+
+
+def test_budget_is_inclusive():
+    s = Scheduler(max_running=8, max_tokens=100)
+    a, b = seqs(40, 60)
+    s.add(a), s.add(b)
+    assert s.admit() == [a, b] and s.reserved == 100
+
+
+def test_lone_request_always_runs_even_over_budget():
+    s = Scheduler(max_running=4, max_tokens=100)
+    huge, small = seqs(500, 1)
+    s.add(huge), s.add(small)
+    assert s.admit() == [huge]  # alone it runs; nothing may join it
+    assert s.admit() == []
+    s.remove(huge)
+    assert s.reserved == 0
+    assert s.admit() == [small]
+
+
+def test_empty_scheduler_admits_nothing():
+    s = Scheduler(max_running=2, max_tokens=10)
+    assert s.admit() == [] and s.running == [] and s.reserved == 0
+
+
+# --- departures -----------------------------------------------------------------------------------------------
+def test_remove_last_slot_moves_nothing():
+    s = Scheduler(max_running=4, max_tokens=1000)
+    a, b, c = seqs(1, 2, 3)
+    for q in (a, b, c):
+        s.add(q)
+    s.admit()
+    assert s.remove(c) is None
+    assert s.running == [a, b] and s.reserved == 3
+
+
+def test_remove_middle_slot_moves_last_into_it():
+    s = Scheduler(max_running=4, max_tokens=1000)
+    a, b, c, d = seqs(1, 2, 3, 4)
+    for q in (a, b, c, d):
+        s.add(q)
+    s.admit()
+    assert s.remove(b) == Move(src=3, dst=1)
+    assert s.running == [a, d, c]  # packed in slots [0, 3); d now owns slot 1
+    assert s.slot_of(d) == 1 and s.reserved == 8
+    assert s.remove(a) == Move(src=2, dst=0)
+    assert s.running == [c, d]
+    assert s.remove(d) is None and s.remove(c) is None
+    assert s.running == [] and s.reserved == 0
+
+
+def test_remove_unknown_sequence_raises():
+    s = Scheduler(max_running=2, max_tokens=10)
+    with pytest.raises(ValueError):
+        s.remove(FakeSeq(1))
+
+
+def test_drop_waiting():
+    s = Scheduler(max_running=1, max_tokens=10)
+    a, b, c = seqs(1, 1, 1)
+    for q in (a, b, c):
+        s.add(q)
+    s.admit()
+    assert s.drop_waiting(c) is True
+    assert s.drop_waiting(c) is False
+    assert s.drop_waiting(a) is False  # running, not waiting
+    assert list(s.waiting) == [b]
+
+
+# --- randomized simulation ------------------------------------------------------------------------------------
+@pytest.mark.parametrize("seed", range(200))
+def test_random_arrivals_and_finishes_keep_invariants(seed):
+    """Random arrivals, admissions, finishes and cancellations of waiting requests; a mirror of the slot table
+    (updated only through the returned ``Move``s, as the cache is) must always equal ``running``."""
+    rng = random.Random(seed)
+    max_running, max_tokens = rng.randint(1, 6), rng.randint(20, 200)
+    s = Scheduler(max_running=max_running, max_tokens=max_tokens)
+    slots: list[FakeSeq | None] = [None] * max_running  # what the KV cache believes each slot holds
+    added, admitted, dropped, finished = [], [], [], []
+    to_add = rng.randint(1, 60)
+
+    def admit():
+        first = len(s.running)
+        joined = s.admit()
+        for i, q in enumerate(joined):
+            assert slots[first + i] is None, "admitted into an occupied slot"
+            slots[first + i] = q
+        admitted.extend(joined)
+
+    def finish(q):
+        slot, last = s.slot_of(q), len(s.running) - 1
+        move = s.remove(q)
+        if slot == last:
+            assert move is None
+        else:
+            assert move == Move(src=last, dst=slot)
+            slots[move.dst] = slots[move.src]
+        slots[last] = None
+        finished.append(q)
+
+    while len(added) < to_add or s.waiting or s.running:
+        op = rng.random()
+        if op < 0.35 and len(added) < to_add:
+            q = FakeSeq(rng.randint(1, max_tokens * 2 if rng.random() < 0.1 else max_tokens))
+            s.add(q)
+            added.append(q)
+        elif op < 0.6:
+            admit()
+        elif op < 0.95 and s.running:
+            finish(rng.choice(s.running))
+        elif op >= 0.95 and s.waiting:
+            q = rng.choice(list(s.waiting))
+            assert s.drop_waiting(q)
+            dropped.append(q)
+        check_invariants(s)
+        assert slots[: len(s.running)] == s.running, "running rows are not packed in slots [0, B)"
+        assert all(x is None for x in slots[len(s.running):])
+        assert len(admitted) == len({id(q) for q in admitted}), "admitted twice"
+
+    # every request was admitted exactly once (or cancelled while waiting), in arrival order
+    assert {id(q) for q in admitted} | {id(q) for q in dropped} == {id(q) for q in added}
+    assert not {id(q) for q in admitted} & {id(q) for q in dropped}
+    assert admitted == [q for q in added if all(q is not d for d in dropped)]
+    assert sorted(map(id, finished)) == sorted(map(id, admitted))
+    assert s.reserved == 0
