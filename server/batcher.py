@@ -126,13 +126,9 @@ class Batcher(Generic[Item]):
                 self._forget(p)
 
     def _admit(self, tenant: str, rows: int) -> None:
-        """Room for ``rows`` more? A request alone in an empty (tenant) queue always gets in, whatever its size."""
+        """Room for ``rows`` more? A request alone in an empty (tenant) queue always gets in, whatever its size.
+        The tenant's share is checked first: a tenant over it is told so, even when the whole queue is full too."""
         rate = self._rows_per_s or 0.0
-        if self.max_queue_rows and self._depth and self._depth + rows > self.max_queue_rows:
-            raise QueueFull(
-                f"the server is at capacity: {self._depth} rows queued (limit {self.max_queue_rows}); retry later",
-                retry_after=(self._depth + rows) / rate if rate else 1.0,
-            )
         mine = self._tenant_rows.get(tenant, 0)
         if self.max_queue_rows_per_tenant and mine and mine + rows > self.max_queue_rows_per_tenant:
             share = rate / max(1, len(self._tenant_rows))
@@ -140,6 +136,11 @@ class Batcher(Generic[Item]):
                 f"tenant {tenant or '-'} has {mine} rows queued (per-tenant limit "
                 f"{self.max_queue_rows_per_tenant}); retry later",
                 retry_after=(mine + rows) / share if share else 1.0,
+            )
+        if self.max_queue_rows and self._depth and self._depth + rows > self.max_queue_rows:
+            raise QueueFull(
+                f"the server is at capacity: {self._depth} rows queued (limit {self.max_queue_rows}); retry later",
+                retry_after=(self._depth + rows) / rate if rate else 1.0,
             )
 
     def _forget(self, p: _Pending[Item]) -> None:

@@ -87,3 +87,9 @@ def configure_logging(level: str, fmt: str = "json") -> None:
         lg = logging.getLogger(name)
         lg.handlers[:] = []
         lg.propagate = True
+    if fmt == "json":  # transformers writes progress bars and its own handler's lines to stderr: route them here
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+        hf_logging.disable_default_handler()
+        hf_logging.enable_propagation()

@@ -31,26 +31,32 @@ class BodyLimitMiddleware:
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > limit:
             return await _send_413(send, limit)
-        received, started = 0, False
+        received, started, refused = 0, False, False
 
         async def limited_receive() -> Message:
-            nonlocal received
+            nonlocal received, refused
             message = await receive()
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > limit:
+                    # Answer now: the app may catch what we raise (FastAPI turns a failed body read into 400).
+                    if not started and not refused:
+                        refused = True
+                        await _send_413(send, limit)
                     raise _TooLarge()
             return message
 
         async def tracking_send(message: Message) -> None:
             nonlocal started
+            if refused:
+                return  # the 413 went out; drop whatever the app answers after its body read failed
             started = started or message["type"] == "http.response.start"
             await send(message)
 
         try:
             await self.app(scope, limited_receive, tracking_send)
         except _TooLarge:
-            if not started:
+            if not started and not refused:
                 await _send_413(send, limit)
 
 
@@ -69,9 +75,10 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 class RequestMiddleware:
-    """The outermost layer: request id (``X-Request-ID`` accepted or made, always returned), refusal while
-    draining, the in-flight count a drain waits for, per-request metrics (route template and status class:
-    bounded label values) and one JSON access-log line per request."""
+    """The outermost layer: request id (``X-Request-ID`` accepted or made, always returned), the replica's id on
+    every response (``X-Ptserve-Replica``), refusal while draining, the in-flight count a drain waits for,
+    per-request metrics (route template and status class: bounded label values) and one JSON access-log line
+    per request."""
 
     def __init__(self, app: ASGIApp, state):  # state: server.api.state.ServerState
         self.app, self.state = app, state
@@ -85,13 +92,14 @@ class RequestMiddleware:
                              scope["method"], scope["path"])
         token, start, status = bind(ctx), time.perf_counter(), 500
         rid_header = (b"x-request-id", ctx.request_id.encode())
+        replica_header = (b"x-ptserve-replica", self.state.settings.replica_id.encode())  # which replica answered
         ops = scope["path"] in OPS_PATHS
 
         async def capture(message: Message) -> None:
             nonlocal status
             if message["type"] == "http.response.start":
                 status = message["status"]
-                message = {**message, "headers": [*message.get("headers", []), rid_header]}
+                message = {**message, "headers": [*message.get("headers", []), rid_header, replica_header]}
             await send(message)
 
         endpoint = "unmatched"
