@@ -52,6 +52,25 @@ class Metrics:
         self.queue_depth = Gauge("ptserve_queue_depth", "Rows waiting in the batcher queue.", registry=r)
         self.uploads = Counter("ptserve_adapter_uploads", "Adapter uploads by result.", ["result"], registry=r)
         self.build = Info("ptserve_build", "Server build and backbone.", registry=r)
+        # generation (decoder backbones)
+        self.time_to_first_token = Histogram(
+            "ptserve_time_to_first_token_seconds", "Request arrival to its first generated token.",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.inter_token_latency = Histogram(
+            "ptserve_inter_token_latency_seconds", "Time between consecutive tokens of one request.",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.prompt_tokens = Counter("ptserve_prompt_tokens", "Prompt tokens of generation requests.", registry=r)
+        self.generated_tokens = Counter("ptserve_generated_tokens", "Tokens generated.", registry=r)
+        self.generation_step = Histogram(
+            "ptserve_generation_step_duration_seconds", "Duration of one engine step (prefill and/or decode).",
+            buckets=LATENCY_BUCKETS, registry=r,
+        )
+        self.generation_batch = Histogram(
+            "ptserve_generation_batch_size", "Sequences running after an engine step.", buckets=BATCH_BUCKETS,
+            registry=r,
+        )
         self.rejections = Counter(
             "ptserve_requests_rejected", "Requests refused (overload, deadline, draining, auth) by reason.", ["reason"],
             registry=r,
@@ -76,7 +95,6 @@ class Metrics:
         elif error_type in STORE_ERROR_KINDS:
             self.store_errors.labels(error_type).inc()
 
-
     def observe_request(self, endpoint: str, status: int, seconds: float) -> None:
         self.requests.labels(endpoint, f"{status // 100}xx").inc()
         self.request_latency.labels(endpoint).observe(seconds)
@@ -93,6 +111,17 @@ class Metrics:
 
     def watch_cache(self, cache: AdapterCache) -> None:
         self.registry.register(_CacheCollector(cache))
+
+    def observe_step(self, report) -> None:
+        """One generation engine step (``server.generation.runner.StepReport``; called from the engine thread)."""
+        self.generation_step.observe(report.seconds)
+        self.generation_batch.observe(report.rows)
+
+    def watch_generation(self, runner) -> None:
+        running = Gauge("ptserve_running_requests", "Generation requests decoding now.", registry=self.registry)
+        waiting = Gauge("ptserve_waiting_requests", "Generation requests waiting for a slot.", registry=self.registry)
+        running.set_function(lambda: runner.running)
+        waiting.set_function(lambda: runner.waiting)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -1,6 +1,8 @@
 """Server settings: one pydantic-settings class, env prefix ``PTSERVE_``, the same names as the CLI flags."""
 from __future__ import annotations
 
+import os
+import socket
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
@@ -15,6 +17,10 @@ class Settings(BaseSettings):
     # where to listen
     host: str = Field("127.0.0.1", description="Bind address.")
     port: int = Field(8000, ge=1, le=65535, description="Bind port.")
+    replica_id: str = Field(
+        default_factory=lambda: f"{socket.gethostname()}-{os.getpid()}", pattern=r"^[A-Za-z0-9._:-]{1,128}$",
+        description="This replica's name, sent as X-Ptserve-Replica on every response (default: hostname-pid).",
+    )
 
     # backbone
     backbone: str = Field(DEFAULT_BACKBONE, description="'minilm' (bundled), a local HF model folder or a hub id.")
@@ -32,6 +38,10 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(64, ge=1, le=4096, description="Rows (inputs) per forward pass.")
     max_batch_tokens: int = Field(16384, ge=64, description="Padded (prefix + input) tokens per forward pass.")
     max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="How long a batch waits to fill.")
+
+    # generation (decoder backbones)
+    max_running: int = Field(32, ge=1, le=1024, description="Sequences decoding together (KV cache slots).")
+    max_seq_tokens: int = Field(1024, ge=16, description="Prompt + generated tokens per sequence (KV cache columns).")
 
     # limits
     max_adapter_bytes: int = Field(64 * 2**20, ge=1024, description="Largest adapter upload.")

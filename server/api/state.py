@@ -17,6 +17,8 @@ from server.batch_plan import BatchPolicy
 from server.auth import Authenticator
 from server.batcher import Batcher
 from server.engine import Engine
+from server.generation.engine import GenerationEngine, GenerationLimits
+from server.generation.runner import GenerationRunner
 from server.limits import TenantLimiter
 from server.metrics import Metrics
 from server.settings import Settings
@@ -32,7 +34,8 @@ class ServerState:
     engine: Engine | None = None
     store: AdapterStore | None = None
     adapters: AdapterService | None = None
-    batcher: Batcher | None = None
+    batcher: Batcher | None = None  # encoder backbones: classification passes
+    generator: GenerationRunner | None = None  # decoder backbones: continuous batching on its own thread
     load_error: str | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     watcher: asyncio.Task | None = None
@@ -54,7 +57,11 @@ class ServerState:
     @property
     def idle(self) -> bool:
         """No request in flight and nothing queued: a drain may end."""
-        return self.inflight == 0 and (self.batcher is None or self.batcher.idle)
+        return (
+            self.inflight == 0
+            and (self.batcher is None or self.batcher.idle)
+            and (self.generator is None or (self.generator.running == 0 and self.generator.waiting == 0))
+        )
 
     async def start(self) -> None:
         """Load the backbone off the event loop, then open the store and start the batcher."""
@@ -63,17 +70,23 @@ class ServerState:
             if s.threads:
                 torch.set_num_threads(s.threads)
             self.backbone = await asyncio.to_thread(load_backbone, s.backbone, s.device, s.dtype, s.allow_download)
-            self.engine = Engine(self.backbone)
+            causal = self.backbone.family.causal
+            self.engine = GenerationEngine(self.backbone, generation_limits(s)) if causal else Engine(self.backbone)
             self.store = open_store(s.store)
             limits = Limits(max_bytes=s.max_adapter_bytes, max_virtual_tokens=s.max_virtual_tokens)
             self.adapters = AdapterService(self.store, self.engine, s.cache_bytes, limits)
             self.metrics.watch_cache(self.adapters.cache)
-            policy = BatchPolicy(max_batch_size=s.max_batch_size, max_batch_tokens=s.max_batch_tokens)
-            self.batcher = Batcher(
-                self.engine.classify, policy, s.max_wait_ms, on_pass=self.metrics.observe_pass,
-                max_queue_rows=s.max_queue_rows, max_queue_rows_per_tenant=s.max_queue_rows_per_tenant,
-            )
-            self.batcher.start()
+            if causal:
+                self.generator = GenerationRunner(self.engine, on_step=self.metrics.observe_step)
+                self.generator.start()
+                self.metrics.watch_generation(self.generator)
+            else:
+                policy = BatchPolicy(max_batch_size=s.max_batch_size, max_batch_tokens=s.max_batch_tokens)
+                self.batcher = Batcher(
+                    self.engine.classify, policy, s.max_wait_ms, on_pass=self.metrics.observe_pass,
+                    max_queue_rows=s.max_queue_rows, max_queue_rows_per_tenant=s.max_queue_rows_per_tenant,
+                )
+                self.batcher.start()
             await self.adapters.preload([AdapterId.parse(x) for x in s.preload])
             self.watcher = asyncio.get_running_loop().create_task(self.adapters.watch(), name="ptserve-watch")
             fp = self.backbone.fingerprint
@@ -93,10 +106,17 @@ class ServerState:
             await asyncio.gather(self.watcher, return_exceptions=True)
         if self.batcher:
             await self.batcher.stop()
+        if self.generator:
+            await asyncio.to_thread(self.generator.stop)
         if self.store:
             await self.store.close()
         if self.keys:
             await self.keys.close()
+
+
+def generation_limits(s: Settings) -> GenerationLimits:
+    return GenerationLimits(max_running=s.max_running, max_seq_tokens=s.max_seq_tokens,
+                            max_batch_tokens=s.max_batch_tokens, prefix_cap=s.max_virtual_tokens)
 
 
 def _version() -> str:
