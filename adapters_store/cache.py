@@ -63,6 +63,10 @@ class AdapterCache(Generic[V]):
     def keys(self) -> list[Hashable]:
         return list(self._entries)
 
+    def loading(self) -> list[Hashable]:
+        """Keys whose load is in flight (not yet resident)."""
+        return list(self._inflight)
+
     @property
     def pins(self) -> frozenset:
         return frozenset(self._pins)

@@ -104,6 +104,10 @@ class AdapterService:
 
     async def resync(self) -> None:
         """After (re)connecting to the change feed: re-check what we hold, since events may have been missed."""
+        # A load still in flight may have read a version whose successor's event was missed; its waiters get
+        # what it read, but it must not become resident, where no event would ever correct it.
+        for adapter_id in self.cache.loading():
+            self._refresh(adapter_id)
         held = list(self.cache.keys())
         if not held:
             return
