@@ -91,7 +91,7 @@ class Sequence:
             for stop in self.params.stop:  # hold back a tail that may grow into a stop string
                 for k in range(min(len(stop) - 1, end), 0, -1):
                     if self.text[:end].endswith(stop[:k]):
-                        end -= k  # from ``end``, not the text's length: a held-back partial character may follow
+                        end -= k  # from ``end``: a held-back partial character may follow the match
                         break
         delta = self.text[self.sent: max(end, self.sent)]
         self.sent = max(end, self.sent)
