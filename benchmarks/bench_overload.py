@@ -1,0 +1,253 @@
+"""Overload and noisy neighbours (issue 5): a real ``ptserve serve`` on loopback, driven open-loop past capacity.
+
+1. capacity: closed loop (``--clients`` concurrent single-text classify requests) for ``--capacity-s``: C req/s.
+2. overload-even: Poisson arrivals at ``--overload`` x C spread evenly over K+1 tenants, for ``--duration``:
+   accepted throughput, share answered 429, p50/p99 of accepted requests, server RSS at start and end.
+3. quiet-alone: K quiet tenants at r req/s each, where r = overload*C / (K + noisy_factor), no noisy tenant.
+4. with-noisy: the same K quiet tenants at r each plus one noisy tenant at noisy_factor*r (total overload*C).
+   The quiet tenants' p99 in 4 over their p99 in 3 is the noisy-neighbour ratio (target <= 1.5).
+
+Prints a table and the ratios; writes its section of ``RESULTS.md`` (between markers) unless ``--no-write``.
+The load generator shares the machine with the server: pin the server to ``--server-threads`` torch threads.
+
+    python benchmarks/bench_overload.py [--duration 60] [--quiet-tenants 4] [--noisy-factor 10] [--overload 2]
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime
+import os
+import platform
+import random
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import httpx  # noqa: E402
+
+from server.backbone import load_backbone  # noqa: E402
+from tests.factories import make_blob, server_process  # noqa: E402
+
+VIRTUAL_TOKENS = 16
+SECTION = "## Overload, backpressure and noisy neighbours (issue 5)"
+BEGIN, END = "<!-- bench_overload:begin -->", "<!-- bench_overload:end -->"
+WORDS = ("the service was slow but the staff were kind and the food arrived warm although the price felt high "
+         "for what we got and the room was clean quiet and bright").split()
+
+
+@dataclass
+class Outcome:
+    tenant: str
+    status: int  # 0: transport error
+    latency_s: float
+
+
+@dataclass
+class Run:
+    name: str
+    duration_s: float
+    offered: dict[str, float]  # tenant -> req/s asked for
+    outcomes: list[Outcome] = field(default_factory=list)
+    rss_start: float = 0.0
+    rss_end: float = 0.0
+
+    def of(self, tenants=None) -> list[Outcome]:
+        return [o for o in self.outcomes if tenants is None or o.tenant in tenants]
+
+    def accepted(self, tenants=None) -> list[float]:
+        return sorted(o.latency_s for o in self.of(tenants) if o.status == 200)
+
+    def share(self, status: int, tenants=None) -> float:
+        got = self.of(tenants)
+        return sum(o.status == status for o in got) / max(1, len(got))
+
+    def other(self) -> int:
+        return sum(o.status not in (200, 429) for o in self.outcomes)
+
+
+def pct(xs: list[float], q: float) -> float:
+    if not xs:
+        return float("nan")
+    return xs[min(len(xs) - 1, int(round(q / 100 * (len(xs) - 1))))]
+
+
+def text(rng: random.Random) -> str:
+    return " ".join(rng.choices(WORDS, k=rng.randint(8, 20)))
+
+
+async def rss(client: httpx.AsyncClient) -> float:
+    for line in (await client.get("/metrics")).text.splitlines():
+        if line.startswith("process_resident_memory_bytes "):
+            return float(line.split()[1])
+    return float("nan")
+
+
+async def one(client: httpx.AsyncClient, tenant: str, rng: random.Random, out: list[Outcome]) -> None:
+    start = time.perf_counter()
+    try:
+        r = await client.post("/v1/classify", json={"adapter": f"{tenant}/clf", "inputs": [text(rng)]})
+        status = r.status_code
+    except httpx.HTTPError:
+        status = 0
+    out.append(Outcome(tenant, status, time.perf_counter() - start))
+
+
+async def capacity(url: str, clients: int, seconds: float) -> float:
+    done = []
+    stop = time.perf_counter() + seconds
+    async with httpx.AsyncClient(base_url=url, timeout=60, limits=httpx.Limits(max_connections=clients)) as c:
+        async def worker(k: int) -> None:
+            rng = random.Random(k)
+            while time.perf_counter() < stop:
+                await one(c, f"q{k % 4}", rng, done)
+
+        await asyncio.gather(*(worker(k) for k in range(clients)))
+    ok = [o for o in done if o.status == 200]
+    return len(ok) / seconds
+
+
+async def open_loop(url: str, run: Run, seed: int) -> Run:
+    """Poisson arrivals per tenant at ``run.offered``; every request is its own task (open loop)."""
+    async with httpx.AsyncClient(base_url=url, timeout=60,
+                                 limits=httpx.Limits(max_connections=1000, max_keepalive_connections=200)) as c:
+        run.rss_start = await rss(c)
+        tasks: set[asyncio.Task] = set()
+        stop = time.perf_counter() + run.duration_s
+
+        async def arrivals(tenant: str, rate: float, rng: random.Random) -> None:
+            t = time.perf_counter()
+            while True:
+                t += rng.expovariate(rate)
+                if t >= stop:
+                    return
+                await asyncio.sleep(max(0.0, t - time.perf_counter()))
+                task = asyncio.create_task(one(c, tenant, rng, run.outcomes))
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+
+        await asyncio.gather(*(arrivals(t, r, random.Random(seed + i))
+                               for i, (t, r) in enumerate(run.offered.items())))
+        await asyncio.gather(*list(tasks))
+        run.rss_end = await rss(c)
+    return run
+
+
+def row(run: Run, quiet: list[str]) -> str:
+    acc = run.accepted()
+    q = run.accepted(quiet)
+    offered = sum(run.offered.values())
+    return (f"| {run.name} | {offered:.0f} | {len(run.outcomes) / run.duration_s:.0f} | "
+            f"{len(acc) / run.duration_s:.1f} | {100 * run.share(429):.1f}% | {run.other()} | "
+            f"{1000 * pct(acc, 50):.0f} | {1000 * pct(acc, 99):.0f} | {1000 * pct(q, 99):.0f} | "
+            f"{100 * run.share(429, quiet):.1f}% | {run.rss_start / 2**20:.0f} | {run.rss_end / 2**20:.0f} |")
+
+
+HEADER = ("| run | offered req/s | sent req/s | accepted req/s | 429 | other | p50 ms | p99 ms | quiet p99 ms | "
+          "quiet 429 | RSS start MiB | RSS end MiB |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--duration", type=float, default=60.0, help="seconds per open-loop run")
+    ap.add_argument("--capacity-s", type=float, default=15.0)
+    ap.add_argument("--clients", type=int, default=32, help="closed-loop clients for the capacity run")
+    ap.add_argument("--overload", type=float, default=2.0, help="offered load / capacity")
+    ap.add_argument("--quiet-tenants", type=int, default=4)
+    ap.add_argument("--noisy-factor", type=float, default=10.0)
+    ap.add_argument("--server-threads", type=int, default=1)
+    ap.add_argument("--max-batch-size", type=int, default=16)
+    ap.add_argument("--max-wait-ms", type=float, default=5.0)
+    ap.add_argument("--max-queue-rows", type=int, default=128)
+    ap.add_argument("--max-queue-rows-per-tenant", type=int, default=32)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", type=Path, default=ROOT / "benchmarks")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+
+    fp = load_backbone("minilm", device="cpu", dtype="float32").fingerprint
+    quiet = [f"q{i}" for i in range(args.quiet_tenants)]
+    tenants = quiet + ["noisy"]
+    settings = {"PTSERVE_THREADS": str(args.server_threads), "PTSERVE_MAX_BATCH_SIZE": str(args.max_batch_size),
+                "PTSERVE_MAX_WAIT_MS": str(args.max_wait_ms), "PTSERVE_MAX_QUEUE_ROWS": str(args.max_queue_rows),
+                "PTSERVE_MAX_QUEUE_ROWS_PER_TENANT": str(args.max_queue_rows_per_tenant),
+                "PTSERVE_MAX_CONCURRENT_PER_TENANT": "0", "PTSERVE_LOG_LEVEL": "warning"}
+    with tempfile.TemporaryDirectory() as tmp, server_process({"PTSERVE_STORE": f"file://{tmp}", **settings}) as srv:
+        for i, t in enumerate(tenants):
+            r = httpx.put(f"{srv.url}/v1/adapters/{t}/clf", content=make_blob(fp, VIRTUAL_TOKENS, seed=i),
+                          headers={"content-type": "application/octet-stream"}, timeout=60)
+            r.raise_for_status()
+        cap = asyncio.run(capacity(srv.url, args.clients, args.capacity_s))
+        total = args.overload * cap
+        r_quiet = total / (args.quiet_tenants + args.noisy_factor)
+        plan = [
+            Run("overload-even", args.duration, {t: total / len(tenants) for t in tenants}),
+            Run("quiet-alone", args.duration, {t: r_quiet for t in quiet}),
+            Run("with-noisy", args.duration, {**{t: r_quiet for t in quiet}, "noisy": args.noisy_factor * r_quiet}),
+        ]
+        runs = []
+        for i, run in enumerate(plan):
+            print(f"{run.name}: {sum(run.offered.values()):.0f} req/s for {run.duration_s:.0f} s ...", flush=True)
+            runs.append(asyncio.run(open_loop(srv.url, run, args.seed + 100 * i)))
+
+    even, alone, noisy = runs
+    ratio = pct(noisy.accepted(quiet), 99) / pct(alone.accepted(quiet), 99)
+    lines = [
+        f"capacity (closed loop, {args.clients} clients): **{cap:.1f} req/s**; offered in the overload runs: "
+        f"{args.overload:g}x = {total:.0f} req/s; quiet tenant rate r = {r_quiet:.1f} req/s, noisy = "
+        f"{args.noisy_factor:g}r",
+        "",
+        HEADER,
+        *(row(r, quiet) for r in runs),
+        "",
+        "| ratio | value | target |",
+        "|---|---|---|",
+        f"| quiet p99 with the noisy tenant / without | {ratio:.2f} | <= 1.5 |",
+        f"| accepted throughput at {args.overload:g}x / capacity (even) | "
+        f"{len(even.accepted()) / even.duration_s / cap:.2f} | ~1 |",
+        f"| RSS end / start (even) | {even.rss_end / even.rss_start:.3f} | ~1 (flat) |",
+        f"| RSS end of last run / start of first | {runs[-1].rss_end / runs[0].rss_start:.3f} | ~1 (flat) |",
+        f"| quiet tenants answered 429 with the noisy tenant | {100 * noisy.share(429, quiet):.1f}% | ~0 |",
+        f"| noisy tenant answered 429 | {100 * noisy.share(429, ['noisy']):.1f}% | most of its excess |",
+    ]
+    table = "\n".join(lines)
+    print(table)
+    if not args.no_write:
+        write_results(args, table)
+
+
+def write_results(args, table: str) -> None:
+    cmd = "python benchmarks/bench_overload.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    machine = (f"{platform.machine()}, {os.cpu_count()} cores ({platform.processor() or platform.platform()}), "
+               f"Python {platform.python_version()}")
+    body = "\n".join([
+        BEGIN, SECTION, "",
+        f"- date: {datetime.date.today().isoformat()}; machine: {machine}",
+        f"- command: `{cmd.strip()}`",
+        f"- server: `ptserve serve`, MiniLM on CPU, {args.server_threads} torch thread(s), max_batch_size "
+        f"{args.max_batch_size}, max_wait_ms {args.max_wait_ms:g}, max_queue_rows {args.max_queue_rows}, "
+        f"max_queue_rows_per_tenant {args.max_queue_rows_per_tenant}; adapters of {VIRTUAL_TOKENS} virtual tokens; "
+        "one text of 8-20 words per request; the open-loop client (httpx, Poisson arrivals) runs on the same "
+        "machine, which only has 2 cores and is shared with colleagues' jobs: absolute numbers are noisy, the "
+        "ratios are the result.",
+        "", table, END, "",
+    ])
+    path = args.out / "RESULTS.md"
+    old = path.read_text() if path.exists() else "# Benchmark results\n\n"
+    if BEGIN in old and END in old:
+        new = old[:old.index(BEGIN)] + body.rstrip("\n") + old[old.index(END) + len(END):]
+    else:
+        new = old.rstrip("\n") + "\n\n" + body
+    path.write_text(new)
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
