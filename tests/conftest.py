@@ -28,10 +28,13 @@ def minilm_engine(minilm):
 
 
 class RedisServer:
-    """A throwaway ``redis-server`` on a loopback port, without persistence; tests may kill and restart it."""
+    """A throwaway ``redis-server`` on a loopback port; tests may kill and restart it. Without persistence,
+    unless ``persistent``: then an append-only file fsync'd before every reply, so whatever Redis acknowledged
+    survives even ``kill -9`` and a restart in the same directory loads it back."""
 
-    def __init__(self, directory, port: int | None = None):
+    def __init__(self, directory, port: int | None = None, persistent: bool = False):
         self.dir, self.port, self.proc = directory, port or _free_port(), None
+        self.persistent = persistent
 
     @property
     def url(self) -> str:
@@ -42,9 +45,13 @@ class RedisServer:
 
         import redis
 
+        aof = (
+            ["--appendonly", "yes", "--appendfsync", "always"]
+            if self.persistent else ["--appendonly", "no"]
+        )
         self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no", "--dir", str(self.dir)],
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *aof,
+             "--dir", str(self.dir)],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         client = redis.Redis(port=self.port, socket_timeout=0.5, socket_connect_timeout=0.5)
@@ -90,13 +97,14 @@ def redis_server(tmp_path_factory):
 
 @pytest.fixture
 def redis_server_factory(tmp_path):
-    """Start dedicated redis-servers (``RedisServer``) a test may kill and restart; all die afterwards."""
+    """Start dedicated redis-servers (``RedisServer``) a test may kill and restart; all die afterwards.
+    ``start(port, persistent=True)`` restarts one on its port with the data it had acknowledged."""
     if shutil.which("redis-server") is None:
         pytest.skip("redis-server is not on PATH")
     servers: list[RedisServer] = []
 
-    def start(port: int | None = None) -> RedisServer:
-        servers.append(RedisServer(tmp_path, port).start())
+    def start(port: int | None = None, persistent: bool = False) -> RedisServer:
+        servers.append(RedisServer(tmp_path, port, persistent).start())
         return servers[-1]
 
     yield start
