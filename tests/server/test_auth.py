@@ -223,3 +223,102 @@ def test_keys_are_shared_and_revocation_reaches_every_replica_within_a_second(re
         while httpx.get(f"{b}/v1/adapters", headers=bearer(key)).status_code != 401:
             assert time.monotonic() - revoked_at < 1.0, "replica b still honours a revoked key after 1 s"
             time.sleep(0.02)
+
+
+# --- the authenticator, in process ----------------------------------------------------------------------------
+class FlakyKeys:
+    """A key store stub counting lookups; ``down`` makes it raise like an unreachable store."""
+
+    def __init__(self, records):
+        self.records, self.calls, self.down = dict(records), 0, False
+
+    async def get(self, key_id):
+        from adapters_store.errors import StoreUnavailable
+
+        self.calls += 1
+        if self.down:
+            raise StoreUnavailable("down")
+        return self.records.get(key_id)
+
+
+async def test_authenticator_caches_for_its_ttl_then_sees_revocation():
+    from adapters_store.keys import new_key
+    from server.auth import Authenticator, Unauthorized
+
+    key, record = new_key("acme")
+    keys = FlakyKeys({record.key_id: record})
+    auth = Authenticator("root", keys, ttl_s=0.2)
+    assert (await auth.authenticate(f"Bearer {key}")).tenant == "acme"
+    assert (await auth.authenticate(f"bearer {key}")).tenant == "acme" and keys.calls == 1  # cached
+    assert (await auth.authenticate("Bearer root")).is_admin
+    del keys.records[record.key_id]  # revoked elsewhere
+    time.sleep(0.25)
+    with pytest.raises(Unauthorized):
+        await auth.authenticate(f"Bearer {key}")
+    with pytest.raises(Unauthorized):  # right id, wrong secret
+        await auth.authenticate(f"Bearer {key[:-4]}abcd")
+
+
+async def test_authenticator_keeps_known_keys_through_a_store_outage_only():
+    from adapters_store.errors import StoreUnavailable
+    from adapters_store.keys import new_key
+    from server.auth import Authenticator
+
+    known, record = new_key("acme")
+    unseen, other = new_key("acme")
+    keys = FlakyKeys({record.key_id: record, other.key_id: other})
+    auth = Authenticator("root", keys, ttl_s=0)
+    assert (await auth.authenticate(f"Bearer {known}")).tenant == "acme"
+    keys.down = True
+    assert (await auth.authenticate(f"Bearer {known}")).tenant == "acme"
+    with pytest.raises(StoreUnavailable):
+        await auth.authenticate(f"Bearer {unseen}")
+
+
+async def test_open_server_lets_everyone_in_and_authorize_hides_other_tenants():
+    from adapters_store.errors import AdapterNotFound
+    from server.auth import Authenticator, Forbidden, Identity, authorize, authorize_tenant
+
+    assert (await Authenticator(None, None).authenticate(None)).is_admin
+    alpha = Identity("tenant", "alpha", "0123456789abcdef")
+    assert str(authorize(alpha, "alpha/x")) == "alpha/x"
+    with pytest.raises(AdapterNotFound, match="adapter bravo/x not found"):
+        authorize(alpha, "bravo/x")
+    with pytest.raises(Forbidden):
+        authorize_tenant(alpha, "bravo")
+
+
+# --- generation routes on a decoder backbone ---------------------------------------------------------------------
+@pytest.mark.slow
+def test_isolation_on_generation_routes(tmp_path_factory):
+    from server.backbone import load_backbone
+    from tests.factories import save_tiny_decoder
+
+    model = save_tiny_decoder("gpt2", tmp_path_factory.mktemp("gpt2-auth"))
+    fp = load_backbone(str(model), device="cpu", dtype="float32").fingerprint
+    env = {"PTSERVE_STORE": f"file://{tmp_path_factory.mktemp('gen-auth')}", "PTSERVE_BACKBONE": str(model),
+           "PTSERVE_ADMIN_KEY": ADMIN}
+    with running_server(env) as url:
+        keys = {t: httpx.post(f"{url}/v1/tenants/{t}/keys", headers=bearer(ADMIN)).json()["key"]
+                for t in ("alpha", "bravo")}
+        for aid in ("alpha/g", "bravo/g"):
+            r = httpx.put(f"{url}/v1/adapters/{aid}", content=make_blob(fp, 4, task="generate"),
+                          headers={**bearer(ADMIN), **OCTET}, timeout=30)
+            assert r.status_code == 201, r.text
+        own = httpx.post(f"{url}/v1/generate", json={"adapter": "alpha/g", "prompt": "hi", "max_new_tokens": 2},
+                         headers=bearer(keys["alpha"]), timeout=60)
+        assert own.status_code == 200, own.text
+        for path, field in (("/v1/generate", "adapter"), ("/v1/completions", "model")):
+            answers = [httpx.post(f"{url}{path}", json=_gen_body(path, field, target), headers=bearer(keys["alpha"]),
+                                  timeout=60)
+                       for target in ("bravo/g", "bravo/nope")]
+            assert answers[0].status_code == answers[1].status_code == 404, [a.text for a in answers]
+            assert answers[0].text.replace("bravo/g", "bravo/nope") == answers[1].text
+        models = httpx.get(f"{url}/v1/models", headers=bearer(keys["alpha"])).json()
+        assert [m["id"] for m in models["data"]] == ["alpha/g"]
+
+
+def _gen_body(path: str, field: str, target: str) -> dict:
+    if path == "/v1/completions":
+        return {field: target, "prompt": "hi", "max_tokens": 2}
+    return {field: target, "prompt": "hi", "max_new_tokens": 2}
