@@ -1,5 +1,5 @@
-"""The continuous-batching scheduler on fake sequences (torch-free): FIFO admission, slot and token budgets,
-packed slots after a departure, and a randomized simulation that checks the invariants after every operation."""
+"""The continuous-batching scheduler on fake sequences (torch-free): FIFO admission, slot and token
+budgets, packed slots after a departure, and a randomized simulation checking invariants after every step."""
 from __future__ import annotations
 
 import itertools
@@ -33,7 +33,7 @@ def check_invariants(s: Scheduler) -> None:
     assert s.reserved <= s.max_tokens or len(s.running) == 1
 
 
-# --- admission ------------------------------------------------------------------------------------------------
+# --- admission ----------------------------------------------------------------------------------------------
 def test_admission_is_fifo_and_returns_slot_order():
     s = Scheduler(max_running=8, max_tokens=1000)
     a, b, c = seqs(10, 20, 30)
@@ -97,7 +97,7 @@ def test_empty_scheduler_admits_nothing():
     assert s.admit() == [] and s.running == [] and s.reserved == 0
 
 
-# --- departures -----------------------------------------------------------------------------------------------
+# --- departures ---------------------------------------------------------------------------------------------
 def test_remove_last_slot_moves_nothing():
     s = Scheduler(max_running=4, max_tokens=1000)
     a, b, c = seqs(1, 2, 3)
@@ -141,7 +141,7 @@ def test_drop_waiting():
     assert list(s.waiting) == [b]
 
 
-# --- randomized simulation ------------------------------------------------------------------------------------
+# --- randomized simulation ----------------------------------------------------------------------------------
 @pytest.mark.parametrize("seed", range(200))
 def test_random_arrivals_and_finishes_keep_invariants(seed):
     """Random arrivals, admissions, finishes and cancellations of waiting requests; a mirror of the slot table

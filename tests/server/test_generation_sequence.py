@@ -1,5 +1,6 @@
-"""A generation request's bookkeeping (``Sequence.append``: incremental text, stop strings, EOS, length) with a
-real byte-level BPE tokenizer, and next-token choice (``sample_next``: greedy, top-k, top-p, seeds, temperature)."""
+"""A generation request's bookkeeping (``Sequence.append``: incremental text, stop strings, EOS, length)
+with a real byte-level BPE tokenizer, and next-token choice (``sample_next``: greedy, top-k, top-p, seeds,
+temperature)."""
 from __future__ import annotations
 
 import random
@@ -18,7 +19,7 @@ P = 4  # virtual tokens of the adapter every sequence here runs under
 
 @pytest.fixture(scope="module")
 def gpt2(tmp_path_factory):
-    """(tokenizer, resident adapter) of a tiny GPT-2 whose tokenizer splits multi-byte characters into bytes."""
+    """(tokenizer, resident adapter) of a tiny GPT-2; its tokenizer splits characters into bytes."""
     bb = load_backbone(str(save_tiny_decoder("gpt2", tmp_path_factory.mktemp("gpt2"))), device="cpu",
                        dtype="float32")
     resident = make_resident(make_adapter(bb.fingerprint, P, task="generate"), "t/a", 1, bb.fingerprint,
@@ -29,12 +30,13 @@ def gpt2(tmp_path_factory):
 def new_seq(gpt2, max_new_tokens=64, stop=(), max_positions=256, **params) -> Sequence:
     tok, resident = gpt2
     sp = SamplingParams(max_new_tokens=max_new_tokens, stop=tuple(stop), **params)
-    return Sequence(resident, tok("hello")["input_ids"], sp, tok, frozenset({tok.eos_token_id}), max_positions)
+    eos = frozenset({tok.eos_token_id})
+    return Sequence(resident, tok("hello")["input_ids"], sp, tok, eos, max_positions)
 
 
 def feed(seq: Sequence, tokens: list[int]) -> list[str]:
     """Append tokens until the sequence finishes; returns the released deltas, checking after each token that
-    what was released so far never has to be taken back (it is a prefix of the final text, checked at the end)."""
+    what was released so far never has to be taken back (it is a prefix of the final text)."""
     deltas = []
     for t in tokens:
         deltas.append(seq.append(t))
@@ -53,7 +55,7 @@ def ids(gpt2, text: str) -> list[int]:
     return gpt2[0](text)["input_ids"]
 
 
-# --- Sequence.append ------------------------------------------------------------------------------------------
+# --- Sequence.append ----------------------------------------------------------------------------------------
 def test_plain_text_is_released_token_by_token(gpt2):
     seq = new_seq(gpt2)
     tokens = ids(gpt2, "hello world the fox")
@@ -175,7 +177,7 @@ def test_random_streams_release_exactly_the_final_text(gpt2):
             assert any(full.startswith(seq.text + s) for s in stops), (seed, full, seq.text, stops)
 
 
-# --- sample_next ----------------------------------------------------------------------------------------------
+# --- sample_next --------------------------------------------------------------------------------------------
 VOCAB = 8
 
 

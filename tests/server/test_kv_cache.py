@@ -52,7 +52,8 @@ def test_write_prompt_round_trip():
     c = cache()
     t = 5
     for layer in range(LAYERS):
-        key, value = rand(2, KV_HEADS, t, HEAD_DIM, seed=layer), rand(2, KV_HEADS, t, HEAD_DIM, seed=10 + layer)
+        key = rand(2, KV_HEADS, t, HEAD_DIM, seed=layer)
+        value = rand(2, KV_HEADS, t, HEAD_DIM, seed=10 + layer)
         c.write_prompt(layer, slice(1, 3), key, value)
         k, v = c.read(layer, slice(1, 3), slice(CAP, CAP + t))
         assert torch.equal(k, key) and torch.equal(v, value)
@@ -83,7 +84,8 @@ def test_write_several_tokens_per_row():
     pos = torch.tensor([[2, 3], [5, 6]])  # [B, T_q]
     key, value = rand(2, KV_HEADS, 2, HEAD_DIM, seed=1), rand(2, KV_HEADS, 2, HEAD_DIM, seed=2)
     c.write(0, slice(2, 4), pos, key, value)
-    assert torch.equal(c.k[0][2, :, CAP + 2: CAP + 4], key[0]) and torch.equal(c.k[0][3, :, CAP + 5: CAP + 7], key[1])
+    assert torch.equal(c.k[0][2, :, CAP + 2: CAP + 4], key[0])
+    assert torch.equal(c.k[0][3, :, CAP + 5: CAP + 7], key[1])
     assert torch.equal(c.v[0][2, :, CAP + 2: CAP + 4], value[0])
     assert torch.equal(c.v[0][3, :, CAP + 5: CAP + 7], value[1])
 
