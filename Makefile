@@ -22,7 +22,7 @@ REF_STAMP := $(REF_VENV)/.ptserve-ref-installed
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: help venv ref-venv serve test bench clean
+.PHONY: help venv ref-venv serve test bench topology clean
 
 help:
 	@echo "make venv      create .venv (torch $(TORCH_VERSION) CPU, then ptserve[test,bench], editable)"
@@ -30,6 +30,7 @@ help:
 	@echo "make serve     run the server (PTSERVE_* env vars configure it; ARGS=... adds CLI flags)"
 	@echo "make test      run the whole test suite (PYTEST_ARGS=... adds pytest flags)"
 	@echo "make bench     run benchmarks/bench_classify.py (ARGS=... adds its flags)"
+	@echo "make topology  the compose topology without Docker: redis, 2 replicas, nginx on :8080 (ARGS=...)"
 	@echo "make clean     remove both environments and build leftovers"
 
 venv: $(VENV_STAMP)
@@ -64,6 +65,11 @@ test: venv ref-venv
 
 bench: venv
 	$(VENV)/bin/python benchmarks/bench_classify.py $(ARGS)
+
+# redis-server + two `ptserve serve` + nginx on loopback (scripts/topology.py); run as root, it installs a
+# missing nginx or redis-server with apt-get (otherwise: apt-get install -y nginx redis-server).
+topology: venv
+	$(VENV)/bin/python scripts/topology.py up $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(REF_VENV) build dist *.egg-info .pytest_cache
