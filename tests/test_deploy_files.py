@@ -1,8 +1,9 @@
-"""The deployment files (Dockerfile, docker-compose.yml, .dockerignore, Makefile, .ci/run) agree with the
-settings and with each other.
+"""The deployment files (Dockerfile, docker-compose.yml and the configs it mounts, .dockerignore, Makefile,
+.ci/run) agree with the settings and with each other.
 
 No Docker engine runs here, so the Docker files are parsed; their healthchecks and the torch-index logic are
-run for real against stubs, as are the Makefile recipes (dry runs) and .ci/run (with a fake `make`).
+run for real against stubs, as are the Makefile recipes (dry runs) and .ci/run (with a fake `make`). The nginx
+config, the Kubernetes manifests and the topology without Docker have their own tests in tests/deploy/.
 """
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from server.serving import AFTER_DRAIN_S
 from server.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -128,21 +130,139 @@ def compose_env(service: dict) -> dict[str, str]:
     return {k: str(v) for k, v in env.items()}
 
 
-def test_compose_parses_with_redis_and_ptserve(compose):
+def replicas(compose: dict) -> dict[str, dict]:
+    """The ptserve replica services (ptserve-1, ptserve-2, ...)."""
+    return {name: svc for name, svc in compose["services"].items() if re.fullmatch(r"ptserve-\d+", name)}
+
+
+def mounts(service: dict) -> dict[str, str]:
+    """Bind mounts of a service: container path -> host path (relative to the repository root)."""
+    out = {}
+    for volume in service.get("volumes", []):
+        source, target = str(volume).split(":")[:2]
+        if source.startswith("."):
+            out[target] = source
+    return out
+
+
+def redis_conf(compose: dict) -> dict[str, list[str]]:
+    redis = compose["services"]["redis"]
+    conf_path = redis["command"][1]
+    text = (ROOT / mounts(redis)[conf_path]).read_text()
+    lines = [line.split() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return {words[0]: words[1:] for words in lines}
+
+
+def test_compose_parses_with_redis_and_replicas(compose):
     services = compose["services"]
-    assert {"redis", "ptserve"} <= set(services)
+    assert {"redis", "nginx", "prometheus", "grafana"} <= set(services)
     redis = services["redis"]
     assert redis["image"].startswith("redis:7")
-    assert "--appendonly" in redis["command"] and "yes" in redis["command"]
+    assert redis["command"][0] == "redis-server"
     assert any(str(v).endswith(":/data") for v in redis["volumes"]), "redis data must live on a volume"
     assert "redis-cli" in redis["healthcheck"]["test"] and "ping" in redis["healthcheck"]["test"]
 
-    ptserve = services["ptserve"]
-    build = ptserve["build"]
-    assert (ROOT / build["context"] / build["dockerfile"]).resolve() == DOCKERFILE
-    assert ptserve["depends_on"]["redis"]["condition"] == "service_healthy"
-    store = compose_env(ptserve)["PTSERVE_STORE"]
-    assert store.startswith("redis://redis:"), store
+    assert len(replicas(compose)) >= 2
+    for name, ptserve in replicas(compose).items():
+        build = ptserve["build"]
+        assert (ROOT / build["context"] / build["dockerfile"]).resolve() == DOCKERFILE
+        assert ptserve["depends_on"]["redis"]["condition"] == "service_healthy"
+        store = compose_env(ptserve)["PTSERVE_STORE"]
+        assert store.startswith("redis://redis:"), store
+        assert "ports" not in ptserve, f"{name}: replicas are reached through nginx, not published"
+
+
+def test_redis_keeps_adapters_durably(compose):
+    conf = redis_conf(compose)
+    assert conf["appendonly"] == ["yes"], "adapters must survive a Redis restart (AOF)"
+    assert conf["appendfsync"] in (["everysec"], ["always"])
+    assert conf["maxmemory-policy"] == ["noeviction"], "a full Redis must not evict a tenant's adapter"
+    assert "dir" not in conf, "dir comes from the image (/data) or the loopback topology's command line"
+
+
+def test_replicas_differ_only_in_their_id(compose):
+    envs = {name: compose_env(svc) for name, svc in replicas(compose).items()}
+    for name, env in envs.items():
+        assert env["PTSERVE_REPLICA_ID"] == name == replicas(compose)[name]["hostname"]
+    shared = [{k: v for k, v in env.items() if k != "PTSERVE_REPLICA_ID"} for env in envs.values()]
+    assert all(env == shared[0] for env in shared), "replicas must run the same settings"
+
+
+def test_replicas_drain_before_compose_kills_them(compose, monkeypatch):
+    for name, svc in replicas(compose).items():
+        settings = load_settings(monkeypatch, {k: resolve(v) for k, v in compose_env(svc).items()})
+        grace = re.fullmatch(r"(\d+)s", svc["stop_grace_period"])
+        assert grace and int(grace.group(1)) > settings.drain_timeout_s + AFTER_DRAIN_S, name
+
+
+def upstream_servers(compose: dict) -> list[list[str]]:
+    env = compose_env(compose["services"]["nginx"])
+    lines = [line.strip().rstrip(";").split() for line in env["UPSTREAM_SERVERS"].splitlines() if line.strip()]
+    return [words[1:] for words in lines if words[0] == "server"]
+
+
+def test_nginx_proxies_every_replica_by_its_own_name(compose):
+    nginx = compose["services"]["nginx"]
+    servers = upstream_servers(compose)
+    addresses = [words[0] for words in servers]
+    expected = [f"{name}:{effective_port(compose_env(svc))}" for name, svc in sorted(replicas(compose).items())]
+    assert addresses == expected, "one `server` line per replica service, each with its own name and port"
+    assert all("resolve" in words[1:] for words in servers), "re-resolve a replica that comes back elsewhere"
+    template = mounts(nginx)["/etc/nginx/templates/default.conf.template"]
+    assert (ROOT / template).resolve() == ROOT / "docker" / "nginx" / "ptserve.conf.template"
+    placeholders = set(re.findall(r"\$\{([A-Z][A-Z0-9_]*)\}", (ROOT / template).read_text()))
+    assert placeholders <= set(compose_env(nginx)), "the image's envsubst would leave a placeholder unfilled"
+    listen = compose_env(nginx)["LISTEN_PORT"]
+    assert [str(p).split(":")[-1] for p in nginx["ports"]] == [listen]
+    assert set(nginx["depends_on"]) == set(replicas(compose))
+
+
+def test_prometheus_scrapes_every_replica(compose):
+    prometheus = compose["services"]["prometheus"]
+    conf_path = next(a.split("=", 1)[1] for a in prometheus["command"] if a.startswith("--config.file="))
+    conf = yaml.safe_load((ROOT / mounts(prometheus)[conf_path]).read_text())
+    job = next(j for j in conf["scrape_configs"] if j["job_name"] == "ptserve")
+    assert job.get("metrics_path", "/metrics") == "/metrics"
+    scraped = {sc["labels"]["replica"]: sc["targets"] for sc in job["static_configs"]}
+    expected = {compose_env(svc)["PTSERVE_REPLICA_ID"]: [f"{name}:{effective_port(compose_env(svc))}"]
+                for name, svc in replicas(compose).items()}
+    assert scraped == expected
+
+
+def test_promtool_accepts_the_prometheus_config():
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        if os.environ.get("CI"):
+            pytest.fail("promtool is missing: .ci/run installs the prometheus package")
+        pytest.skip("promtool is not installed (apt-get install -y prometheus)")
+    done = subprocess.run([promtool, "check", "config", str(ROOT / "docker/prometheus/prometheus.yml")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_grafana_is_provisioned_with_prometheus_and_the_dashboard(compose):
+    grafana, prometheus = compose["services"]["grafana"], compose["services"]["prometheus"]
+    grafana_mounts = mounts(grafana)
+    provisioning = ROOT / grafana_mounts["/etc/grafana/provisioning"]
+    datasources = yaml.safe_load((provisioning / "datasources" / "prometheus.yml").read_text())["datasources"]
+    assert len(datasources) == 1 and datasources[0]["type"] == "prometheus"
+    prometheus_port = [str(p).split(":")[-1] for p in prometheus["ports"]]
+    assert datasources[0]["url"] == f"http://prometheus:{prometheus_port[0]}"
+    providers = yaml.safe_load((provisioning / "dashboards" / "ptserve.yml").read_text())["providers"]
+    dashboards_dir = providers[0]["options"]["path"]
+    assert dashboards_dir in grafana_mounts, "the provider reads a folder the compose file does not mount"
+    home = compose_env(grafana)["GF_DASHBOARDS_DEFAULT_HOME_DASHBOARD_PATH"]
+    assert (ROOT / grafana_mounts[dashboards_dir] / Path(home).relative_to(dashboards_dir)).is_file()
+    dashboard = json.loads((ROOT / grafana_mounts[dashboards_dir] / "ptserve.json").read_text())
+    uids = {t["datasource"]["uid"] for p in dashboard["panels"] for t in p.get("targets", [])}
+    uids |= {p["datasource"]["uid"] for p in dashboard["panels"] if "datasource" in p}
+    assert uids == {datasources[0]["uid"]}
+
+
+def test_every_bind_mount_exists(compose):
+    for name, service in compose["services"].items():
+        for target, source in mounts(service).items():
+            assert (ROOT / source).exists(), f"{name} mounts {source}, which is not in the repository"
 
 
 def strings_in(node) -> list[str]:
@@ -186,16 +306,19 @@ def test_dockerfile_env_is_valid_settings(monkeypatch, dockerfile):
 
 
 def test_compose_env_is_valid_settings(monkeypatch, compose):
-    env = {k: resolve(v) for k, v in compose_env(compose["services"]["ptserve"]).items()}
-    settings = load_settings(monkeypatch, env)
-    assert settings.host == "0.0.0.0"
-    assert settings.store == "redis://redis:6379/0"
+    for name, svc in replicas(compose).items():
+        env = {k: resolve(v) for k, v in compose_env(svc).items()}
+        settings = load_settings(monkeypatch, env)
+        assert settings.host == "0.0.0.0"
+        assert settings.store == "redis://redis:6379/0"
+        assert settings.replica_id == name
 
 
 def test_compose_requires_admin_key(compose):
     # Bound to 0.0.0.0, a server without an admin key would be open to anyone: refuse to start instead.
-    value = compose_env(compose["services"]["ptserve"]).get("PTSERVE_ADMIN_KEY", "")
-    assert re.fullmatch(r"\$\{PTSERVE_ADMIN_KEY:\?[^}]+\}", value), value
+    for svc in replicas(compose).values():
+        value = compose_env(svc).get("PTSERVE_ADMIN_KEY", "")
+        assert re.fullmatch(r"\$\{PTSERVE_ADMIN_KEY:\?[^}]+\}", value), value
 
 
 def effective_port(env: dict[str, str]) -> int:
@@ -209,9 +332,8 @@ def test_ports_agree(dockerfile, compose):
     exposed = {p.split("/")[0] for i in final if i.keyword == "EXPOSE" for p in i.args.split()}
     assert exposed == {str(port)}
 
-    ptserve = compose["services"]["ptserve"]
-    container_ports = {str(p).split(":")[-1].split("/")[0] for p in ptserve["ports"]}
-    assert container_ports == {str(effective_port(compose_env(ptserve)))}
+    for ptserve in replicas(compose).values():
+        assert {str(p) for p in ptserve["expose"]} == {str(effective_port(compose_env(ptserve)))}
 
 
 # --- healthchecks, run against a stub server ------------------------------------------------------------
@@ -250,7 +372,7 @@ def dockerfile_healthcheck() -> list[str]:
 
 
 def compose_healthcheck() -> list[str]:
-    test = yaml.safe_load(COMPOSE.read_text())["services"]["ptserve"]["healthcheck"]["test"]
+    test = yaml.safe_load(COMPOSE.read_text())["services"]["ptserve-1"]["healthcheck"]["test"]
     if isinstance(test, str):
         return ["sh", "-c", test]
     kind, *rest = test
@@ -379,7 +501,9 @@ def test_ci_run_is_executable_strict_bash():
 def test_ci_run_runs_make_test_and_passes_its_failure_on(tmp_path, make_rc):
     (tmp_path / "redis-cli").write_text("#!/bin/sh\necho PONG\n")
     (tmp_path / "make").write_text(f'#!/bin/sh\necho "make $*"\necho "1 passed in 0.01s"\nexit {make_rc}\n')
-    for tool in ("redis-cli", "make"):
+    for tool in ("nginx", "promtool"):  # present, so the run installs nothing
+        (tmp_path / tool).write_text("#!/bin/sh\nexit 0\n")
+    for tool in ("redis-cli", "make", "nginx", "promtool"):
         (tmp_path / tool).chmod(0o755)
     env = clean_make_env(PATH=f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
     done = subprocess.run(["bash", str(CI_RUN)], env=env, capture_output=True, text=True, timeout=60,
@@ -402,6 +526,28 @@ def dry_run(make: str, *args: str) -> str:
                           text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     return done.stdout
+
+
+def test_makefile_topology_target(make):
+    out = dry_run(make, "topology", "ARGS=--port 9000")
+    assert ".venv/bin/python scripts/topology.py up --port 9000" in out
+    assert (ROOT / "scripts" / "topology.py").is_file()
+
+
+@pytest.mark.parametrize("tool", ["nginx", "promtool"])
+def test_ci_run_installs_missing_deploy_tools(tmp_path, tool):
+    # Only the function under test runs: .ci/run's definitions are sourced, apt-get is a recording stub.
+    (tmp_path / "apt-get").write_text(f'#!/bin/sh\necho "apt-get $*" >> {tmp_path}/calls\n')
+    (tmp_path / "apt-get").chmod(0o755)
+    definitions = CI_RUN.read_text().rsplit("\nensure_redis\n", 1)[0]  # everything before the calls
+    script = f"{definitions}\nensure_{tool}\n"
+    env = {"PATH": str(tmp_path), "HOME": str(tmp_path)}  # the real tools are not on this PATH
+    if tool == "nginx" and os.path.exists("/usr/sbin/nginx"):
+        script = script.replace("[ -x /usr/sbin/nginx ]", "false")  # hide the machine's own nginx
+    done = subprocess.run([shutil.which("bash"), "-c", script], env=env, capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    package = {"nginx": "nginx", "promtool": "prometheus"}[tool]
+    assert f"install -y -q --no-install-recommends {package}" in (tmp_path / "calls").read_text()
 
 
 def test_makefile_serve_target(make):
