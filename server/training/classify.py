@@ -1,0 +1,203 @@
+"""Classification training: a prefix and a head on the frozen backbone, through the serving forward.
+
+The logits of a batch are computed exactly as the server computes them: the prefix's flat K/V go through
+``server.resident.prefix_kv`` and ``server.engine.encoder_forward`` (the one prefixed forward), then the head
+function ``server.heads.HEADS[kind]``. Only the prefix (and its projection MLP) and the head get gradients.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from adapters_store.format import PREFIX_KEY, Adapter, AdapterConfig
+from adapters_store.heads import head_shapes
+from server.backbone import Backbone
+from server.engine import encoder_forward
+from server.heads import HEADS
+from server.resident import prefix_kv
+from server.training.data import Example, label_set
+from server.training.loop import Callbacks, Evaluation, FitConfig, FitResult, fit
+from server.training.prefix_encoder import PrefixEncoder
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of ``ptserve train`` (defaults reach ~90% on examples/sentiment in well under a minute
+    on 2 CPU cores; see benchmarks/RESULTS.md)."""
+
+    virtual_tokens: int = 16
+    prefix_projection: bool = False
+    projection_hidden: int = 512
+    lr: float | None = None  # the prefix; None = 1e-2 plain (P-Tuning v2 uses 5e-3 .. 1e-2), 1e-3 projected
+    head_lr: float | None = None  # the head; None = lr
+    epochs: int = 15
+    batch_size: int = 16
+    seed: int = 0
+    patience: int = 4
+    warmup_ratio: float = 0.1
+    dropout: float = 0.1  # on the head's input, training only (inference has none)
+    init_std: float = 1.0  # of the prefix embedding (PEFT and THUDM use nn.Embedding's default, 1.0)
+    max_length: int | None = None  # tokens per text incl. special tokens; None = what fits beside the prefix
+
+    @property
+    def prefix_lr(self) -> float:
+        # The MLP multiplies the effective step on the K/V; 1e-2 through it diverges on small data.
+        return self.lr if self.lr is not None else (1e-3 if self.prefix_projection else 1e-2)
+
+
+@dataclass
+class ClassifyEval:
+    accuracy: float
+    loss: float
+    predictions: list[str]  # one label per evaluation example
+    logits: torch.Tensor  # [N, C] float32
+
+
+@dataclass
+class TrainResult:
+    adapter: Adapter  # materialised: plain prefix K/V + head, labels, backbone fingerprint
+    labels: list[str]
+    config: TrainConfig
+    fit: FitResult
+    eval: ClassifyEval | None  # of the returned adapter (the best epoch) on the evaluation data
+    trainable_parameters: dict[str, int] = field(default_factory=dict)
+
+    def record(self) -> dict:
+        """What ``training.json`` holds."""
+        return {
+            "task": "classify",
+            "config": asdict(self.config),
+            "labels": self.labels,
+            "backbone": self.adapter.config.backbone.to_dict(),
+            "base_model_name_or_path": self.adapter.config.base_model_name_or_path,
+            "trainable_parameters": self.trainable_parameters,
+            "best_epoch": self.fit.best_epoch,
+            "stopped_early": self.fit.stopped_early,
+            "train_seconds": round(self.fit.seconds, 3),
+            "history": [
+                {"epoch": s.epoch, "train_loss": s.train_loss, "seconds": round(s.seconds, 3),
+                 **({"eval_loss": s.eval.loss, **s.eval.metrics} if s.eval else {})}
+                for s in self.fit.history
+            ],
+            "step_losses": self.fit.step_losses,
+            "eval": None if self.eval is None else {
+                "accuracy": self.eval.accuracy, "loss": self.eval.loss, "predictions": self.eval.predictions,
+            },
+        }
+
+
+class PrefixClassifier(nn.Module):
+    """Prefix + head over a frozen backbone. The backbone is not a submodule: it has no trainable state here."""
+
+    def __init__(self, bb: Backbone, num_labels: int, cfg: TrainConfig):
+        super().__init__()
+        if bb.family.head_kind is None:
+            raise ValueError(f"backbone {bb.name!r} ({bb.fingerprint.model_type}) serves no classification head")
+        self.bb, self.kind = bb, bb.family.head_kind
+        fp = bb.fingerprint
+        self.prefix = PrefixEncoder(
+            cfg.virtual_tokens, fp.prefix_width, fp.hidden_size,
+            cfg.projection_hidden if cfg.prefix_projection else None, cfg.init_std,
+        )
+        self.head = nn.ParameterDict()
+        for name, shape in head_shapes(self.kind, num_labels, fp.hidden_size).items():
+            # HF's initialisation for classifier layers: N(0, 0.02) weights, zero biases.
+            init = torch.randn(*shape) * 0.02 if name.endswith("weight") else torch.zeros(*shape)
+            self.head[name.replace(".", "__")] = nn.Parameter(init)
+        self.dropout = nn.Dropout(cfg.dropout)
+
+    def head_tensors(self) -> dict[str, torch.Tensor]:
+        return {name.replace("__", "."): p for name, p in self.head.items()}
+
+    def forward(self, token_ids: list[tuple[int, ...]]) -> torch.Tensor:
+        """Logits [B, C] float32 for B rows of token ids, every row under this prefix."""
+        bb, b = self.bb, len(token_ids)
+        kv = prefix_kv(self.prefix(), bb.fingerprint).to(device=bb.device, dtype=bb.dtype)  # [L, 2, H, P, D]
+        kv = kv.unsqueeze(2).expand(-1, -1, b, -1, -1, -1)  # [L, 2, B, H, P, D]
+        hidden, pooled = encoder_forward(bb, token_ids, kv, [kv.shape[4]] * b)
+        first = self.dropout(hidden[:, 0].float())  # [B, H]
+        pooled = self.dropout(pooled.float()) if pooled is not None else None
+        head = {k: v.to(bb.device) for k, v in self.head_tensors().items()}
+        return HEADS[self.kind](pooled, first, head).float()
+
+    def to_adapter(self, labels: list[str]) -> Adapter:
+        fp = self.bb.fingerprint
+        tensors = {PREFIX_KEY: self.prefix.materialise()}
+        tensors.update({k: v.detach().float().cpu().contiguous() for k, v in self.head_tensors().items()})
+        config = AdapterConfig(
+            task="classify", num_virtual_tokens=tensors[PREFIX_KEY].shape[0], backbone=fp, labels=tuple(labels),
+            head=self.kind, base_model_name_or_path=self.bb.name,
+        )
+        return Adapter(config, tensors)
+
+
+def tokenize(bb: Backbone, texts: list[str], num_virtual_tokens: int, max_length: int | None) -> list[tuple[int, ...]]:
+    """Token ids with special tokens, cut to what fits beside the prefix (as the server's ``truncate=true``)."""
+    room = bb.max_positions - num_virtual_tokens
+    limit = min(room, max_length) if max_length else room
+    ids = bb.tokenizer(texts, add_special_tokens=True, truncation=True, max_length=limit)["input_ids"]
+    return [tuple(r) for r in ids]
+
+
+def evaluate(
+    model: PrefixClassifier, token_ids: list[tuple[int, ...]], targets: list[int], labels: list[str], batch_size: int
+) -> ClassifyEval:
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        logits = torch.cat([
+            model(token_ids[i:i + batch_size]).cpu() for i in range(0, len(token_ids), batch_size)
+        ])
+    model.train(was_training)
+    y = torch.tensor(targets)
+    pred = logits.argmax(-1)
+    return ClassifyEval(
+        accuracy=float((pred == y).float().mean()), loss=float(F.cross_entropy(logits, y)),
+        predictions=[labels[i] for i in pred.tolist()], logits=logits,
+    )
+
+
+def train_classifier(
+    bb: Backbone,
+    train: list[Example],
+    held_out: list[Example] | None = None,
+    cfg: TrainConfig = TrainConfig(),
+    callbacks: Callbacks | None = None,
+) -> TrainResult:
+    """Train a prefix + head on ``train``, early-stopping on ``held_out``; returns the best epoch's adapter."""
+    labels = label_set(train, held_out)
+    index = {label: i for i, label in enumerate(labels)}
+    torch.manual_seed(cfg.seed)
+    model = PrefixClassifier(bb, len(labels), cfg)
+    p = cfg.virtual_tokens
+    items = list(zip(tokenize(bb, [e.text for e in train], p, cfg.max_length), [index[e.label] for e in train]))
+    eval_ids = tokenize(bb, [e.text for e in held_out], p, cfg.max_length) if held_out else []
+    eval_y = [index[e.label] for e in held_out or []]
+
+    def batch_loss(batch: list[tuple[tuple[int, ...], int]]) -> torch.Tensor:
+        ids, y = zip(*batch)
+        return F.cross_entropy(model(list(ids)), torch.tensor(y, device=bb.device))
+
+    def run_eval() -> Evaluation:
+        ev = evaluate(model, eval_ids, eval_y, labels, cfg.batch_size * 2)
+        return Evaluation(loss=ev.loss, score=ev.accuracy, metrics={"eval_accuracy": ev.accuracy})
+
+    groups = [
+        {"params": list(model.prefix.parameters()), "lr": cfg.prefix_lr},
+        {"params": list(model.head.parameters()), "lr": cfg.head_lr or cfg.prefix_lr},
+    ]
+    result = fit(
+        model, groups, items, batch_loss, run_eval if held_out else None,
+        FitConfig(cfg.epochs, cfg.batch_size, cfg.seed, cfg.patience, cfg.warmup_ratio), callbacks,
+    )
+    counts = {
+        "prefix": sum(t.numel() for t in model.prefix.parameters()),
+        "head": sum(t.numel() for t in model.head.parameters()),
+    }
+    counts["total"] = counts["prefix"] + counts["head"]
+    counts["served_prefix"] = p * bb.fingerprint.prefix_width  # after materialising a projection
+    final = evaluate(model, eval_ids, eval_y, labels, cfg.batch_size * 2) if held_out else None
+    return TrainResult(model.to_adapter(labels), labels, cfg, result, final, counts)

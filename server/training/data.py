@@ -1,0 +1,92 @@
+"""Training data: labelled texts from JSONL, JSON or CSV/TSV files, checked with messages that name the line."""
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+
+class DataError(ValueError):
+    """A data file cannot be used; the message names the file, the line and what is wrong."""
+
+
+@dataclass(frozen=True)
+class Example:
+    text: str
+    label: str
+
+
+def load_examples(path: str | Path, text_field: str = "text", label_field: str = "label") -> list[Example]:
+    """Examples from ``.jsonl`` (one object a line), ``.json`` (a list of objects), ``.csv`` or ``.tsv``."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"{path}: no such file")
+    suffix = path.suffix.lower()
+    if suffix in (".jsonl", ".ndjson"):
+        records = _jsonl(path)
+    elif suffix == ".json":
+        records = _json(path)
+    elif suffix in (".csv", ".tsv"):
+        records = _csv(path, "\t" if suffix == ".tsv" else ",")
+    else:
+        raise DataError(f"{path}: unknown format {suffix!r} (use .jsonl, .json, .csv or .tsv)")
+    examples = [_example(path, where, rec, text_field, label_field) for where, rec in records]
+    if not examples:
+        raise DataError(f"{path}: no examples")
+    return examples
+
+
+def _jsonl(path: Path) -> list[tuple[str, dict]]:
+    out = []
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                out.append((f"line {n}", json.loads(line)))
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path} line {n}: not JSON ({exc.msg})") from None
+    return out
+
+
+def _json(path: Path) -> list[tuple[str, dict]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{path}: not JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(data, list):
+        raise DataError(f"{path}: a .json data file must hold a list of objects")
+    return [(f"item {i}", rec) for i, rec in enumerate(data)]
+
+
+def _csv(path: Path, delimiter: str) -> list[tuple[str, dict]]:
+    with open(path, encoding="utf-8", newline="") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        # DictReader counts the header as line 1; report the file's own line numbers.
+        return [(f"line {reader.line_num}", row) for row in reader]
+
+
+def _example(path: Path, where: str, rec, text_field: str, label_field: str) -> Example:
+    if not isinstance(rec, dict):
+        raise DataError(f"{path} {where}: expected an object with {text_field!r} and {label_field!r}")
+    for field in (text_field, label_field):
+        if rec.get(field) is None:
+            raise DataError(f"{path} {where}: no field {field!r} (has {sorted(rec)}); see --text-field/--label-field")
+    text, label = rec[text_field], rec[label_field]
+    if not isinstance(text, str) or not text.strip():
+        raise DataError(f"{path} {where}: {text_field!r} must be a non-empty string")
+    if isinstance(label, (dict, list)) or str(label).strip() == "":
+        raise DataError(f"{path} {where}: {label_field!r} must be a non-empty string or number")
+    return Example(text, str(label))
+
+
+def label_set(train: list[Example], held_out: list[Example] | None = None) -> list[str]:
+    """The labels, sorted; every evaluation label must occur in the training data."""
+    labels = sorted({e.label for e in train})
+    if len(labels) < 2:
+        raise DataError(f"training data has {len(labels)} distinct label(s); a classifier needs at least 2")
+    unknown = sorted({e.label for e in held_out or []} - set(labels))
+    if unknown:
+        raise DataError(f"evaluation labels {unknown} never occur in the training data")
+    return labels

@@ -1,0 +1,32 @@
+"""What ``ptserve train --out DIR`` writes:
+
+    DIR/adapter.safetensors   the ptserve blob (prefix K/V, head, labels, backbone fingerprint): upload as is
+    DIR/peft/                 the same adapter as a PEFT PREFIX_TUNING folder (adapter_config.json +
+                              adapter_model.safetensors; PEFT loads it) plus labels.json, which PEFT ignores
+    DIR/training.json         hyper-parameters, per-epoch history, step losses, evaluation accuracy and predictions
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from adapters_store.format import Adapter, encode_blob
+from adapters_store.peft_folder import write_peft_folder
+
+BLOB_FILE = "adapter.safetensors"
+PEFT_DIR = "peft"
+LABELS_FILE = "labels.json"
+RECORD_FILE = "training.json"
+
+
+def write_outputs(adapter: Adapter, out_dir: str | Path, record: dict | None = None) -> Path:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    blob = encode_blob(adapter)
+    (out / BLOB_FILE).write_bytes(blob)
+    peft = write_peft_folder(adapter, out / PEFT_DIR)
+    if adapter.config.labels:
+        (peft / LABELS_FILE).write_text(json.dumps(list(adapter.config.labels)))
+    if record is not None:
+        (out / RECORD_FILE).write_text(json.dumps(record, indent=1))
+    return out
