@@ -60,5 +60,14 @@ def version() -> None:
     typer.echo(_version())
 
 
+# Client commands (adapters, classify, generate, keys) and the trainer register themselves; their heavy imports
+# (torch, the SDK) happen inside the commands, so `ptserve serve` starts as before.
+from client.cli import register as _register_client  # noqa: E402
+from server.training.cli import register as _register_training  # noqa: E402
+
+_register_client(app)
+_register_training(app)
+
+
 if __name__ == "__main__":
     app()
