@@ -46,6 +46,8 @@ class Sequence:
     finish_reason: str | None = None
     text: str = ""
     cancelled: threading.Event = field(default_factory=threading.Event)
+    _prefix_offset: int = 0  # output_ids[_prefix_offset:_read_offset] decode to the tail of ``text`` ...
+    _read_offset: int = 0  # ... and output_ids[_read_offset:] are not in ``text`` yet
 
     def __post_init__(self):
         seed = self.params.seed if self.params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
@@ -68,20 +70,41 @@ class Sequence:
         """Record a generated token; returns the text it releases (maybe empty) and sets ``finish_reason``."""
         if token in self.eos_ids:
             self.finish_reason = "stop"
+            self._detokenize(flush=True)
             return self._release(final=True)
         self.output_ids.append(token)
-        self.text = self.tokenizer.decode(self.output_ids, skip_special_tokens=True)
-        for stop in self.params.stop:
-            at = self.text.find(stop)
-            if at != -1:
-                self.text, self.finish_reason = self.text[:at], "stop"
-                return self._release(final=True)
+        before = len(self.text)
+        self._detokenize(flush=False)
+        if self._cut_at_stop(before):
+            return self._release(final=True)
         if len(self.output_ids) >= self.params.max_new_tokens or (
             self.prefix_len + len(self.prompt_ids) + len(self.output_ids) >= self.max_positions
         ):
             self.finish_reason = "length"
+            self._detokenize(flush=True)
+            self._cut_at_stop(before)
             return self._release(final=True)
         return self._release(final=False)
+
+    def _detokenize(self, flush: bool) -> None:
+        """Extend ``text`` with the characters the newest tokens complete, decoding a short window of tokens
+        (not the whole output, which would make every step cost O(output length)). Both decodes start at the same
+        token, so tokenizers that drop a leading space at the start of a decode are handled (as vLLM does)."""
+        ids, decode = self.output_ids, self.tokenizer.decode
+        seen = decode(ids[self._prefix_offset: self._read_offset], skip_special_tokens=True)
+        upto = decode(ids[self._prefix_offset:], skip_special_tokens=True)
+        if len(upto) > len(seen) and (flush or not upto.endswith("\ufffd")):  # wait for a whole character
+            self.text += upto[len(seen):]
+            self._prefix_offset, self._read_offset = self._read_offset, len(ids)
+
+    def _cut_at_stop(self, searched_before: int) -> bool:
+        longest = max((len(stop) for stop in self.params.stop), default=0)
+        start = max(0, searched_before - longest + 1)  # a stop string may straddle the old end
+        hits = [at for at in (self.text.find(stop, start) for stop in self.params.stop) if at != -1]
+        if not hits:
+            return False
+        self.text, self.finish_reason = self.text[: min(hits)], "stop"
+        return True
 
     def _release(self, final: bool) -> str:
         end = len(self.text)
