@@ -67,6 +67,8 @@ class TrainResult:
 
     def record(self) -> dict:
         """What ``training.json`` holds."""
+        from server.training.outputs import history_record
+
         return {
             "task": "classify",
             "config": asdict(self.config),
@@ -74,15 +76,7 @@ class TrainResult:
             "backbone": self.adapter.config.backbone.to_dict(),
             "base_model_name_or_path": self.adapter.config.base_model_name_or_path,
             "trainable_parameters": self.trainable_parameters,
-            "best_epoch": self.fit.best_epoch,
-            "stopped_early": self.fit.stopped_early,
-            "train_seconds": round(self.fit.seconds, 3),
-            "history": [
-                {"epoch": s.epoch, "train_loss": s.train_loss, "seconds": round(s.seconds, 3),
-                 **({"eval_loss": s.eval.loss, **s.eval.metrics} if s.eval else {})}
-                for s in self.fit.history
-            ],
-            "step_losses": self.fit.step_losses,
+            **history_record(self.fit),
             "eval": None if self.eval is None else {
                 "accuracy": self.eval.accuracy, "loss": self.eval.loss, "predictions": self.eval.predictions,
             },

@@ -25,7 +25,7 @@ class RichProgress(Callbacks):
         self.console = console
         self.progress = Progress(
             TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"), TextColumn("eval acc {task.fields[acc]}"),
+            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[metric]}"),
             TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
         )
         self.task = None
@@ -33,7 +33,7 @@ class RichProgress(Callbacks):
     def on_start(self, epochs: int, steps_per_epoch: int) -> None:
         self.progress.start()
         self.task = self.progress.add_task("train", total=epochs * steps_per_epoch, epoch=1, epochs=epochs,
-                                           loss="-", acc="-")
+                                           loss="-", metric="")
 
     def on_step(self, epoch: int, step: int, loss: float) -> None:
         self.progress.update(self.task, advance=1, epoch=epoch, loss=f"{loss:.4f}")
@@ -41,9 +41,9 @@ class RichProgress(Callbacks):
     def on_epoch(self, stats: EpochStats) -> None:
         line = f"epoch {stats.epoch}: train loss {stats.train_loss:.4f}"
         if stats.eval is not None:
-            acc = stats.eval.metrics.get("eval_accuracy")
-            line += f", eval loss {stats.eval.loss:.4f}" + (f", eval accuracy {acc:.3f}" if acc is not None else "")
-            self.progress.update(self.task, acc=f"{acc:.3f}" if acc is not None else "-")
+            shown = ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in stats.eval.metrics.items())
+            line += f", eval loss {stats.eval.loss:.4f}" + (f", {shown}" if shown else "")
+            self.progress.update(self.task, metric=shown)
         line += f" ({stats.seconds:.1f}s)" + (" [green]best[/]" if stats.best else "")
         self.progress.console.print(line, highlight=False)
 
@@ -55,8 +55,11 @@ def train(
     data: Path = typer.Option(..., "--data", help="Training data: .jsonl, .json, .csv or .tsv."),
     out: Path = typer.Option(..., "--out", help="Write adapter.safetensors, peft/ and training.json here."),
     eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Evaluation data (early stopping, accuracy)."),
-    text_field: str = typer.Option("text", help="Field (column) holding the text."),
-    label_field: str = typer.Option("label", help="Field (column) holding the label."),
+    text_field: str = typer.Option("text", help="Field (column) holding the text (classify)."),
+    label_field: str = typer.Option("label", help="Field (column) holding the label (classify)."),
+    prompt_field: str = typer.Option("prompt", help="Field holding the prompt (generate)."),
+    completion_field: str = typer.Option("completion", help="Field holding the completion (generate)."),
+    task: str = typer.Option("auto", help="classify, generate, or auto: classify on encoders, generate on decoders."),
     backbone: str = typer.Option("minilm", help="The serving backbone: 'minilm', a model folder or hub id."),
     virtual_tokens: int = typer.Option(16, help="Prefix length P (virtual tokens in every layer)."),
     prefix_projection: bool = typer.Option(
@@ -78,54 +81,51 @@ def train(
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="PTSERVE_API_KEY", help="API key for --upload."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
 ) -> None:
-    """Train a P-Tuning v2 prefix (and classification head) on the frozen serving backbone."""
+    """Train a P-Tuning v2 prefix on the frozen serving backbone: with a classification head on encoders
+    (labelled texts), or for causal-LM generation on decoders (prompt/completion pairs, loss on the completion)."""
     import torch
 
     from server.backbone import load_backbone
-    from server.training.classify import TrainConfig, train_classifier
-    from server.training.data import DataError, load_examples
+    from server.training.classify import TrainConfig
+    from server.training.data import DataError
     from server.training.outputs import BLOB_FILE, write_outputs
 
     err = Console(stderr=True, soft_wrap=True)
-    try:
-        train_set = load_examples(data, text_field, label_field)
-        eval_set = load_examples(eval_data, text_field, label_field) if eval_data else None
-    except DataError as exc:
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(2)
+
+    def fail(message: str, code: int = 2):
+        err.print(f"[bold red]error:[/] {message}", highlight=False)
+        raise typer.Exit(code)
+
     if upload and "/" not in upload:
-        err.print(f"[bold red]error:[/] --upload {upload!r} must be tenant/name", highlight=False)
-        raise typer.Exit(2)
-    if threads:
-        torch.set_num_threads(threads)
+        fail(f"--upload {upload!r} must be tenant/name")
+    try:
+        task = _resolve_task(task, backbone)
+        fields = (text_field, label_field) if task == "classify" else (prompt_field, completion_field)
+        train_set, eval_set = _load_data(task, data, eval_data, *fields)
+        if threads:
+            torch.set_num_threads(threads)
+        bb = load_backbone(backbone, device=device, dtype="float32")
+    except DataError as exc:
+        fail(str(exc))
+    except (OSError, ValueError) as exc:
+        fail(f"cannot load backbone {backbone!r}: {exc}")
     cfg = TrainConfig(
         virtual_tokens=virtual_tokens, prefix_projection=prefix_projection, projection_hidden=projection_hidden,
         lr=lr, head_lr=head_lr, epochs=epochs, batch_size=batch_size, seed=seed, patience=patience,
         dropout=dropout, max_length=max_length,
     )
-    try:
-        bb = load_backbone(backbone, device=device, dtype="float32")
-    except (OSError, ValueError) as exc:
-        err.print(f"[bold red]error:[/] cannot load backbone {backbone!r}: {exc}", highlight=False)
-        raise typer.Exit(2)
-    err.print(f"training {virtual_tokens} virtual tokens on {backbone} ({bb.fingerprint.model_type}, "
+    err.print(f"{task}: training {virtual_tokens} virtual tokens on {backbone} ({bb.fingerprint.model_type}, "
               f"{bb.fingerprint.num_layers} layers) with {len(train_set)} examples"
               + (f", evaluating on {len(eval_set)}" if eval_set else ""), highlight=False)
     progress = RichProgress(err)
     try:
-        result = train_classifier(bb, train_set, eval_set, cfg, progress)
+        result = _run(task, bb, train_set, eval_set, cfg, progress)
     except (DataError, ValueError) as exc:
+        fail(str(exc))
+    finally:
         progress.stop()
-        err.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(2)
-    progress.stop()
     write_outputs(result.adapter, out, result.record())
-    summary = {
-        "out": str(out), "labels": result.labels, "best_epoch": result.fit.best_epoch,
-        "epochs_run": len(result.fit.history), "train_seconds": round(result.fit.seconds, 2),
-        "eval_accuracy": result.eval.accuracy if result.eval else None,
-        "trainable_parameters": result.trainable_parameters,
-    }
+    summary = _summary(task, result, out)
     if upload:
         from client.errors import PtserveClientError
         from client.sdk import Client
@@ -134,13 +134,69 @@ def train(
             with Client(server, api_key) as c:
                 summary["uploaded"] = c.upload(upload, out / BLOB_FILE).raw
         except PtserveClientError as exc:
-            err.print(f"[bold red]error:[/] upload failed ({exc}); the adapter is saved in {out}", highlight=False)
-            raise typer.Exit(1)
+            fail(f"upload failed ({exc}); the adapter is saved in {out}", 1)
     if as_json:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
         return
-    acc = f"{summary['eval_accuracy']:.3f}" if summary["eval_accuracy"] is not None else "n/a"
-    err.print(f"best epoch {summary['best_epoch']} of {summary['epochs_run']}: eval accuracy {acc}; "
+    err.print(f"best epoch {summary['best_epoch']} of {summary['epochs_run']}: {_shown(summary)}; "
               f"{summary['train_seconds']}s; wrote {out}/{{{BLOB_FILE}, peft/, training.json}}", highlight=False)
     if upload:
         err.print(f"uploaded {upload} version {summary['uploaded']['version']}", highlight=False)
+
+
+def _resolve_task(task: str, backbone: str) -> str:
+    causal = _is_causal(backbone)
+    if task == "auto":
+        return "generate" if causal else "classify"
+    if task not in ("classify", "generate") or (task == "generate") != causal:
+        from server.training.data import DataError
+
+        raise DataError(f"--task {task} does not fit backbone {backbone!r}: "
+                        + ("a decoder trains 'generate' adapters" if causal else "an encoder trains 'classify' adapters"))
+    return task
+
+
+def _load_data(task: str, data: Path, eval_data: Path | None, first: str, second: str):
+    from server.training.data import load_examples, load_pairs
+
+    load = load_examples if task == "classify" else load_pairs
+    return load(data, first, second), (load(eval_data, first, second) if eval_data else None)
+
+
+def _run(task: str, bb, train_set, eval_set, cfg, progress):
+    if task == "classify":
+        from server.training.classify import train_classifier
+
+        return train_classifier(bb, train_set, eval_set, cfg, progress)
+    from server.training.causal_lm import train_causal_lm
+
+    return train_causal_lm(bb, train_set, eval_set, cfg, progress)
+
+
+def _summary(task: str, result, out: Path) -> dict:
+    summary = {
+        "out": str(out), "task": task, "best_epoch": result.fit.best_epoch,
+        "epochs_run": len(result.fit.history), "train_seconds": round(result.fit.seconds, 2),
+        "trainable_parameters": result.trainable_parameters,
+    }
+    ev = result.eval
+    if task == "classify":
+        summary.update(labels=result.labels, eval_accuracy=ev.accuracy if ev else None)
+    else:
+        summary.update(eval_loss=ev.loss if ev else None, eval_exact_match=ev.exact_match if ev else None)
+    return summary
+
+
+def _shown(summary: dict) -> str:
+    if summary.get("eval_accuracy") is not None:
+        return f"eval accuracy {summary['eval_accuracy']:.3f}"
+    if summary.get("eval_loss") is not None:
+        return f"eval loss {summary['eval_loss']:.4f}, exact match {summary['eval_exact_match']:.3f}"
+    return "no evaluation data"
+
+def _is_causal(backbone: str) -> bool:
+    """Whether a backbone is a decoder LM, from its config alone (before loading the weights)."""
+    from server import hf_compat
+    from server.backbone import family_for, resolve_path
+
+    return family_for(hf_compat.load_config(resolve_path(backbone), local_only=True)).causal

@@ -1,4 +1,5 @@
-"""Training data: labelled texts from JSONL, JSON or CSV/TSV files, checked with messages that name the line."""
+"""Training data from JSONL, JSON or CSV/TSV files: labelled texts (classification) or prompt/completion pairs
+(causal LM), checked with messages that name the file and line."""
 from __future__ import annotations
 
 import csv
@@ -17,9 +18,42 @@ class Example:
     label: str
 
 
+@dataclass(frozen=True)
+class Pair:
+    """A causal-LM training pair: the model learns to continue ``prompt`` with ``completion``."""
+
+    prompt: str
+    completion: str
+
+
 def load_examples(path: str | Path, text_field: str = "text", label_field: str = "label") -> list[Example]:
-    """Examples from ``.jsonl`` (one object a line), ``.json`` (a list of objects), ``.csv`` or ``.tsv``."""
+    """Labelled texts from ``.jsonl`` (one object a line), ``.json`` (a list of objects), ``.csv`` or ``.tsv``."""
     path = Path(path)
+    examples = [_example(path, where, rec, text_field, label_field) for where, rec in _records(path)]
+    if not examples:
+        raise DataError(f"{path}: no examples")
+    return examples
+
+
+def load_pairs(path: str | Path, prompt_field: str = "prompt", completion_field: str = "completion") -> list[Pair]:
+    """Prompt/completion pairs, from the same file formats as ``load_examples``."""
+    path = Path(path)
+    pairs = []
+    for where, rec in _records(path):
+        if not isinstance(rec, dict):
+            raise DataError(f"{path} {where}: expected an object with {prompt_field!r} and {completion_field!r}")
+        for field in (prompt_field, completion_field):
+            value = rec.get(field)
+            if not isinstance(value, str) or not value:
+                raise DataError(f"{path} {where}: {field!r} must be a non-empty string (has {sorted(rec)}); "
+                                "see --prompt-field/--completion-field")
+        pairs.append(Pair(rec[prompt_field], rec[completion_field]))
+    if not pairs:
+        raise DataError(f"{path}: no examples")
+    return pairs
+
+
+def _records(path: Path) -> list[tuple[str, object]]:
     if not path.exists():
         raise DataError(f"{path}: no such file")
     suffix = path.suffix.lower()
@@ -31,10 +65,7 @@ def load_examples(path: str | Path, text_field: str = "text", label_field: str =
         records = _csv(path, "\t" if suffix == ".tsv" else ",")
     else:
         raise DataError(f"{path}: unknown format {suffix!r} (use .jsonl, .json, .csv or .tsv)")
-    examples = [_example(path, where, rec, text_field, label_field) for where, rec in records]
-    if not examples:
-        raise DataError(f"{path}: no examples")
-    return examples
+    return records
 
 
 def _jsonl(path: Path) -> list[tuple[str, dict]]:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from adapters_store.format import Adapter, encode_blob
 from adapters_store.peft_folder import write_peft_folder
+from server.training.loop import FitResult
 
 BLOB_FILE = "adapter.safetensors"
 PEFT_DIR = "peft"
@@ -30,3 +31,18 @@ def write_outputs(adapter: Adapter, out_dir: str | Path, record: dict | None = N
     if record is not None:
         (out / RECORD_FILE).write_text(json.dumps(record, indent=1))
     return out
+
+
+def history_record(fit: FitResult) -> dict:
+    """The training run as ``training.json`` records it, whatever the task."""
+    return {
+        "best_epoch": fit.best_epoch,
+        "stopped_early": fit.stopped_early,
+        "train_seconds": round(fit.seconds, 3),
+        "history": [
+            {"epoch": s.epoch, "train_loss": s.train_loss, "seconds": round(s.seconds, 3),
+             **({"eval_loss": s.eval.loss, **s.eval.metrics} if s.eval else {})}
+            for s in fit.history
+        ],
+        "step_losses": fit.step_losses,
+    }
