@@ -1,19 +1,19 @@
-"""Scale-out through nginx (issue 7): two replicas behind the consistent-hash proxy vs one replica direct, and the
-adapter cache hit ratio with consistent hashing vs round robin.
+"""Scale-out through nginx (issue 7): two replicas behind the consistent-hash proxy vs one replica direct, and
+the adapter cache hit ratio with consistent hashing vs round robin.
 
-Everything runs on this machine through ``scripts/topology.py`` (redis-server, ``ptserve serve`` replicas on the
-Redis store, nginx from docker/nginx/ptserve.conf.template):
+Everything runs on this machine through ``scripts/topology.py`` (redis-server, ``ptserve serve`` replicas on
+the Redis store, nginx from docker/nginx/ptserve.conf.template):
 
-1. **Throughput and latency**: a closed loop of ``--concurrency`` clients sends one-text classify requests over
-   ``--hot-adapters`` adapters for ``--duration`` s (after a warm-up), against
+1. **Throughput and latency**: a closed loop of ``--concurrency`` clients sends one-text classify requests
+   over ``--hot-adapters`` adapters for ``--duration`` s (after a warm-up), against
    a. one replica (``PTSERVE_THREADS`` = all cores), directly;
    b. the same replica through nginx (the proxy's own cost);
    c. two replicas (``PTSERVE_THREADS`` = cores / 2 each) through nginx, with ``X-Ptserve-Adapter``.
-   On one machine two replicas share the same cores: this measures the overhead of the scale-out path, not a gain.
-2. **Adapter cache hit ratio**: ``--adapters`` adapters (default 512) whose resident size totals 2× one replica's
-   cache (``PTSERVE_CACHE_BYTES`` = half the total), requested uniformly at random through nginx, with the header
-   (consistent hashing: each replica sees about half of the adapters) and without it (round robin: each replica
-   sees all of them). Hits and misses are read from each replica's ``/metrics``
+   On one machine two replicas share the same cores: this measures the cost of the scale-out path, not a gain.
+2. **Adapter cache hit ratio**: ``--adapters`` adapters (default 512) whose resident size totals 2× one
+   replica's cache (``PTSERVE_CACHE_BYTES`` = half the total), requested uniformly at random through nginx,
+   with the header (consistent hashing: each replica sees about half of the adapters) and without it (round
+   robin: each replica sees all of them). Hits and misses are read from each replica's ``/metrics``
    (``ptserve_adapter_cache_hits_total``, ``ptserve_adapter_cache_misses_total``) before and after each phase.
 
 Prints tables of the ratios; writes its section of ``RESULTS.md`` (between markers) and ``scaleout.png``
@@ -31,7 +31,6 @@ import platform
 import random
 import re
 import shlex
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -57,11 +56,12 @@ BEGIN, END = "<!-- bench_scaleout:begin -->", "<!-- bench_scaleout:end -->"
 VIRTUAL_TOKENS = 16
 ADMIN_KEY = "bench-scaleout-admin-key"
 WORDS = """the a service order delivery was very not quite good bad slow fast late price quality support staff
-product package arrived broken fine great terrible refund again never always would recommend return app update
-crashed works screen battery hotel clean dirty food cold warm waiter rude kind helpful answer waited""".split()
+product package arrived broken fine great terrible refund again never always would recommend return app
+update crashed works screen battery hotel clean dirty food cold warm waiter rude kind helpful answer waited
+""".split()
 
 
-# --- workload ---------------------------------------------------------------------------------------------------
+# --- workload -----------------------------------------------------------------------------------------------
 def minilm_fingerprint() -> BackboneFingerprint:
     from server.backbone import load_backbone
 
@@ -79,7 +79,8 @@ def texts(n: int, seed: int) -> list[str]:
 
 
 async def upload(url: str, blobs: dict[str, bytes]) -> None:
-    async with httpx.AsyncClient(base_url=url, headers={"authorization": f"Bearer {ADMIN_KEY}"}, timeout=60) as c:
+    auth = {"authorization": f"Bearer {ADMIN_KEY}"}
+    async with httpx.AsyncClient(base_url=url, headers=auth, timeout=60) as c:
         sem = asyncio.Semaphore(4)
 
         async def one(aid: str, blob: bytes) -> None:
@@ -183,7 +184,7 @@ def cache_counters(url: str) -> dict[str, float]:
 @dataclass
 class HitRatio:
     mode: str
-    per_replica: dict[str, tuple[float, float, float]]  # replica -> (hits, misses, resident adapters at the end)
+    per_replica: dict[str, tuple[float, float, float]]  # replica -> (hits, misses, resident adapters after)
     run: Run
 
     @property
@@ -199,19 +200,21 @@ class HitRatio:
         return self.hits / max(1.0, self.hits + self.misses)
 
 
-async def hit_ratio(topo, adapters: list[str], n: int, concurrency: int, affinity: bool, mode: str) -> HitRatio:
+async def hit_ratio(topo, adapters: list[str], n: int, concurrency: int, affinity: bool,
+                    mode: str) -> HitRatio:
     # warm-up: enough random requests that each replica's LRU holds this mode's steady state
     await fixed_requests(topo.proxy_url, adapters, 2 * len(adapters), concurrency, affinity, seed=11)
     before = {topo.replica_id(i): cache_counters(topo.replica_url(i)) for i in range(topo.replicas)}
     run = await fixed_requests(topo.proxy_url, adapters, n, concurrency, affinity, seed=12)
     run.name = mode
     after = {topo.replica_id(i): cache_counters(topo.replica_url(i)) for i in range(topo.replicas)}
-    per = {r: (after[r]["hits_total"] - before[r]["hits_total"], after[r]["misses_total"] - before[r]["misses_total"],
-               after[r]["resident_adapters"]) for r in after}
+    per = {r: (after[r]["hits_total"] - before[r]["hits_total"],
+               after[r]["misses_total"] - before[r]["misses_total"], after[r]["resident_adapters"])
+           for r in after}
     return HitRatio(mode, per, run)
 
 
-# --- report -----------------------------------------------------------------------------------------------------
+# --- report -------------------------------------------------------------------------------------------------
 def machine_info() -> dict[str, str]:
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
@@ -235,12 +238,14 @@ def uptime() -> str:
 
 def throughput_table(runs: list[Run]) -> str:
     base = runs[0]
-    rows = ["| setup | requests/s | p50 (ms) | p99 (ms) | throughput ÷ direct | p99 ÷ direct | errors | answered by |",
-            "|---|---:|---:|---:|---:|---:|---:|---|"]
+    columns = ["setup", "requests/s", "p50 (ms)", "p99 (ms)", "throughput ÷ direct", "p99 ÷ direct", "errors",
+               "answered by"]
+    rows = ["| " + " | ".join(columns) + " |", "|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in runs:
         by = ", ".join(f"{k} {v}" for k, v in sorted(r.replicas.items()))
-        rows.append(f"| {r.name} | {r.rps:.1f} | {r.quantile(0.5) * 1e3:.1f} | {r.quantile(0.99) * 1e3:.1f} | "
-                    f"{r.rps / base.rps:.2f} | {r.quantile(0.99) / base.quantile(0.99):.2f} | {r.errors} | {by} |")
+        p50, p99 = r.quantile(0.5) * 1e3, r.quantile(0.99) * 1e3
+        rows.append(f"| {r.name} | {r.rps:.1f} | {p50:.1f} | {p99:.1f} | {r.rps / base.rps:.2f} | "
+                    f"{r.quantile(0.99) / base.quantile(0.99):.2f} | {r.errors} | {by} |")
     return "\n".join(rows)
 
 
@@ -259,12 +264,14 @@ def hit_latency_table(results: list[HitRatio]) -> str:
     rows = ["| routing | requests/s | p50 (ms) | p99 (ms) | errors |", "|---|---:|---:|---:|---:|"]
     for h in results:
         r = h.run
-        rows.append(f"| {h.mode} | {r.rps:.1f} | {r.quantile(0.5) * 1e3:.1f} | {r.quantile(0.99) * 1e3:.1f} | "
+        p50, p99 = r.quantile(0.5) * 1e3, r.quantile(0.99) * 1e3
+        rows.append(f"| {h.mode} | {r.rps:.1f} | {p50:.1f} | {p99:.1f} | "
                     f"{r.errors} |")
     return "\n".join(rows)
 
 
-def chart_data(runs: list[Run], hits: list[HitRatio]) -> tuple[list[tuple[str, float, float]], list[tuple[str, float]]]:
+def chart_data(runs: list[Run], hits: list[HitRatio]) -> tuple[list[tuple[str, float, float]],
+                                                               list[tuple[str, float]]]:
     """What the chart shows: (setup, requests/s, p99 ms) and (routing / replica, hit ratio)."""
     throughput = [(r.name, r.rps, r.quantile(0.99) * 1e3) for r in runs]
     ratios = []
@@ -284,10 +291,12 @@ def write_chart(throughput: list[tuple[str, float, float]], ratios: list[tuple[s
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(13, 4))
-    names = [name.replace(" through ", "\nthrough ").replace(", direct", "\ndirect") for name, _, _ in throughput]
+    names = [name.replace(" through ", "\nthrough ").replace(", direct", "\ndirect")
+             for name, _, _ in throughput]
     colors = ["#999999", "#aec7e8", "#1f77b4"][: len(names)]
-    for ax, values, label, what in ((ax1, [t[1] for t in throughput], "requests / s", "throughput (higher is better)"),
-                                    (ax2, [t[2] for t in throughput], "p99 latency (ms)", "p99 latency (lower is better)")):
+    panels = ((ax1, [t[1] for t in throughput], "requests / s", "throughput (higher is better)"),
+              (ax2, [t[2] for t in throughput], "p99 latency (ms)", "p99 latency (lower is better)"))
+    for ax, values, label, what in panels:
         bars = ax.bar(names, values, color=colors)
         ax.bar_label(bars, labels=[f"{v:.0f}" for v in values], padding=2)
         ax.set_ylim(0, max(values) * 1.18)
@@ -295,11 +304,13 @@ def write_chart(throughput: list[tuple[str, float, float]], ratios: list[tuple[s
         ax.set_title(what, fontsize=9)
         ax.tick_params(axis="x", labelsize=8)
     labels, values = [r[0] for r in ratios], [r[1] for r in ratios]
-    bars = ax3.bar(labels, values, color=["#2ca02c" if lab.startswith("hash") else "#d62728" for lab in labels])
+    colors = ["#2ca02c" if lab.startswith("hash") else "#d62728" for lab in labels]
+    bars = ax3.bar(labels, values, color=colors)
     ax3.bar_label(bars, labels=[f"{v:.2f}" for v in values], padding=2)
     ax3.set_ylim(0, 1.15)
     ax3.set_ylabel("adapter cache hit ratio")
-    ax3.set_title("cache hit ratio, adapters = 2x one cache\n(hash: consistent hash, rr: round robin)", fontsize=9)
+    ax3.set_title("cache hit ratio, adapters = 2x one cache\n(hash: consistent hash, rr: round robin)",
+                  fontsize=9)
     ax3.tick_params(axis="x", labelsize=7)
     fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -321,7 +332,7 @@ def write_results_md(path: Path, body: str) -> None:
     path.write_text(text)
 
 
-# --- main -------------------------------------------------------------------------------------------------------
+# --- main ---------------------------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--duration", type=float, default=20.0, help="measured seconds per throughput setup")
@@ -329,8 +340,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hot-adapters", type=int, default=32, help="adapters in the throughput runs")
     p.add_argument("--adapters", type=int, default=512, help="adapters in the hit-ratio runs")
     p.add_argument("--requests", type=int, default=3072, help="measured requests per hit-ratio run")
-    p.add_argument("--cores", type=int, default=os.cpu_count() or 2, help="torch threads of the single replica")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent, help="where RESULTS.md and the PNG go")
+    p.add_argument("--cores", type=int, default=os.cpu_count() or 2,
+                   help="torch threads of the single replica")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent,
+                   help="where RESULTS.md and the PNG go")
     p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md and the PNG alone")
     return p.parse_args(argv)
 
@@ -338,7 +351,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 async def main_async(args) -> int:
     load_before = uptime()
     fp = minilm_fingerprint()
-    adapters = {f"t{i % 16:02d}/a{i:03d}": make_adapter(fp, VIRTUAL_TOKENS, seed=i) for i in range(args.adapters)}
+    adapters = {f"t{i % 16:02d}/a{i:03d}": make_adapter(fp, VIRTUAL_TOKENS, seed=i)
+                for i in range(args.adapters)}
     blobs = {aid: encode_blob(a) for aid, a in adapters.items()}
     per_adapter = resident_bytes(next(iter(adapters.values())))
     total = per_adapter * len(adapters)
@@ -371,9 +385,10 @@ async def main_async(args) -> int:
             runs.append(await closed_loop(two.proxy_url, hot, args.concurrency, args.duration, True,
                                           "2 replicas through nginx"))
             print("hit ratio: consistent hashing ...", flush=True)
-            hits = [await hit_ratio(two, list(adapters), args.requests, args.concurrency, True, "consistent hash")]
+            ids = list(adapters)
+            hits = [await hit_ratio(two, ids, args.requests, args.concurrency, True, "consistent hash")]
             print("hit ratio: round robin ...", flush=True)
-            hits.append(await hit_ratio(two, list(adapters), args.requests, args.concurrency, False, "round robin"))
+            hits.append(await hit_ratio(two, ids, args.requests, args.concurrency, False, "round robin"))
     load_after = uptime()
 
     info = machine_info()
@@ -391,11 +406,11 @@ Machine: {info['cpu']}; {info['versions']}. Date: {info['date']}.
 Command: `{command}`. Load (`uptime`) before: `{load_before}`; after: `{load_after}`.
 
 Topology from `scripts/topology.py` (redis-server, `ptserve serve` replicas on the Redis store, nginx from
-`docker/nginx/ptserve.conf.template`), MiniLM on CPU, one-text classify requests, {VIRTUAL_TOKENS}-token adapters,
-{args.concurrency} closed-loop clients in one asyncio process on the same machine. The single replica uses
-`PTSERVE_THREADS={args.cores}`; each of the two uses `{half}`: on one machine the two replicas share the same
-cores, so the throughput rows measure the cost of the scale-out path (proxy hop, split batches), not a gain —
-on separate machines each replica brings its own cores.
+`docker/nginx/ptserve.conf.template`), MiniLM on CPU, one-text classify requests,
+{VIRTUAL_TOKENS}-token adapters, {args.concurrency} closed-loop clients in one asyncio process on the same
+machine. The single replica uses `PTSERVE_THREADS={args.cores}`; each of the two uses `{half}`: on one machine
+the two replicas share the same cores, so the throughput rows measure the cost of the scale-out path (proxy
+hop, split batches), not a gain — on separate machines each replica brings its own cores.
 
 **Throughput and latency** ({args.duration:.0f} s measured per setup after a 3 s warm-up, {len(hot)} adapters,
 header `X-Ptserve-Adapter` sent):
@@ -403,7 +418,8 @@ header `X-Ptserve-Adapter` sent):
 {t1}
 
 **Adapter cache hit ratio**: {len(adapters)} adapters of {per_adapter} resident bytes
-({total / 2**20:.1f} MiB in all), `PTSERVE_CACHE_BYTES={cache_bytes}` per replica (= half: {capacity} adapters),
+({total / 2**20:.1f} MiB in all), `PTSERVE_CACHE_BYTES={cache_bytes}` per replica
+(= half: {capacity} adapters),
 {args.requests} requests for uniformly random adapters after a warm-up of {2 * len(adapters)}; hits and misses
 are the deltas of each replica's `ptserve_adapter_cache_hits_total` / `_misses_total`. "consistent hash" sends
 the header (nginx `hash $http_x_ptserve_adapter consistent`), "round robin" does not (nginx's fallback).
@@ -416,7 +432,8 @@ the header (nginx `hash $http_x_ptserve_adapter consistent`), "round robin" does
 that share exceeds one cache); with round robin both replicas see all of them and each cache holds about half.
 """
     chart = args.out / "scaleout.png"
-    write_chart(*chart_data(runs, hits), chart, f"ptserve scale-out through nginx ({info['cpu']}, {info['date']})")
+    title = f"ptserve scale-out through nginx ({info['cpu']}, {info['date']})"
+    write_chart(*chart_data(runs, hits), chart, title)
     write_results_md(args.out / "RESULTS.md", f"{report}\n![scale-out](scaleout.png)\n")
     print(f"wrote {args.out / 'RESULTS.md'} and {chart}")
     return 0

@@ -45,7 +45,7 @@ OWN_SETTINGS = {"PTSERVE_HOST", "PTSERVE_PORT", "PTSERVE_STORE", "PTSERVE_REPLIC
 PACKAGES = {"nginx": "nginx", "redis-server": "redis-server", "prometheus": "prometheus"}
 
 
-# --- config files ---------------------------------------------------------------------------------------------
+# --- config files -------------------------------------------------------------------------------------------
 
 def render_template(text: str, values: dict[str, str]) -> str:
     """envsubst as the nginx image runs it, strictly: every ``${UPPER_CASE}`` placeholder must have a value
@@ -61,9 +61,9 @@ def upstream_lines(addresses: list[str]) -> str:
 
 
 def render_nginx(listen_port: int, upstreams: list[str], access_log: str) -> str:
-    return render_template(NGINX_TEMPLATE.read_text(), {
-        "LISTEN_PORT": str(listen_port), "UPSTREAM_SERVERS": upstream_lines(upstreams), "ACCESS_LOG": access_log,
-    })
+    values = {"LISTEN_PORT": str(listen_port), "UPSTREAM_SERVERS": upstream_lines(upstreams),
+              "ACCESS_LOG": access_log}
+    return render_template(NGINX_TEMPLATE.read_text(), values)
 
 
 def nginx_main_conf(run_dir: Path, site_conf: Path) -> str:
@@ -74,14 +74,16 @@ def nginx_main_conf(run_dir: Path, site_conf: Path) -> str:
     temp_paths = "".join(f"    {kind}_temp_path {tmp / kind};\n"
                          for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
     return (
-        f"{user}worker_processes 1;\npid {run_dir / 'nginx.pid'};\nerror_log {run_dir / 'nginx-error.log'} notice;\n"
+        f"{user}worker_processes 1;\npid {run_dir / 'nginx.pid'};\n"
+        f"error_log {run_dir / 'nginx-error.log'} notice;\n"
         "daemon off;\n\nevents {\n    worker_connections 1024;\n}\n\nhttp {\n"
         f"{temp_paths}    include {site_conf};\n}}\n"
     )
 
 
 def write_nginx_conf(run_dir: Path, listen_port: int, upstreams: list[str]) -> Path:
-    """Write ``ptserve.conf`` (the rendered template) and ``nginx.conf`` into ``run_dir``; returns the latter."""
+    """Write ``ptserve.conf`` (the rendered template) and ``nginx.conf`` into ``run_dir``; return nginx.conf's
+    path."""
     run_dir.mkdir(parents=True, exist_ok=True)
     for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"):
         (run_dir / "nginx-tmp" / kind).mkdir(parents=True, exist_ok=True)
@@ -129,18 +131,19 @@ def compose_replica_env(environ: dict[str, str] | None = None) -> dict[str, str]
 
 
 def prometheus_conf(targets: dict[str, str], scrape_interval: str = "1s") -> dict:
-    """docker/prometheus/prometheus.yml with the ptserve job's targets replaced: ``{replica_id: host:port}``."""
+    """docker/prometheus/prometheus.yml, the ptserve job's targets replaced: ``{replica_id: host:port}``."""
     conf = yaml.safe_load(PROMETHEUS_CONF.read_text())
     conf["global"]["scrape_interval"] = scrape_interval
     conf["global"]["scrape_timeout"] = scrape_interval
     for job in conf["scrape_configs"]:
         if job["job_name"] == "ptserve":
-            job["static_configs"] = [{"targets": [addr], "labels": {"replica": rid}} for rid, addr in targets.items()]
+            job["static_configs"] = [{"targets": [address], "labels": {"replica": rid}}
+                                     for rid, address in targets.items()]
     conf["scrape_configs"] = [job for job in conf["scrape_configs"] if job["job_name"] == "ptserve"]
     return conf
 
 
-# --- processes ------------------------------------------------------------------------------------------------
+# --- processes ----------------------------------------------------------------------------------------------
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -149,7 +152,7 @@ def free_port() -> int:
 
 
 def find_binary(name: str, install: bool) -> str:
-    """``name`` on PATH or in /usr/sbin; installs its Debian package when missing and allowed (root, apt-get)."""
+    """``name`` on PATH or in /usr/sbin; installs its Debian package when missing and allowed (root + apt)."""
     def which() -> str | None:
         return shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin")
 
@@ -221,7 +224,7 @@ def wait_until(check, what: str, timeout: float, proc: Process | None = None) ->
 
 @dataclass
 class Topology:
-    """redis-server + ``replicas`` × ``ptserve serve`` + nginx (+ Prometheus) on loopback, under ``run_dir``."""
+    """redis-server + ``replicas`` × ``ptserve serve`` + nginx (+ Prometheus) on loopback, in ``run_dir``."""
 
     run_dir: Path
     replicas: int = 2
@@ -330,8 +333,9 @@ class Topology:
         env = {k: v for k, v in os.environ.items() if k != "PTSERVE_ADMIN_KEY"}
         env.update(compose_replica_env())
         env.update({
-            "PTSERVE_HOST": "127.0.0.1", "PTSERVE_PORT": str(self.replica_ports[i]), "PTSERVE_STORE": self.redis_url,
-            "PTSERVE_REPLICA_ID": self.replica_id(i), "PTSERVE_LOG_FORMAT": "json",
+            "PTSERVE_HOST": "127.0.0.1", "PTSERVE_PORT": str(self.replica_ports[i]),
+            "PTSERVE_STORE": self.redis_url, "PTSERVE_REPLICA_ID": self.replica_id(i),
+            "PTSERVE_LOG_FORMAT": "json",
         })
         if self.admin_key:
             env["PTSERVE_ADMIN_KEY"] = self.admin_key
@@ -348,8 +352,8 @@ class Topology:
 
     def wait_replica(self, i: int) -> None:
         url = f"{self.replica_url(i)}/readyz"
-        wait_until(lambda: httpx.get(url, timeout=2).status_code == 200, self.replica_id(i), self.ready_timeout,
-                   self.procs[self.replica_id(i)])
+        wait_until(lambda: httpx.get(url, timeout=2).status_code == 200, self.replica_id(i),
+                   self.ready_timeout, self.procs[self.replica_id(i)])
 
     def kill_replica(self, i: int, sig: int = signal.SIGKILL) -> None:
         self.procs[self.replica_id(i)].stop(sig)
@@ -367,7 +371,8 @@ class Topology:
         if checked.returncode != 0:
             raise RuntimeError(f"nginx -t failed:\n{checked.stderr}")
         proc = self._spawn("nginx", [nginx, "-e", error_log, "-c", str(conf)])
-        wait_until(lambda: httpx.get(f"{self.proxy_url}/healthz", timeout=2).status_code == 200, "nginx", 20, proc)
+        healthz = f"{self.proxy_url}/healthz"
+        wait_until(lambda: httpx.get(healthz, timeout=2).status_code == 200, "nginx", 20, proc)
         return proc
 
     @property
@@ -383,12 +388,12 @@ class Topology:
         argv = [prometheus, f"--config.file={conf}", f"--storage.tsdb.path={self.run_dir / 'prometheus'}",
                 f"--web.listen-address=127.0.0.1:{self.prometheus_port}"]
         proc = self._spawn("prometheus", argv)
-        wait_until(lambda: httpx.get(f"{self.prometheus_url}/-/ready", timeout=2).status_code == 200, "prometheus",
-                   60, proc)
+        ready = f"{self.prometheus_url}/-/ready"
+        wait_until(lambda: httpx.get(ready, timeout=2).status_code == 200, "prometheus", 60, proc)
         return proc
 
 
-# --- command line -----------------------------------------------------------------------------------------------
+# --- command line -------------------------------------------------------------------------------------------
 
 def _up(args: argparse.Namespace) -> int:
     run_dir = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="ptserve-topology-"))
@@ -397,7 +402,7 @@ def _up(args: argparse.Namespace) -> int:
                     prometheus=args.prometheus, install=not args.no_install)
     stop = []
     signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
-    print(f"starting redis-server, {args.replicas} ptserve replicas and nginx under {run_dir} ...", flush=True)
+    print(f"starting redis-server, {args.replicas} ptserve replicas and nginx in {run_dir} ...", flush=True)
     with topo:
         print(f"proxy       {topo.proxy_url}   (send X-Ptserve-Adapter: tenant/name for adapter affinity)")
         for i in range(topo.replicas):
@@ -434,7 +439,8 @@ def main(argv: list[str] | None = None) -> int:
     up.add_argument("--port", type=int, default=8080, help="the proxy's port (0 = any free port)")
     up.add_argument("--dir", help="run directory (configs, logs, Redis data); default: a new temp dir")
     up.add_argument("--admin-key", default=os.environ.get("PTSERVE_ADMIN_KEY"))
-    up.add_argument("--env", action="append", default=[], metavar="PTSERVE_X=V", help="a setting for every replica")
+    up.add_argument("--env", action="append", default=[], metavar="PTSERVE_X=V",
+                    help="a setting for every replica")
     up.add_argument("--prometheus", action="store_true", help="also run Prometheus scraping every replica")
     up.add_argument("--no-install", action="store_true", help="never apt-get install nginx / redis-server")
     up.set_defaults(func=_up)

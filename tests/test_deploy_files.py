@@ -197,7 +197,8 @@ def test_replicas_drain_before_compose_kills_them(compose, monkeypatch):
 
 def upstream_servers(compose: dict) -> list[list[str]]:
     env = compose_env(compose["services"]["nginx"])
-    lines = [line.strip().rstrip(";").split() for line in env["UPSTREAM_SERVERS"].splitlines() if line.strip()]
+    lines = [line.strip().rstrip(";").split() for line in env["UPSTREAM_SERVERS"].splitlines()
+             if line.strip()]
     return [words[1:] for words in lines if words[0] == "server"]
 
 
@@ -205,7 +206,8 @@ def test_nginx_proxies_every_replica_by_its_own_name(compose):
     nginx = compose["services"]["nginx"]
     servers = upstream_servers(compose)
     addresses = [words[0] for words in servers]
-    expected = [f"{name}:{effective_port(compose_env(svc))}" for name, svc in sorted(replicas(compose).items())]
+    expected = [f"{name}:{effective_port(compose_env(svc))}"
+                for name, svc in sorted(replicas(compose).items())]
     assert addresses == expected, "one `server` line per replica service, each with its own name and port"
     assert all("resolve" in words[1:] for words in servers), "re-resolve a replica that comes back elsewhere"
     template = mounts(nginx)["/etc/nginx/templates/default.conf.template"]
@@ -544,7 +546,8 @@ def test_ci_run_installs_missing_deploy_tools(tmp_path, tool):
     env = {"PATH": str(tmp_path), "HOME": str(tmp_path)}  # the real tools are not on this PATH
     if tool == "nginx" and os.path.exists("/usr/sbin/nginx"):
         script = script.replace("[ -x /usr/sbin/nginx ]", "false")  # hide the machine's own nginx
-    done = subprocess.run([shutil.which("bash"), "-c", script], env=env, capture_output=True, text=True, timeout=30)
+    done = subprocess.run([shutil.which("bash"), "-c", script], env=env, capture_output=True, text=True,
+                          timeout=30)
     assert done.returncode == 0, done.stderr
     package = {"nginx": "nginx", "promtool": "prometheus"}[tool]
     assert f"install -y -q --no-install-recommends {package}" in (tmp_path / "calls").read_text()

@@ -1,5 +1,5 @@
-"""Shared by the deployment tests: the topology script as a module, and the binaries it needs (nginx, Prometheus)
-— skipped where missing on a developer machine, a failure in CI (.ci/run installs them)."""
+"""Shared by the deployment tests: the topology script as a module, and the binaries it needs (nginx,
+Prometheus) — skipped where missing on a developer machine, a failure in CI (.ci/run installs them)."""
 from __future__ import annotations
 
 import importlib.util

@@ -18,7 +18,8 @@ class Directive:
 
     def one(self, name: str) -> "Directive":
         found = self.all(name)
-        assert len(found) == 1, f"expected one {name!r} in {self.name} {' '.join(self.args)}, found {len(found)}"
+        where = f"{self.name} {' '.join(self.args)}"
+        assert len(found) == 1, f"expected one {name!r} in {where}, found {len(found)}"
         return found[0]
 
 

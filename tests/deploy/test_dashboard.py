@@ -1,6 +1,6 @@
-"""docker/grafana/dashboards/ptserve.json, read: every panel's PromQL parses (promtool), the panels the issue asks
-for are there, and the layout has no overlaps. (That its metrics are exported and Prometheus evaluates every
-query with data is checked against live servers in test_topology.py.)"""
+"""docker/grafana/dashboards/ptserve.json, read: every panel's PromQL parses (promtool), the panels the issue
+asks for are there, and the layout has no overlaps. (That its metrics are exported and Prometheus evaluates
+every query with data is checked against live servers in test_topology.py.)"""
 from __future__ import annotations
 
 import subprocess
@@ -28,7 +28,8 @@ def test_promtool_rejects_a_broken_query(tmp_path):
     path = tmp_path / "rules.yml"
     path.write_text(yaml.safe_dump({"groups": [{"name": "x", "rules": [
         {"record": "x:y", "expr": "sum(rate(ptserve_requests_total[1m])"}]}]}))
-    assert subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, timeout=60).returncode != 0
+    done = subprocess.run([promtool, "check", "rules", str(path)], capture_output=True, timeout=60)
+    assert done.returncode != 0
 
 
 def test_the_issues_panels_are_there():

@@ -1,6 +1,6 @@
-"""docker/k8s/: the manifests parse and agree with the code and with each other — env names are settings, probes
-hit routes the app has on the port it listens on, the drain fits the grace period, selectors select, the HPA
-and Ingress point at objects that exist, the GPU variant asks for a GPU."""
+"""docker/k8s/: the manifests parse and agree with the code and with each other — env names are settings,
+probes hit routes the app has on the port it listens on, the drain fits the grace period, selectors select,
+the HPA and Ingress point at objects that exist, the GPU variant asks for a GPU."""
 from __future__ import annotations
 
 import os
@@ -109,7 +109,8 @@ def test_probes_hit_real_routes_on_the_serving_port(deployments, config, app_pat
         assert {ready["path"], live["path"]} <= app_paths
         assert ready["port"] == live["port"] == "http"
         annotations = d["spec"]["template"]["metadata"]["annotations"]
-        assert annotations["prometheus.io/port"] == str(port) and annotations["prometheus.io/path"] in app_paths
+        assert annotations["prometheus.io/port"] == str(port)
+        assert annotations["prometheus.io/path"] in app_paths
 
 
 def test_drain_fits_the_grace_period(deployments, config):

@@ -1,7 +1,7 @@
-"""docker/nginx/ptserve.conf.template: it agrees with the app and the settings, `nginx -t` accepts its loopback
-rendering, and a real nginx in front of stub replicas routes and retries as docker/README.md promises —
-affinity by X-Ptserve-Adapter, round robin without it, retries on connection failures, inference retried even
-after it was sent, tenant-key creation never retried once sent, 503 answers never retried."""
+"""docker/nginx/ptserve.conf.template: it agrees with the app and the settings, `nginx -t` accepts its
+loopback rendering, and a real nginx in front of stub replicas routes and retries as docker/README.md promises
+— affinity by X-Ptserve-Adapter, round robin without it, retries on connection failures, inference retried
+even after it was sent, tenant-key creation never retried once sent, 503 answers never retried."""
 from __future__ import annotations
 
 import http.server
@@ -60,7 +60,7 @@ def size_bytes(value: str) -> int:
     return int(m.group(1)) * {"": 1, "k": 2**10, "m": 2**20, "g": 2**30}[m.group(2).lower()]
 
 
-# --- the template, read ----------------------------------------------------------------------------------------
+# --- the template, read -------------------------------------------------------------------------------------
 
 def test_template_placeholders_are_exactly_the_documented_three(topology_module):
     text = topology_module.NGINX_TEMPLATE.read_text()
@@ -73,7 +73,7 @@ def test_upstream_hashes_the_adapter_header_consistently(conf):
     upstream = conf.one("upstream")
     assert values(upstream, "hash") == ["$http_x_ptserve_adapter", "consistent"]
     assert [d.args[0] for d in upstream.all("server")] == ["127.0.0.1:9001", "127.0.0.1:9002"]
-    assert upstream.all("zone"), "a shared zone: `resolve` (compose) needs it and all workers share failure state"
+    assert upstream.all("zone"), "a shared zone: compose's `resolve` needs it; workers share failure state"
 
 
 def test_upstream_keepalive_closes_before_uvicorn_does(conf):
@@ -110,7 +110,8 @@ def test_timeouts_and_body_sizes_fit_the_settings(conf):
     assert seconds(values(server, "proxy_read_timeout")[0]) > defaults["request_timeout_s"].default
     assert size_bytes(values(server, "client_max_body_size")[0]) >= defaults["max_body_bytes"].default
     uploads = location(server, "/v1/adapters")
-    assert size_bytes(values(uploads, "client_max_body_size")[0]) >= defaults["max_adapter_bytes"].default + 64 * 2**10
+    upload_limit = defaults["max_adapter_bytes"].default + 64 * 2**10  # the app's own limit for uploads
+    assert size_bytes(values(uploads, "client_max_body_size")[0]) >= upload_limit
     assert values(location(server, "=", "/metrics"), "return")[0] == "404"
 
 
@@ -140,7 +141,7 @@ def test_nginx_t_rejects_a_broken_rendering(topology_module, nginx_bin, tmp_path
     assert done.returncode != 0
 
 
-# --- a real nginx in front of stub replicas ---------------------------------------------------------------------
+# --- a real nginx in front of stub replicas -----------------------------------------------------------------
 
 class _Answering(http.server.BaseHTTPRequestHandler):
     name, status, seen = "good", 200, None
@@ -214,7 +215,7 @@ def dying():
 
 @contextmanager
 def proxy(topology_module, nginx_bin: str, run_dir: Path, ports: list[int]):
-    """nginx from the template; max_fails=0 so a failing stub is tried again on every request (deterministic)."""
+    """nginx from the template; max_fails=0, so a failing stub is tried again on every request."""
     listen = topology_module.free_port()
     conf = topology_module.write_nginx_conf(run_dir, listen, [f"127.0.0.1:{p} max_fails=0" for p in ports])
     proc = subprocess.Popen([nginx_bin, "-e", str(run_dir / "error.log"), "-c", str(conf)],
@@ -227,7 +228,8 @@ def proxy(topology_module, nginx_bin: str, run_dir: Path, ports: list[int]):
                 socket.create_connection(("127.0.0.1", listen), timeout=0.2).close()
                 break
             except OSError:
-                assert proc.poll() is None and time.monotonic() < deadline, (run_dir / "error.log").read_text()
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError((run_dir / "error.log").read_text(errors="replace")) from None
                 time.sleep(0.05)
         with httpx.Client(base_url=url, timeout=10) as client:
             yield client
@@ -264,7 +266,8 @@ def test_adapter_header_sticks_and_no_header_round_robins(topology_module, nginx
                 assert len(seen) == 1, f"{adapter} moved between replicas: {seen}"
                 owners[adapter] = seen.pop()
             assert set(owners.values()) == {"a", "b"}, "16 adapters all hashed to one replica"
-            spread = [client.post("/v1/classify", content=b"{}").headers["x-ptserve-replica"] for _ in range(4)]
+            spread = [client.post("/v1/classify", content=b"{}").headers["x-ptserve-replica"]
+                      for _ in range(4)]
             assert sorted(spread) == ["a", "a", "b", "b"], spread
 
 

@@ -1,9 +1,9 @@
-"""The compose topology without Docker (scripts/topology.py): redis-server, two ``ptserve serve`` replicas on the
-Redis store, nginx from docker/nginx/ptserve.conf.template — driven through the proxy like a client would.
+"""The compose topology without Docker (scripts/topology.py): redis-server, two ``ptserve serve`` replicas on
+the Redis store, nginx from docker/nginx/ptserve.conf.template — driven through the proxy like a client would.
 
-Promises checked: one adapter keeps landing on one replica (X-Ptserve-Replica); an upload through one replica is
-served by both through the proxy within 1 s; with Redis down, resident adapters keep serving and cold ones answer
-503 store_unavailable, and after a restart the append-only file brought every adapter back; the Grafana
+Promises checked: one adapter keeps landing on one replica (X-Ptserve-Replica); an upload through one replica
+is served by both through the proxy within 1 s; with Redis down, resident adapters keep serving and cold ones
+answer 503 store_unavailable, and after a restart the append-only file brought every adapter back; the Grafana
 dashboard's metrics are all exported by real servers (and Prometheus evaluates every panel's query); killing a
 replica mid-load loses no request. The tests run in file order on one topology (the last one kills a replica).
 """
@@ -41,7 +41,7 @@ def llama_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def stack(topology_module, nginx_bin, tmp_path_factory, llama_dir):
-    """The topology, plus a decoder-backbone server (tiny Llama) started alongside for the dashboard checks."""
+    """The topology, plus a decoder-backbone server (tiny Llama) started alongside, for the dashboard."""
     need_binary("redis-server")
     run_dir = tmp_path_factory.mktemp("topology")
     topo = topology_module.Topology(run_dir, admin_key=ADMIN_KEY, install=False,
@@ -55,8 +55,8 @@ def stack(topology_module, nginx_bin, tmp_path_factory, llama_dir):
     try:
         with topo:
             decoder_url = f"http://127.0.0.1:{decoder_port}"
-            topology_module.wait_until(lambda: httpx.get(f"{decoder_url}/readyz").status_code == 200, "decoder",
-                                       120, decoder)
+            ready = f"{decoder_url}/readyz"
+            topology_module.wait_until(lambda: httpx.get(ready).status_code == 200, "decoder", 120, decoder)
             yield topo, decoder_url
     finally:
         decoder.stop()
@@ -109,7 +109,7 @@ def test_one_adapter_keeps_landing_on_one_replica(topo, client, uploaded):
 
 
 def _serving(client: httpx.Client, aid: str, version: int, deadline: float) -> dict[str, float]:
-    """Headerless requests (round robin) until both replicas answered ``version`` of ``aid``: replica -> time."""
+    """Headerless requests (round robin) until both replicas answered ``version`` of ``aid``: {replica: s}."""
     start, first = time.monotonic(), {}
     while len(first) < 2 and time.monotonic() < deadline:
         r = classify(client, aid, affinity=False)
@@ -121,13 +121,15 @@ def _serving(client: httpx.Client, aid: str, version: int, deadline: float) -> d
 def test_upload_through_one_replica_is_served_by_both_within_1s(topo, client, minilm):
     aid, fp = "initech/fresh", minilm.fingerprint
     auth = {"authorization": f"Bearer {ADMIN_KEY}", **OCTET}
-    r = httpx.put(f"{topo.replica_url(0)}/v1/adapters/{aid}", content=make_blob(fp, 4, seed=100), headers=auth)
+    r = httpx.put(f"{topo.replica_url(0)}/v1/adapters/{aid}", content=make_blob(fp, 4, seed=100),
+                  headers=auth)
     assert r.status_code == 201 and r.headers["x-ptserve-replica"] == "ptserve-1", r.text
     first = _serving(client, aid, 1, time.monotonic() + 5)
     assert set(first) == {"ptserve-1", "ptserve-2"} and max(first.values()) <= 1.0, first
 
     # Both replicas now hold version 1; version 2 arrives through the other replica and the change feed.
-    r = httpx.put(f"{topo.replica_url(1)}/v1/adapters/{aid}", content=make_blob(fp, 6, seed=101), headers=auth)
+    r = httpx.put(f"{topo.replica_url(1)}/v1/adapters/{aid}", content=make_blob(fp, 6, seed=101),
+                  headers=auth)
     assert r.status_code == 201 and r.json()["version"] == 2, r.text
     first = _serving(client, aid, 2, time.monotonic() + 5)
     assert set(first) == {"ptserve-1", "ptserve-2"} and max(first.values()) <= 1.0, first
@@ -159,14 +161,15 @@ def test_redis_down_resident_adapters_serve_cold_ones_503_then_aof_brings_all_ba
 
 
 def _traffic(client: httpx.Client, decoder_url: str, adapters: list[str]) -> None:
-    """Classification through the proxy, generation on the decoder, and a few errors (4xx) on every replica."""
+    """Classification through the proxy, generation on the decoder, and a few 4xx errors on every replica."""
     for aid in adapters[:6]:
         replica_of(classify(client, aid))
     for _ in range(4):
         assert classify(client, "acme/missing", affinity=False).status_code == 404
         assert httpx.post(client.base_url.join("/v1/classify"), json={"adapter": adapters[0], "inputs": TEXT}
                           ).status_code == 401
-    with httpx.Client(base_url=decoder_url, headers={"authorization": f"Bearer {ADMIN_KEY}"}, timeout=60) as dec:
+    auth = {"authorization": f"Bearer {ADMIN_KEY}"}
+    with httpx.Client(base_url=decoder_url, headers=auth, timeout=60) as dec:
         for i, prompt in enumerate(["the quick brown fox", "many tenants share"]):
             r = dec.post("/v1/generate", json={"adapter": "acme/gen", "prompt": prompt, "max_new_tokens": 6,
                                                "temperature": 0, "stream": i == 1})
@@ -179,7 +182,8 @@ def decoder_adapter(stack, llama_dir):
 
     _, decoder_url = stack
     fp = load_backbone(str(llama_dir), device="cpu", dtype="float32").fingerprint
-    r = httpx.put(f"{decoder_url}/v1/adapters/acme/gen", content=encode_blob(make_adapter(fp, 5, task="generate")),
+    blob = encode_blob(make_adapter(fp, 5, task="generate"))
+    r = httpx.put(f"{decoder_url}/v1/adapters/acme/gen", content=blob,
                   headers={"authorization": f"Bearer {ADMIN_KEY}", **OCTET})
     assert r.status_code == 201, r.text
 
@@ -219,7 +223,8 @@ def test_prometheus_evaluates_every_panel_with_data(stack, client, uploaded, dec
                                                   f"--web.listen-address=127.0.0.1:{port}"],
                                    dict(topology_module.os.environ), tmp_path / "prometheus.log").start()
     try:
-        topology_module.wait_until(lambda: httpx.get(f"{url}/-/ready").status_code == 200, "prometheus", 60, proc)
+        topology_module.wait_until(lambda: httpx.get(f"{url}/-/ready").status_code == 200, "prometheus", 60,
+                                   proc)
 
         def up() -> set[str]:
             result = httpx.get(f"{url}/api/v1/query", params={"query": "up == 1"}).json()["data"]["result"]
@@ -239,8 +244,10 @@ def test_prometheus_evaluates_every_panel_with_data(stack, client, uploaded, dec
                 empty.append((q.panel, q.expr))
         assert not empty, f"panels without data after traffic: {empty}"
         variable = dashboard.load()["templating"]["list"][0]
-        assert variable["name"] == "replica" and "label_values(ptserve_build_info, replica)" in variable["definition"]
-        values = httpx.get(f"{url}/api/v1/label/replica/values", params={"match[]": "ptserve_build_info"}).json()
+        assert variable["name"] == "replica"
+        assert "label_values(ptserve_build_info, replica)" in variable["definition"]
+        values = httpx.get(f"{url}/api/v1/label/replica/values",
+                           params={"match[]": "ptserve_build_info"}).json()
         assert set(values["data"]) == set(targets)
     finally:
         proc.stop()
@@ -283,5 +290,6 @@ def test_killing_a_replica_mid_load_loses_no_request(topo, uploaded):
     assert set(after) == {"ptserve-1"} and after["ptserve-1"] > 0, after
     # the proxy did retry: a request's first attempt failed on the killed replica, the next one answered
     entries = [json.loads(line) for line in topo.access_log.read_text().splitlines()]
-    retried = [e for e in entries if e["uri"] == "/v1/classify" and ", " in e["upstream"] and e["status"] == 200]
+    retried = [e for e in entries
+               if e["uri"] == "/v1/classify" and ", " in e["upstream"] and e["status"] == 200]
     assert retried, "no retried request in the access log: the kill did not hit a request in flight"
