@@ -125,6 +125,11 @@ class Batcher(Generic[Item]):
                     p.future.cancel()
                 self._forget(p)
 
+    def check_room(self, tenant: str, rows: int) -> None:
+        """Raise ``QueueFull`` now if ``rows`` more would not be admitted (cheap: lets a route refuse before it
+        loads an adapter or tokenises; ``submit`` checks again)."""
+        self._admit(tenant, rows)
+
     def _admit(self, tenant: str, rows: int) -> None:
         """Room for ``rows`` more? A request alone in an empty (tenant) queue always gets in, whatever its size.
         The tenant's share is checked first: a tenant over it is told so, even when the whole queue is full too."""

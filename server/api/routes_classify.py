@@ -15,12 +15,15 @@ ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 4
 
 @router.post("/v1/classify", response_model=ClassifyResponse, responses=ERRORS)
 async def classify(req: ClassifyRequest, principal: Principal, state: ReadyDep) -> ClassifyResponse:
+    if state.batcher is None:
+        raise WrongTask(f"backbone {state.settings.backbone!r} is a decoder LM: it serves /v1/generate, not /v1/classify")
     deadline = request_deadline(state)
     limit = state.settings.max_inputs_per_request
     if len(req.inputs) > limit:
         raise InvalidInput(f"{len(req.inputs)} inputs; at most {limit} per request")
     adapter_id = authorize(principal, req.adapter)
     with state.limiter.slot(adapter_id.tenant):
+        state.batcher.check_room(adapter_id.tenant, len(req.inputs))  # refuse before loading or tokenising
         async with state.adapters.lease(adapter_id) as adapter:
             if adapter.config.task != "classify":
                 raise WrongTask(f"adapter {req.adapter} is a {adapter.config.task!r} adapter; use /v1/generate")
