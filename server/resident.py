@@ -44,8 +44,9 @@ def make_resident(
     device: torch.device, dtype: torch.dtype,
 ) -> ResidentAdapter:
     kv = prefix_kv(adapter.prompt_embeddings.to(torch.float32), fp).to(device=device, dtype=dtype)
-    # Heads stay float32 on the device: they are tiny and it keeps logits comparable across dtypes.
-    head = {k: v.to(device=device, dtype=torch.float32) for k, v in adapter.head_tensors().items()}
+    # Heads stay float32 on the device: they are tiny and it keeps logits comparable across dtypes. Always a
+    # copy: on the cpu a no-op ``to`` would keep the decoded blob's buffers (and the heap around them) alive.
+    head = {k: v.to(device=device, dtype=torch.float32, copy=True) for k, v in adapter.head_tensors().items()}
     return ResidentAdapter(adapter_id, version, adapter.config, kv, head)
 
 
