@@ -33,13 +33,18 @@ async def readyz(state: StateDep):
         store_status = "ok"
     except (PtserveError, asyncio.TimeoutError):
         store_status = "unavailable"
-    return {
+    body = {
         "status": "ready" if store_status == "ok" else "degraded",
         "backbone": state.settings.backbone,
         "store": _redact(state.store.url),
         "store_status": store_status,
         "resident_adapters": len(state.adapters.cache),
     }
+    # Stores with a change feed (Redis): while it is down, other replicas' updates reach this one only at the
+    # resync after it reconnects.
+    if (feed := getattr(state.store, "connected", None)) is not None:
+        body["change_feed"] = "connected" if feed else "disconnected"
+    return body
 
 
 @router.get("/metrics", response_class=Response)
