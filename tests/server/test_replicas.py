@@ -44,6 +44,8 @@ def replicas(redis_server):
             urls.append(url)
         if len(urls) < 2:
             futures[0].result(), futures[1].result()  # raise the start-up error
+        for url in urls:  # both follow the change feed before anything is published
+            poll(lambda: httpx.get(f"{url}/readyz"), lambda r: r.json().get("change_feed") == "connected", 10)
         yield tuple(urls)
 
 

@@ -54,6 +54,10 @@ def assert_logits(answer: httpx.Response, expected: torch.Tensor) -> None:
     assert (got - expected).abs().max() <= 1e-5
 
 
+def feed_connected(ready: httpx.Response) -> bool:
+    return ready.json().get("change_feed") == "connected"
+
+
 async def timed(coro) -> tuple[httpx.Response, float]:
     start = time.monotonic()
     answer = await coro
@@ -91,6 +95,7 @@ async def _scenario(url, store, redis_server, redis_server_factory, hot, cold, e
         for aid in hot:  # resident from now on; the cold ones were never requested here
             assert_logits(await classify(client, aid), expected[aid])
         assert (await client.get("/readyz")).json()["resident_adapters"] == len(hot)
+        await until(lambda: client.get("/readyz"), feed_connected, RECOVER_S)
 
         # --- load: hot adapters classified non-stop; an uploader adds adapters until Redis dies -----------
         stop = asyncio.Event()
@@ -137,6 +142,7 @@ async def _scenario(url, store, redis_server, redis_server_factory, hot, cold, e
         # --- outage ----------------------------------------------------------------------------------
         await _answers_503_promptly(client, cold, fp)
         await asyncio.sleep(max(0.0, 2.5 - (time.monotonic() - killed_at)))  # let the feed's backoff grow
+        assert (await client.get("/readyz")).json()["change_feed"] == "disconnected"
         served_in_outage = len(hot_answers)
 
         # --- Redis is back on the same port with what it had acknowledged -----------------------------
@@ -167,6 +173,7 @@ async def _scenario(url, store, redis_server, redis_server_factory, hot, cold, e
             assert got.status_code == 200 and got.content == blob
 
         # --- the change feed is back too: a version published by another writer reaches this server --
+        await until(lambda: client.get("/readyz"), feed_connected, RECOVER_S)
         await _publish_elsewhere(store, "hot/a0", make_blob(fp, 16, seed=55))
         answer, took = await until(lambda: classify(client, "hot/a0"), lambda r: r.json()["version"] == 2, 5)
         assert took < 1.0, f"the new version reached the recovered server after {took:.2f} s"
