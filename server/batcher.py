@@ -1,9 +1,11 @@
 """The batcher: a bounded queue that collects rows from any tenants and runs them in shared forward passes.
 
-Callers ``submit`` rows and await their own results. One loop drains the queue: it waits up to ``max_wait_ms``
-for a batch to fill (rows that already waited behind a running pass go at once), takes one pass's worth of rows
-**round-robin by tenant** (so a tenant with a deep backlog gets its share, not the whole pass), plans passes with
-``plan_batches`` and runs each on a single worker thread, so the event loop never blocks on torch.
+Callers ``submit`` rows and await their own results. One engine thread drains the queue: it waits up to
+``max_wait_ms`` for a batch to fill (rows that already waited behind a running pass go at once), takes one pass's
+worth of rows **round-robin by tenant** (so a tenant with a deep backlog gets its share, not the whole pass),
+plans passes with ``plan_batches``, runs them back to back and hands each row's result to its caller's event
+loop. The thread never waits for the event loop between passes, so a loop busy answering (e.g. refusing an
+overload) does not starve the engine.
 
 Overload is refused at the door: a submit that would push the queue past ``max_queue_rows`` (or its tenant past
 ``max_queue_rows_per_tenant``) raises ``QueueFull`` (429) with a retry delay estimated from recent throughput;
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from collections import Counter, OrderedDict, deque
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +33,8 @@ Item = TypeVar("Item")
 class _Pending(Generic[Item]):
     item: Item
     length: int
-    future: asyncio.Future
+    future: asyncio.Future  # lives on ``loop``; only that loop's thread resolves it
+    loop: asyncio.AbstractEventLoop
     tenant: str = ""
     deadline: float | None = None  # time.monotonic() after which nobody waits for the result
     enqueued: float = field(default_factory=time.monotonic)
@@ -47,28 +51,47 @@ class PassReport:
     stats: Any  # whatever the runner returned beside its results (e.g. engine BatchStats)
 
 
+def _resolve(future: asyncio.Future, result: Any = None, error: BaseException | None = None) -> None:
+    if future.done():  # its caller gave up meanwhile
+        return
+    if error is not None:
+        future.set_exception(error)
+    else:
+        future.set_result(result)
+
+
+def _deliver(p: _Pending, result: Any = None, error: BaseException | None = None) -> None:
+    """From the engine thread to the caller's loop (gone if the caller's loop closed: nobody to tell)."""
+    try:
+        p.loop.call_soon_threadsafe(_resolve, p.future, result, error)
+    except RuntimeError:
+        pass
+
+
 class Batcher(Generic[Item]):
     def __init__(
         self,
         run: Callable[[list[Item]], tuple[Sequence[Any], Any]],  # items -> (one result per item, stats)
         policy: BatchPolicy,
         max_wait_ms: float,
-        on_pass: Callable[[PassReport], None] | None = None,
+        on_pass: Callable[[PassReport], None] | None = None,  # called on the engine thread
         max_queue_rows: int = 0,  # 0 = unbounded
         max_queue_rows_per_tenant: int = 0,  # 0 = only the global bound
     ):
         self._run, self.policy, self.max_wait = run, policy, max_wait_ms / 1000
         self._on_pass = on_pass or (lambda report: None)
         self.max_queue_rows, self.max_queue_rows_per_tenant = max_queue_rows, max_queue_rows_per_tenant
+        # Everything below is shared by the event loop and the engine thread: touch it only under ``_cond``.
+        self._cond = threading.Condition()
         # tenant -> its rows in arrival order; the dict's order is the round-robin order (served -> to the end)
         self._queues: OrderedDict[str, deque[_Pending[Item]]] = OrderedDict()
         self._tenant_rows: Counter[str] = Counter()
         self._depth = 0  # live rows queued (abandoned ones may still sit in a deque until taken)
         self._running = 0  # rows taken from the queue whose pass has not finished
-        self._arrived = asyncio.Event()
+        self._stopping = False
         self._rows_per_s: float | None = None  # recent throughput, for Retry-After
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ptserve-engine")
-        self._task: asyncio.Task | None = None
+        self._task: asyncio.Future | None = None
         self.busy = False
 
     @property
@@ -79,21 +102,25 @@ class Batcher(Generic[Item]):
     @property
     def idle(self) -> bool:
         """Nothing queued and nothing running: what a draining server waits for."""
-        return self._depth == 0 and self._running == 0
+        with self._cond:
+            return self._depth == 0 and self._running == 0
 
     def tenant_depth(self, tenant: str) -> int:
         return self._tenant_rows.get(tenant, 0)
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="ptserve-batcher")
+        loop = asyncio.get_running_loop()
+        self._task = asyncio.ensure_future(loop.run_in_executor(self._executor, self._engine_thread))
 
     async def stop(self) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
         if self._task:
-            self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
         self._executor.shutdown(wait=True)
 
-    # --- the caller's side ------------------------------------------------------------------------------------
+    # --- the caller's side (event loop) -----------------------------------------------------------------------
     async def submit(
         self, items: list[Item], lengths: list[int], tenant: str = "", deadline: float | None = None
     ) -> list[Any]:
@@ -102,13 +129,14 @@ class Batcher(Generic[Item]):
         ``deadline`` is a ``time.monotonic()`` instant: past it the rows still queued are dropped and
         ``DeadlineExceeded`` is raised. ``QueueFull`` is raised at once when the queue has no room.
         """
-        self._admit(tenant, len(items))
         loop = asyncio.get_running_loop()
-        pending = [_Pending(it, n, loop.create_future(), tenant, deadline) for it, n in zip(items, lengths)]
-        self._queues.setdefault(tenant, deque()).extend(pending)
-        self._tenant_rows[tenant] += len(pending)
-        self._depth += len(pending)
-        self._arrived.set()
+        pending = [_Pending(it, n, loop.create_future(), loop, tenant, deadline) for it, n in zip(items, lengths)]
+        with self._cond:
+            self._admit(tenant, len(items))
+            self._queues.setdefault(tenant, deque()).extend(pending)
+            self._tenant_rows[tenant] += len(pending)
+            self._depth += len(pending)
+            self._cond.notify_all()
         gathered = asyncio.gather(*(p.future for p in pending))
         try:
             if deadline is None:
@@ -120,15 +148,17 @@ class Batcher(Generic[Item]):
                 f"{self._depth} rows queued)"
             ) from None
         finally:
-            for p in pending:  # a cancelled or timed-out caller's rows are skipped, not computed
-                if not p.future.done():
-                    p.future.cancel()
-                self._forget(p)
+            with self._cond:
+                for p in pending:  # a cancelled or timed-out caller's rows are skipped, not computed
+                    if not p.future.done():
+                        p.future.cancel()
+                    self._forget(p)
 
     def check_room(self, tenant: str, rows: int) -> None:
         """Raise ``QueueFull`` now if ``rows`` more would not be admitted (cheap: lets a route refuse before it
         loads an adapter or tokenises; ``submit`` checks again)."""
-        self._admit(tenant, rows)
+        with self._cond:
+            self._admit(tenant, rows)
 
     def _admit(self, tenant: str, rows: int) -> None:
         """Room for ``rows`` more? A request alone in an empty (tenant) queue always gets in, whatever its size.
@@ -156,25 +186,40 @@ class Batcher(Generic[Item]):
             if not self._tenant_rows[p.tenant]:
                 del self._tenant_rows[p.tenant]
 
-    # --- the loop's side --------------------------------------------------------------------------------------
-    def _oldest(self) -> float:
-        return min((q[0].enqueued for q in self._queues.values() if q), default=time.monotonic())
-
-    async def _collect(self) -> list[_Pending[Item]]:
-        while self._depth == 0:
-            self._arrived.clear()
-            await self._arrived.wait()
-        deadline = self._oldest() + self.max_wait
-        while self._depth < self.policy.max_batch_size:
-            timeout = deadline - time.monotonic()
-            if timeout <= 0:
-                break
-            self._arrived.clear()
+    # --- the engine thread ------------------------------------------------------------------------------------
+    def _engine_thread(self) -> None:
+        while True:
+            pending = self._collect()
+            if pending is None:
+                return
             try:
-                await asyncio.wait_for(self._arrived.wait(), timeout)
-            except asyncio.TimeoutError:
-                break
-        return self._take(self.policy.max_batch_size)
+                for pass_idx in plan_batches([p.length for p in pending], self.policy):
+                    group = [pending[i] for i in pass_idx if not pending[i].future.done()]
+                    if group:
+                        self._run_pass(group)
+                    with self._cond:
+                        self._running -= len(pass_idx)
+            finally:
+                with self._cond:
+                    self._running = 0
+
+    def _collect(self) -> list[_Pending[Item]] | None:
+        """Wait for rows, then for company (up to ``max_wait`` after the oldest arrived); None when stopping."""
+        with self._cond:
+            while self._depth == 0 and not self._stopping:
+                self._cond.wait()
+            if self._stopping:
+                return None
+            deadline = min((q[0].enqueued for q in self._queues.values() if q), default=time.monotonic())
+            deadline += self.max_wait
+            while self._depth < self.policy.max_batch_size and not self._stopping:
+                timeout = deadline - time.monotonic()
+                if timeout <= 0:
+                    break
+                self._cond.wait(timeout)
+            taken = self._take(self.policy.max_batch_size)
+            self._running = len(taken)
+            return taken
 
     def _take(self, n: int) -> list[_Pending[Item]]:
         """Up to ``n`` live rows, one per tenant in turn (round-robin), each tenant's in arrival order."""
@@ -194,37 +239,24 @@ class Batcher(Generic[Item]):
             taken.append(p)
         return taken
 
-    async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
-            pending = await self._collect()
-            self._running = len(pending)
-            try:
-                for pass_idx in plan_batches([p.length for p in pending], self.policy):
-                    group = [pending[i] for i in pass_idx if not pending[i].future.done()]
-                    if group:
-                        await self._run_pass(loop, group)
-                    self._running -= len(pass_idx)
-            finally:
-                self._running = 0
-
-    async def _run_pass(self, loop: asyncio.AbstractEventLoop, group: list[_Pending[Item]]) -> None:
+    def _run_pass(self, group: list[_Pending[Item]]) -> None:
         start = time.monotonic()
         self.busy = True
         try:
-            results, stats = await loop.run_in_executor(self._executor, self._run, [p.item for p in group])
+            results, stats = self._run([p.item for p in group])
         except Exception as exc:  # the pass failed: every row in it gets the error
             log.exception("forward pass failed")
             for p in group:
-                if not p.future.done():
-                    p.future.set_exception(exc)
+                _deliver(p, error=exc)
             return
         finally:
             self.busy = False
         end = time.monotonic()
         for p, res in zip(group, results):
-            if not p.future.done():
-                p.future.set_result(res)
+            _deliver(p, res)
         rate = len(group) / max(end - start, 1e-6)
         self._rows_per_s = rate if self._rows_per_s is None else 0.8 * self._rows_per_s + 0.2 * rate
-        self._on_pass(PassReport(len(group), [start - p.enqueued for p in group], end - start, stats))
+        try:
+            self._on_pass(PassReport(len(group), [start - p.enqueued for p in group], end - start, stats))
+        except Exception:  # metrics must never stop the engine
+            log.exception("pass report failed")
