@@ -108,7 +108,8 @@ class AdapterCache(Generic[V]):
                     self.used_bytes -= entry.size
 
     async def pin(self, key: Hashable) -> V:
-        """Load ``key`` and keep it resident for good (also across new versions: the caller reloads it)."""
+        """Load ``key`` and keep it resident for good (also across new versions: the caller reloads it). A key
+        that does not fit is un-pinned (``CacheFull``); one whose load fails stays pinned for a later load."""
         self._pins.add(key)
         value = await self.get(key)
         entry = self._entries.get(key)

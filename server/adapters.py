@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from adapters_store.cache import AdapterCache
+from adapters_store.errors import StoreUnavailable
 from adapters_store.format import Adapter
 from adapters_store.ids import AdapterId
 from adapters_store.peft_folder import peft_to_blob
@@ -36,6 +37,7 @@ class AdapterService:
         self.fp = engine.fp
         self.head_kind = engine.backbone.family.head_kind
         self.cache: AdapterCache[ResidentAdapter] = AdapterCache(cache_bytes, self._load)
+        self._tasks: set[asyncio.Task] = set()
 
     # --- uploads ----------------------------------------------------------------------------------------------
     def decode(self, blob: bytes) -> Adapter:
@@ -86,9 +88,14 @@ class AdapterService:
             yield resident
 
     async def preload(self, ids: list[AdapterId]) -> None:
-        """Load and pin adapters that must always be resident (``PTSERVE_PRELOAD``)."""
+        """Load and pin adapters that must always be resident (``PTSERVE_PRELOAD``). An unknown adapter, or
+        one that does not fit, fails start-up; a store outage does not: the pin stays and the adapter loads at
+        the resync after the change feed (re)connects, or with the first request for it."""
         for adapter_id in ids:
-            await self.cache.pin(adapter_id)
+            try:
+                await self.cache.pin(adapter_id)
+            except StoreUnavailable as exc:
+                log.warning("preloaded adapter %s waits for the store: %s", adapter_id, exc)
 
     # --- freshness across replicas ------------------------------------------------------------------------
     async def watch(self) -> None:
@@ -106,8 +113,12 @@ class AdapterService:
         """After (re)connecting to the change feed: re-check what we hold, since events may have been missed."""
         # A load still in flight may have read a version whose successor's event was missed; its waiters get
         # what it read, but it must not become resident, where no event would ever correct it.
-        for adapter_id in self.cache.loading():
+        loading = set(self.cache.loading())
+        for adapter_id in loading:
             self._refresh(adapter_id)
+        for adapter_id in self.cache.pins - loading:  # pins whose load failed while the store was out
+            if adapter_id not in self.cache:
+                self._refresh(adapter_id)
         held = list(self.cache.keys())
         if not held:
             return
@@ -120,7 +131,9 @@ class AdapterService:
     def _refresh(self, adapter_id: AdapterId) -> None:
         self.cache.invalidate(adapter_id)
         if adapter_id in self.cache.pins:  # pinned adapters stay resident: fetch the new version now
-            asyncio.get_running_loop().create_task(self._repin(adapter_id))
+            task = asyncio.get_running_loop().create_task(self._repin(adapter_id))
+            self._tasks.add(task)  # the loop keeps only a weak reference to a task
+            task.add_done_callback(self._tasks.discard)
 
     async def _repin(self, adapter_id: AdapterId) -> None:
         try:
