@@ -206,3 +206,38 @@ async def _publish_elsewhere(store_url: str, adapter_id: str, blob: bytes) -> No
         assert info.version == 2
     finally:
         await store.close()
+
+
+def test_a_server_started_during_an_outage_serves_and_pins_its_preloads_once_redis_is_back(
+    redis_server_factory, minilm, minilm_engine,
+):
+    fp = minilm.fingerprint
+    redis_server = redis_server_factory(persistent=True)
+    store = f"{redis_server.url}?prefix=pre{uuid.uuid4().hex[:8]}"
+    blob = make_blob(fp, 16, seed=3)
+    asyncio.run(_put_directly(store, "pin/a", blob))
+    redis_server.kill()
+
+    env = {"PTSERVE_STORE": store, "PTSERVE_PRELOAD": "pin/a"}
+    with running_server(env, timeout=60) as url:
+        ready = httpx.get(f"{url}/readyz")
+        assert ready.json()["store_status"] == "unavailable" and ready.json()["resident_adapters"] == 0
+        answer = httpx.post(f"{url}/v1/classify", json={"adapter": "pin/a", "inputs": [TEXT]}, timeout=10)
+        assert answer.status_code == 503 and answer.json()["error"]["type"] == "store_unavailable"
+
+        redis_server_factory(redis_server.port, True)
+        deadline = time.monotonic() + RECOVER_S
+        while httpx.get(f"{url}/readyz").json()["resident_adapters"] < 1:  # loaded without being asked
+            assert time.monotonic() < deadline, "the preloaded adapter was not loaded after Redis came back"
+            time.sleep(0.1)
+        answer = httpx.post(f"{url}/v1/classify", json={"adapter": "pin/a", "inputs": [TEXT],
+                                                        "return_logits": True}, timeout=10)
+        assert_logits(answer, expected_logits(minilm_engine, blob, 16))
+
+
+async def _put_directly(store_url: str, adapter_id: str, blob: bytes) -> None:
+    store = RedisStore(store_url)
+    try:
+        await store.put(AdapterId.parse(adapter_id), blob, AdapterMeta("classify", 16, MINILM_LABELS))
+    finally:
+        await store.close()
