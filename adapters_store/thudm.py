@@ -5,14 +5,16 @@ THUDM's ``PrefixEncoder`` (github.com/THUDM/P-tuning-v2, ``model/prefix_encoder.
     ``prefix_encoder.embedding.weight``  [P, hidden] and the MLP ``prefix_encoder.trans.{0,2}.{weight,bias}``
                                           (Embedding -> Linear -> Tanh -> Linear to layers * 2 * hidden);
 the model views the output as ``[B, P, layers * 2, heads, head_dim]``: slot 2l = key of layer l, 2l+1 = value,
-which is PEFT's flat ``prompt_embeddings`` layout (DESIGN decision 3). The projected variant is materialised once
-here (``prefix_from_encoder``), so served adapters are always plain K/V. The trainer's PrefixEncoder runs the same
-function on its parameters, so THUDM's formula is written once.
+which is PEFT's flat ``prompt_embeddings`` layout (DESIGN decision 3). The projected variant is materialised
+once here (``prefix_from_encoder``), so served adapters are always plain K/V. The trainer's PrefixEncoder runs
+the same function on its parameters, so THUDM's formula is written once.
 
-``*PrefixForSequenceClassification`` put a linear ``classifier`` on the backbone's pooled output. For BERT that
-is ptserve's ``pooler_linear`` head as is; RoBERTa's pooler is dense + tanh on the first token, so there the
-THUDM head becomes ptserve's ``cls_mlp`` with ``dense`` = the backbone's pooler and ``out_proj`` = the classifier.
+``*PrefixForSequenceClassification`` put a linear ``classifier`` on the backbone's pooled output. For BERT
+that is ptserve's ``pooler_linear`` head as is; RoBERTa's pooler is dense + tanh on the first token, so there
+the THUDM head becomes ptserve's ``cls_mlp`` with ``dense`` = the backbone's pooler and ``out_proj`` = the
+classifier.
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +30,12 @@ from adapters_store.format import PREFIX_KEY, Adapter, AdapterConfig
 from adapters_store.validation import check_finite
 
 EMBEDDING = "prefix_encoder.embedding.weight"
-TRANS = ("prefix_encoder.trans.0.weight", "prefix_encoder.trans.0.bias",
-         "prefix_encoder.trans.2.weight", "prefix_encoder.trans.2.bias")
+TRANS = (
+    "prefix_encoder.trans.0.weight",
+    "prefix_encoder.trans.0.bias",
+    "prefix_encoder.trans.2.weight",
+    "prefix_encoder.trans.2.bias",
+)
 CLASSIFIER = ("classifier.weight", "classifier.bias")
 POOLER = ("pooler.dense.weight", "pooler.dense.bias")
 _WANTED_SUFFIXES = (EMBEDDING, *TRANS, *CLASSIFIER, *POOLER)
@@ -51,13 +57,16 @@ def prefix_from_encoder(
 
 def select_tensors(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The tensors the import needs, keyed by their canonical names (module prefixes such as ``bert.``,
-    ``roberta.``, ``module.`` or ``transformer.`` stripped); everything else (the frozen backbone) is ignored."""
+    ``roberta.``, ``module.`` or ``transformer.`` stripped); everything else (the frozen backbone) is
+    ignored."""
     found: dict[str, tuple[str, torch.Tensor]] = {}
     for key, value in state.items():
         for suffix in _WANTED_SUFFIXES:
             if key == suffix or key.endswith("." + suffix):
                 if suffix in found:
-                    raise InvalidAdapter(f"checkpoint has two tensors for {suffix!r}: {found[suffix][0]!r}, {key!r}")
+                    raise InvalidAdapter(
+                        f"checkpoint has two tensors for {suffix!r}: {found[suffix][0]!r}, {key!r}"
+                    )
                 found[suffix] = (key, value)
     return {suffix: value for suffix, (_, value) in found.items()}
 
@@ -79,10 +88,13 @@ def thudm_to_adapter(
     if present and len(present) != len(TRANS):
         raise InvalidAdapter(f"projected prefix encoder is incomplete: has {present}, needs {list(TRANS)}")
     with torch.no_grad():
-        flat = prefix_from_encoder(tensors[EMBEDDING].float(), {k: tensors[k].float() for k in present} or None)
+        flat = prefix_from_encoder(
+            tensors[EMBEDDING].float(), {k: tensors[k].float() for k in present} or None
+        )
     if flat.dim() != 2 or flat.shape[1] != fp.prefix_width:
         raise BackboneMismatch(
-            f"prefix width {list(flat.shape)[1:]} does not fit the backbone: it needs layers*2*kv_heads*head_dim = "
+            f"prefix width {list(flat.shape)[1:]} does not fit the backbone: it needs "
+            "layers*2*kv_heads*head_dim = "
             f"{fp.num_layers}*2*{fp.num_kv_heads}*{fp.head_dim} = {fp.prefix_width}"
         )
     out = {PREFIX_KEY: flat.contiguous()}
@@ -96,8 +108,11 @@ def thudm_to_adapter(
             raise InvalidAdapter(f"{len(labels)} labels given, the classifier has {num_labels} outputs")
     check_finite(out)
     config = AdapterConfig(
-        task=task, num_virtual_tokens=int(flat.shape[0]), backbone=fp,
-        labels=tuple(labels or ()) if task == "classify" else (), head=head,
+        task=task,
+        num_virtual_tokens=int(flat.shape[0]),
+        backbone=fp,
+        labels=tuple(labels or ()) if task == "classify" else (),
+        head=head,
         base_model_name_or_path=base_model_name_or_path,
     )
     return Adapter(config, out)
@@ -113,25 +128,34 @@ def _head_tensors(
         source = {k: tensors[k] for k in POOLER if k in tensors} or dict(pooler or {})
         if set(source) != set(POOLER):
             raise InvalidAdapter(
-                "this backbone's head needs the pooler weights (pooler.dense.*): the checkpoint has none and the "
+                "this backbone's head needs the pooler weights (pooler.dense.*): the checkpoint has none "
+                "and the "
                 "backbone provided none"
             )
         return {
-            "classifier.dense.weight": source[POOLER[0]].float(), "classifier.dense.bias": source[POOLER[1]].float(),
-            "classifier.out_proj.weight": weight, "classifier.out_proj.bias": bias,
+            "classifier.dense.weight": source[POOLER[0]].float(),
+            "classifier.dense.bias": source[POOLER[1]].float(),
+            "classifier.out_proj.weight": weight,
+            "classifier.out_proj.bias": bias,
         }
-    raise InvalidAdapter(f"backbone serves no classification head for a THUDM classifier (head kind {head_kind!r})")
+    raise InvalidAdapter(
+        f"backbone serves no classification head for a THUDM classifier (head kind {head_kind!r})"
+    )
 
 
-# --- files ----------------------------------------------------------------------------------------------------
+# --- files --------------------------------------------------------------------------------------------------
 _WEIGHT_FILES = ("model.safetensors", "adapter_model.safetensors", "pytorch_model.bin")
 
 
-def read_checkpoint(path: str | Path, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], list[str] | None]:
-    """(the needed tensors, labels from ``config.json``'s id2label if any) of a THUDM checkpoint file or folder.
+def read_checkpoint(
+    path: str | Path, allow_pickle: bool = False
+) -> tuple[dict[str, torch.Tensor], list[str] | None]:
+    """(the needed tensors, labels from ``config.json``'s id2label if any) of a THUDM checkpoint file or
+    folder.
 
-    safetensors is read lazily (only the prefix/head tensors). ``.bin``/``.pt`` files are pickles: read only when
-    ``allow_pickle`` (with ``torch.load(weights_only=True)``, the restricted loader), on the user's own machine.
+    safetensors is read lazily (only the prefix/head tensors). ``.bin``/``.pt`` files are pickles: read only
+    when ``allow_pickle`` (with ``torch.load(weights_only=True)``, the restricted loader), on the user's own
+    machine.
     """
     path = Path(path)
     labels = None
@@ -148,7 +172,8 @@ def read_checkpoint(path: str | Path, allow_pickle: bool = False) -> tuple[dict[
             return {k: f.get_tensor(k) for k in f.keys() if _wanted(k)}, labels
     if not allow_pickle:
         raise InvalidAdapter(
-            f"{path.name} is a pickle (torch.save) file; pass --allow-pickle to read it with torch.load(weights_only="
+            f"{path.name} is a pickle (torch.save) file; pass --allow-pickle to read it with "
+            "torch.load(weights_only="
             "True) if you trust it, or convert it to safetensors first"
         )
     state = torch.load(str(path), map_location="cpu", weights_only=True)

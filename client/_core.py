@@ -1,5 +1,6 @@
 """What ``Client`` and ``AsyncClient`` share, free of I/O: endpoint specs (``Call``), the retry policy,
 ``Retry-After`` parsing, server-sent-event parsing and upload source detection."""
+
 from __future__ import annotations
 
 import email.utils
@@ -51,7 +52,7 @@ class RetryPolicy:
             return None
         if retry_after is not None:
             return retry_after if retry_after <= self.max_retry_after else None
-        return min(self.max_backoff, self.backoff * 2 ** attempt) * random.uniform(0.8, 1.2)
+        return min(self.max_backoff, self.backoff * 2**attempt) * random.uniform(0.8, 1.2)
 
 
 def parse_retry_after(value: str | None) -> float | None:
@@ -71,10 +72,12 @@ def parse_retry_after(value: str | None) -> float | None:
 
 
 def retryable_exception(exc: Exception, method: str) -> bool:
-    """A request that never reached the server may always be retried; one that may have, only if idempotent."""
+    """Retry a request that never reached the server; one that may have, only if idempotent."""
     if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)):
         return True
-    return method in IDEMPOTENT and isinstance(exc, (httpx.ReadTimeout, httpx.RemoteProtocolError, httpx.ReadError))
+    return method in IDEMPOTENT and isinstance(
+        exc, (httpx.ReadTimeout, httpx.RemoteProtocolError, httpx.ReadError)
+    )
 
 
 @dataclass
@@ -118,7 +121,7 @@ def drop_none(**kw) -> dict:
     return {k: v for k, v in kw.items() if v is not None}
 
 
-# --- uploads --------------------------------------------------------------------------------------------------
+# --- uploads ------------------------------------------------------------------------------------------------
 def upload_call(adapter_id: str, source: bytes | str | os.PathLike, labels: list[str] | None, parse) -> Call:
     """The PUT for ``source``: blob bytes, a blob file, a PEFT folder, or a ``ptserve train --out`` folder."""
     path = adapter_path(adapter_id)
@@ -136,8 +139,10 @@ def upload_call(adapter_id: str, source: bytes | str | os.PathLike, labels: list
         raise FileNotFoundError(f"{src} holds neither {BLOB_FILE} nor a PEFT folder ({PEFT_CONFIG})")
     if labels is None and (folder / LABELS_FILE).is_file():
         labels = json.loads((folder / LABELS_FILE).read_text())
-    files = {name: (name, (folder / name).read_bytes(), "application/octet-stream")
-             for name in (PEFT_CONFIG, PEFT_WEIGHTS)}
+    files = {
+        name: (name, (folder / name).read_bytes(), "application/octet-stream")
+        for name in (PEFT_CONFIG, PEFT_WEIGHTS)
+    }
     data = {"labels": json.dumps(list(labels))} if labels else None
     return Call("PUT", path, parse, files=files, data=data)
 
@@ -146,7 +151,7 @@ def _blob_call(path: str, blob: bytes, parse) -> Call:
     return Call("PUT", path, parse, content=blob, headers={"content-type": "application/octet-stream"})
 
 
-# --- server-sent events ---------------------------------------------------------------------------------------
+# --- server-sent events -------------------------------------------------------------------------------------
 class SSEDecoder:
     """Incremental SSE parser (WHATWG event-stream): feed lines, get events at each blank line.
 

@@ -1,4 +1,5 @@
 """Every endpoint of DESIGN's API contract as a ``Call`` (request + parser), shared by both clients."""
+
 from __future__ import annotations
 
 import os
@@ -6,7 +7,14 @@ from urllib.parse import quote
 
 from client._core import Call, adapter_path, drop_none, tenant_path, upload_call
 from client.types import (
-    AdapterInfo, AdapterPage, ClassifyResult, Completion, CreatedKey, GenerateResult, KeyInfo, Model,
+    AdapterInfo,
+    AdapterPage,
+    ClassifyResult,
+    Completion,
+    CreatedKey,
+    GenerateResult,
+    KeyInfo,
+    Model,
 )
 
 
@@ -14,13 +22,15 @@ def _json(cls):
     return lambda r: cls.from_json(r.json())
 
 
-# --- adapters ---------------------------------------------------------------------------------------------------
+# --- adapters -----------------------------------------------------------------------------------------------
 def upload(adapter_id: str, source: bytes | str | os.PathLike, labels: list[str] | None = None) -> Call:
     return upload_call(adapter_id, source, labels, _json(AdapterInfo))
 
 
 def list_adapters(tenant: str | None = None, cursor: str | None = None, limit: int | None = None) -> Call:
-    return Call("GET", "/v1/adapters", _json(AdapterPage), params=drop_none(tenant=tenant, cursor=cursor, limit=limit))
+    return Call(
+        "GET", "/v1/adapters", _json(AdapterPage), params=drop_none(tenant=tenant, cursor=cursor, limit=limit)
+    )
 
 
 def get_adapter(adapter_id: str) -> Call:
@@ -35,8 +45,10 @@ def delete_adapter(adapter_id: str) -> Call:
     return Call("DELETE", adapter_path(adapter_id))
 
 
-# --- inference --------------------------------------------------------------------------------------------------
-def classify(adapter: str, inputs: list[str] | str, return_logits: bool = False, truncate: bool = False) -> Call:
+# --- inference ----------------------------------------------------------------------------------------------
+def classify(
+    adapter: str, inputs: list[str] | str, return_logits: bool = False, truncate: bool = False
+) -> Call:
     inputs = [inputs] if isinstance(inputs, str) else list(inputs)
     body = {"adapter": adapter, "inputs": inputs, "return_logits": return_logits, "truncate": truncate}
     return Call("POST", "/v1/classify", _json(ClassifyResult), json=body)
@@ -47,12 +59,18 @@ def generate_body(adapter: str, prompt: str, stream: bool, **params) -> dict:
 
 
 def generate(adapter: str, prompt: str, **params) -> Call:
-    return Call("POST", "/v1/generate", _json(GenerateResult), json=generate_body(adapter, prompt, False, **params))
+    return Call(
+        "POST", "/v1/generate", _json(GenerateResult), json=generate_body(adapter, prompt, False, **params)
+    )
 
 
 def generate_stream(adapter: str, prompt: str, **params) -> Call:
-    return Call("POST", "/v1/generate", json=generate_body(adapter, prompt, True, **params),
-                headers={"accept": "text/event-stream"})
+    return Call(
+        "POST",
+        "/v1/generate",
+        json=generate_body(adapter, prompt, True, **params),
+        headers={"accept": "text/event-stream"},
+    )
 
 
 def completions(model: str, prompt: str | list[str], stream: bool = False, **params) -> Call:
@@ -65,10 +83,14 @@ def models() -> Call:
     return Call("GET", "/v1/models", lambda r: [Model.from_json(m) for m in r.json().get("data", [])])
 
 
-# --- keys (admin) -------------------------------------------------------------------------------------------------
+# --- keys (admin) -------------------------------------------------------------------------------------------
 def create_key(tenant: str, **params) -> Call:
-    return Call("POST", tenant_path(tenant, "/keys"), lambda r: CreatedKey.from_json(r.json(), tenant),
-                json=drop_none(**params))
+    return Call(
+        "POST",
+        tenant_path(tenant, "/keys"),
+        lambda r: CreatedKey.from_json(r.json(), tenant),
+        json=drop_none(**params),
+    )
 
 
 def list_keys(tenant: str) -> Call:
@@ -84,7 +106,7 @@ def revoke_key(tenant: str, key_id: str) -> Call:
     return Call("DELETE", tenant_path(tenant, f"/keys/{quote(key_id, safe='')}"))
 
 
-# --- operations -----------------------------------------------------------------------------------------------------
+# --- operations ---------------------------------------------------------------------------------------------
 def health() -> Call:
     return Call("GET", "/healthz", lambda r: r.json())
 

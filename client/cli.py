@@ -1,9 +1,11 @@
 """Client commands of the ``ptserve`` CLI: ``adapters upload|list|show|download|delete|import-thudm``,
 ``classify``, ``generate`` (streams to the terminal) and ``keys create|list|revoke``.
 
-Human tables by default, ``--json`` for scripts. Every error prints one line, ``error: <status> <type>: <message>``
-(the server's own type and message) on stderr, and exits 1 (2 for bad arguments or files).
+Human tables by default, ``--json`` for scripts. Every error prints one line on stderr,
+``error: <status> <type>: <message>`` (the server's own type and message), and exits 1 (2 for bad arguments
+or files).
 """
+
 from __future__ import annotations
 
 import json
@@ -19,13 +21,22 @@ from rich.table import Table
 from client.errors import APIConnectionError, APIError, PtserveClientError
 from client.sdk import Client
 
-ServerOpt = typer.Option(None, "--server", "-s", envvar="PTSERVE_URL",
-                         help="Server URL [PTSERVE_URL; default http://127.0.0.1:8000].")
+ServerOpt = typer.Option(
+    None,
+    "--server",
+    "-s",
+    envvar="PTSERVE_URL",
+    help="Server URL [PTSERVE_URL; default http://127.0.0.1:8000].",
+)
 KeyOpt = typer.Option(None, "--api-key", envvar="PTSERVE_API_KEY", help="API key [PTSERVE_API_KEY].")
 JsonOpt = typer.Option(False, "--json", help="Print JSON for scripts instead of a table.")
 
-adapters_app = typer.Typer(help="Upload, list, show, download, delete and import adapters.", no_args_is_help=True)
-keys_app = typer.Typer(help="Create, list and revoke tenant API keys (admin key needed).", no_args_is_help=True)
+adapters_app = typer.Typer(
+    help="Upload, list, show, download, delete and import adapters.", no_args_is_help=True
+)
+keys_app = typer.Typer(
+    help="Create, list and revoke tenant API keys (admin key needed).", no_args_is_help=True
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -36,7 +47,7 @@ def register(app: typer.Typer) -> None:
     app.command("generate")(generate)
 
 
-# --- plumbing ---------------------------------------------------------------------------------------------------
+# --- plumbing -----------------------------------------------------------------------------------------------
 def _out() -> Console:
     return Console(soft_wrap=True)
 
@@ -57,7 +68,9 @@ def _client(server: str | None, api_key: str | None) -> Iterator[Client]:
         with Client(server, api_key) as c:
             yield c
     except APIError as exc:
-        hint = {401: " (pass --api-key or set PTSERVE_API_KEY)", 403: " (this key may not do that)"}.get(exc.status, "")
+        hint = {401: " (pass --api-key or set PTSERVE_API_KEY)", 403: " (this key may not do that)"}.get(
+            exc.status, ""
+        )
         fail(f"{exc.status} {exc.type}: {exc.message}{hint}".replace("[", r"\["))
     except APIConnectionError as exc:
         fail(f"cannot reach the server: {exc}".replace("[", r"\["))
@@ -74,8 +87,15 @@ def _print_json(data) -> None:
 def _adapter_table(infos) -> Table:
     table = Table("id", "version", "task", "virtual tokens", "labels", "bytes", "created")
     for i in infos:
-        table.add_row(i.id, str(i.version), i.task, str(i.num_virtual_tokens), ", ".join(i.labels), f"{i.bytes:,}",
-                      i.created_at)
+        table.add_row(
+            i.id,
+            str(i.version),
+            i.task,
+            str(i.num_virtual_tokens),
+            ", ".join(i.labels),
+            f"{i.bytes:,}",
+            i.created_at,
+        )
     return table
 
 
@@ -87,13 +107,17 @@ def _labels(labels: str | None) -> list[str] | None:
     return [x.strip() for x in labels.split(",") if x.strip()]
 
 
-# --- adapters ---------------------------------------------------------------------------------------------------
+# --- adapters -----------------------------------------------------------------------------------------------
 @adapters_app.command("upload")
 def adapters_upload(
     adapter: str = typer.Argument(..., help="Adapter id, tenant/name."),
     source: Path = typer.Argument(..., help="A blob file, a PEFT folder, or a `ptserve train --out` folder."),
-    labels: Optional[str] = typer.Option(None, help="Labels of a PEFT classifier, 'a,b,c' (default: its labels.json)."),
-    server: Optional[str] = ServerOpt, api_key: Optional[str] = KeyOpt, as_json: bool = JsonOpt,
+    labels: Optional[str] = typer.Option(
+        None, help="Labels of a PEFT classifier, 'a,b,c' (default: its labels.json)."
+    ),
+    server: Optional[str] = ServerOpt,
+    api_key: Optional[str] = KeyOpt,
+    as_json: bool = JsonOpt,
 ) -> None:
     """Upload a new version of an adapter."""
     with _client(server, api_key) as c:
@@ -108,7 +132,9 @@ def adapters_upload(
 @adapters_app.command("list")
 def adapters_list(
     tenant: Optional[str] = typer.Option(None, help="Only this tenant's adapters."),
-    server: Optional[str] = ServerOpt, api_key: Optional[str] = KeyOpt, as_json: bool = JsonOpt,
+    server: Optional[str] = ServerOpt,
+    api_key: Optional[str] = KeyOpt,
+    as_json: bool = JsonOpt,
 ) -> None:
     """List adapters (a tenant key sees its own)."""
     with _client(server, api_key) as c:
@@ -121,7 +147,9 @@ def adapters_list(
 @adapters_app.command("show")
 def adapters_show(
     adapter: str = typer.Argument(..., help="Adapter id, tenant/name."),
-    server: Optional[str] = ServerOpt, api_key: Optional[str] = KeyOpt, as_json: bool = JsonOpt,
+    server: Optional[str] = ServerOpt,
+    api_key: Optional[str] = KeyOpt,
+    as_json: bool = JsonOpt,
 ) -> None:
     """Show one adapter's current version."""
     with _client(server, api_key) as c:
@@ -138,8 +166,12 @@ def adapters_show(
 def adapters_download(
     adapter: str = typer.Argument(..., help="Adapter id, tenant/name."),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the ptserve blob to this file."),
-    peft: Optional[Path] = typer.Option(None, "--peft", help="Write a PEFT folder (PEFT loads it) to this folder."),
-    server: Optional[str] = ServerOpt, api_key: Optional[str] = KeyOpt, as_json: bool = JsonOpt,
+    peft: Optional[Path] = typer.Option(
+        None, "--peft", help="Write a PEFT folder (PEFT loads it) to this folder."
+    ),
+    server: Optional[str] = ServerOpt,
+    api_key: Optional[str] = KeyOpt,
+    as_json: bool = JsonOpt,
 ) -> None:
     """Download an adapter as a ptserve blob and/or export it as a PEFT folder."""
     if out is None and peft is None:
@@ -163,7 +195,9 @@ def adapters_download(
 @adapters_app.command("delete")
 def adapters_delete(
     adapter: str = typer.Argument(..., help="Adapter id, tenant/name."),
-    server: Optional[str] = ServerOpt, api_key: Optional[str] = KeyOpt, as_json: bool = JsonOpt,
+    server: Optional[str] = ServerOpt,
+    api_key: Optional[str] = KeyOpt,
+    as_json: bool = JsonOpt,
 ) -> None:
     """Delete an adapter (every version)."""
     with _client(server, api_key) as c:
@@ -175,15 +209,23 @@ def adapters_delete(
 
 @adapters_app.command("import-thudm")
 def adapters_import_thudm(
-    checkpoint: Path = typer.Argument(..., help="THUDM P-tuning-v2 checkpoint: a .safetensors/.bin file or folder."),
+    checkpoint: Path = typer.Argument(
+        ..., help="THUDM P-tuning-v2 checkpoint: a .safetensors/.bin file or folder."
+    ),
     out: Path = typer.Option(..., "--out", "-o", help="Write adapter.safetensors and peft/ here."),
-    backbone: str = typer.Option("minilm", help="The backbone it was trained on: 'minilm', a folder or hub id."),
+    backbone: str = typer.Option(
+        "minilm", help="The backbone it was trained on: 'minilm', a folder or hub id."
+    ),
     labels: Optional[str] = typer.Option(None, help="Label names 'a,b,c' (default: config.json id2label)."),
-    allow_pickle: bool = typer.Option(False, help="Read a .bin/.pt pickle with torch.load(weights_only=True)."),
+    allow_pickle: bool = typer.Option(
+        False, help="Read a .bin/.pt pickle with torch.load(weights_only=True)."
+    ),
     upload: Optional[str] = typer.Option(None, help="Also upload it as this adapter id (tenant/name)."),
-    server: Optional[str] = ServerOpt, api_key: Optional[str] = KeyOpt, as_json: bool = JsonOpt,
+    server: Optional[str] = ServerOpt,
+    api_key: Optional[str] = KeyOpt,
+    as_json: bool = JsonOpt,
 ) -> None:
-    """Convert a THUDM P-tuning-v2 checkpoint (plain or projected prefix encoder, classifier) to an adapter."""
+    """Convert a THUDM P-tuning-v2 checkpoint (plain or projected prefix encoder, classifier)."""
     from adapters_store.errors import PtserveError
     from adapters_store.thudm import read_checkpoint, thudm_to_adapter
     from server.training.outputs import BLOB_FILE, write_outputs
@@ -197,21 +239,27 @@ def adapters_import_thudm(
     except (OSError, ValueError) as exc:
         fail(str(exc), 2)
     write_outputs(adapter, out)
-    result = {"out": str(out), "task": adapter.config.task, "num_virtual_tokens": adapter.config.num_virtual_tokens,
-              "labels": list(adapter.config.labels)}
+    result = {
+        "out": str(out),
+        "task": adapter.config.task,
+        "num_virtual_tokens": adapter.config.num_virtual_tokens,
+        "labels": list(adapter.config.labels),
+    }
     if upload:
         with _client(server, api_key) as c:
             result["uploaded"] = c.upload(upload, out / BLOB_FILE).raw
     if as_json:
         return _print_json(result)
-    _out().print(f"imported {checkpoint} -> {out} ({result['task']}, {result['num_virtual_tokens']} virtual tokens)",
-                 highlight=False)
+    _out().print(
+        f"imported {checkpoint} -> {out} ({result['task']}, {result['num_virtual_tokens']} virtual tokens)",
+        highlight=False,
+    )
     if upload:
         _out().print(f"uploaded {upload} version {result['uploaded']['version']}", highlight=False)
 
 
 def _backbone_geometry(name: str):
-    """(fingerprint, head kind, pooler weights for cls_mlp heads) of a backbone; the config is enough for BERT."""
+    """(fingerprint, head kind, pooler weights for cls_mlp heads) of a backbone (BERT: its config alone)."""
     from adapters_store.fingerprint import fingerprint_from_config
     from server import hf_compat
     from server.backbone import family_for, resolve_path
@@ -220,28 +268,40 @@ def _backbone_geometry(name: str):
     config = hf_compat.load_config(path, local_only=True)
     family = family_for(config)
     pooler = None
-    if family.head_kind == "cls_mlp":  # RoBERTa: THUDM's head sits on the pooler, which ptserve's head carries
+    if (
+        family.head_kind == "cls_mlp"
+    ):  # RoBERTa: THUDM's head sits on the pooler, which ptserve's head carries
         from server.backbone import load_backbone
 
         model = load_backbone(name, device="cpu", dtype="float32").model
-        pooler = {"pooler.dense.weight": model.pooler.dense.weight.detach().clone(),
-                  "pooler.dense.bias": model.pooler.dense.bias.detach().clone()}
+        pooler = {
+            "pooler.dense.weight": model.pooler.dense.weight.detach().clone(),
+            "pooler.dense.bias": model.pooler.dense.bias.detach().clone(),
+        }
     return fingerprint_from_config(config), family.head_kind, pooler
 
 
-# --- inference --------------------------------------------------------------------------------------------------
+# --- inference ----------------------------------------------------------------------------------------------
 def classify(
     adapter: str = typer.Argument(..., help="Adapter id, tenant/name."),
     texts: Optional[List[str]] = typer.Argument(None, help="Texts to classify."),
-    file: Optional[Path] = typer.Option(None, "--file", "-f", help="Read texts from a file, one a line ('-' = stdin)."),
+    file: Optional[Path] = typer.Option(
+        None, "--file", "-f", help="Read texts from a file, one a line ('-' = stdin)."
+    ),
     logits: bool = typer.Option(False, "--logits", help="Return the logits too."),
     truncate: bool = typer.Option(False, help="Cut inputs that are too long instead of failing."),
-    server: Optional[str] = ServerOpt, api_key: Optional[str] = KeyOpt, as_json: bool = JsonOpt,
+    server: Optional[str] = ServerOpt,
+    api_key: Optional[str] = KeyOpt,
+    as_json: bool = JsonOpt,
 ) -> None:
     """Classify texts with a classification adapter."""
     inputs = list(texts or [])
     if file is not None:
-        lines = sys.stdin.read().splitlines() if str(file) == "-" else file.read_text(encoding="utf-8").splitlines()
+        lines = (
+            sys.stdin.read().splitlines()
+            if str(file) == "-"
+            else file.read_text(encoding="utf-8").splitlines()
+        )
         inputs += [line for line in lines if line.strip()]
     if not inputs:
         fail("no texts: pass them as arguments or with --file", 2)
@@ -249,8 +309,9 @@ def classify(
         result = c.classify(adapter, inputs, return_logits=logits, truncate=truncate)
     if as_json:
         return _print_json(result.raw)
-    table = Table("text", "label", "score", *(["logits"] if logits else []),
-                  title=f"{result.adapter} v{result.version}")
+    table = Table(
+        "text", "label", "score", *(["logits"] if logits else []), title=f"{result.adapter} v{result.version}"
+    )
     for text, p in zip(inputs, result.predictions):
         extra = [", ".join(f"{x:.3f}" for x in p.logits)] if logits and p.logits else []
         table.add_row(text, p.label, f"{p.score:.3f}", *extra)
@@ -267,18 +328,28 @@ def generate(
     seed: Optional[int] = typer.Option(None, help="Same seed, same text."),
     stop: Optional[List[str]] = typer.Option(None, "--stop", help="Stop string (repeatable)."),
     stream: bool = typer.Option(True, "--stream/--no-stream", help="Print text as it is generated."),
-    server: Optional[str] = ServerOpt, api_key: Optional[str] = KeyOpt, as_json: bool = JsonOpt,
+    server: Optional[str] = ServerOpt,
+    api_key: Optional[str] = KeyOpt,
+    as_json: bool = JsonOpt,
 ) -> None:
     """Generate text with a generation adapter (streams to the terminal)."""
-    params = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k, seed=seed,
-                  stop=list(stop) if stop else None)
+    params = dict(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        seed=seed,
+        stop=list(stop) if stop else None,
+    )
     with _client(server, api_key) as c:
         if not stream or as_json:
             result = c.generate(adapter, prompt, **params)
             if as_json:
                 return _print_json(result.raw)
             sys.stdout.write(result.text + "\n")
-            _err().print(f"[dim]finish_reason={result.finish_reason} usage={result.usage}[/]", highlight=False)
+            _err().print(
+                f"[dim]finish_reason={result.finish_reason} usage={result.usage}[/]", highlight=False
+            )
             return
         finish = None
         for event in c.generate_stream(adapter, prompt, **params):
@@ -290,15 +361,18 @@ def generate(
         _err().print(f"[dim]finish_reason={finish}[/]", highlight=False)
 
 
-# --- keys -------------------------------------------------------------------------------------------------------
+# --- keys ---------------------------------------------------------------------------------------------------
 @keys_app.command("create")
 def keys_create(
     tenant: str = typer.Argument(..., help="Tenant the key belongs to."),
-    server: Optional[str] = ServerOpt, api_key: Optional[str] = KeyOpt, as_json: bool = JsonOpt,
+    name: Optional[str] = typer.Option(None, help="A note for humans, e.g. where the key is used."),
+    server: Optional[str] = ServerOpt,
+    api_key: Optional[str] = KeyOpt,
+    as_json: bool = JsonOpt,
 ) -> None:
     """Create a tenant key; it is shown once (the server keeps only its hash)."""
     with _client(server, api_key) as c:
-        created = c.create_key(tenant)
+        created = c.create_key(tenant, name=name)
     if as_json:
         return _print_json(created.raw)
     _out().print(created.key, highlight=False)
@@ -308,7 +382,9 @@ def keys_create(
 @keys_app.command("list")
 def keys_list(
     tenant: str = typer.Argument(..., help="Tenant whose keys to list."),
-    server: Optional[str] = ServerOpt, api_key: Optional[str] = KeyOpt, as_json: bool = JsonOpt,
+    server: Optional[str] = ServerOpt,
+    api_key: Optional[str] = KeyOpt,
+    as_json: bool = JsonOpt,
 ) -> None:
     """List a tenant's keys (ids and metadata, never the secrets)."""
     with _client(server, api_key) as c:
@@ -326,7 +402,9 @@ def keys_list(
 def keys_revoke(
     tenant: str = typer.Argument(..., help="Tenant of the key."),
     key_id: str = typer.Argument(..., help="Key id as `keys list` shows it."),
-    server: Optional[str] = ServerOpt, api_key: Optional[str] = KeyOpt, as_json: bool = JsonOpt,
+    server: Optional[str] = ServerOpt,
+    api_key: Optional[str] = KeyOpt,
+    as_json: bool = JsonOpt,
 ) -> None:
     """Revoke a tenant key: it stops working at once."""
     with _client(server, api_key) as c:

@@ -1,5 +1,6 @@
 """Typed client errors. An ``APIError`` carries the server's status, error ``type`` and ``message`` (the body
 ``{"error": {"type", "message"}}`` every ptserve error has); its subclass says the status class."""
+
 from __future__ import annotations
 
 import json
@@ -94,9 +95,20 @@ class GatewayTimeoutError(APIError):
 
 _BY_STATUS: dict[int, type[APIError]] = {
     cls.status: cls
-    for cls in (BadRequestError, AuthenticationError, PermissionDeniedError, NotFoundError, ConflictError,
-                PayloadTooLargeError, UnsupportedMediaTypeError, UnprocessableEntityError, RateLimitError,
-                InternalServerError, ServiceUnavailableError, GatewayTimeoutError)
+    for cls in (
+        BadRequestError,
+        AuthenticationError,
+        PermissionDeniedError,
+        NotFoundError,
+        ConflictError,
+        PayloadTooLargeError,
+        UnsupportedMediaTypeError,
+        UnprocessableEntityError,
+        RateLimitError,
+        InternalServerError,
+        ServiceUnavailableError,
+        GatewayTimeoutError,
+    )
 }
 
 

@@ -1,4 +1,5 @@
 """Client-side conversion of a downloaded blob to a PEFT folder (needs torch; imported only when used)."""
+
 from __future__ import annotations
 
 import json

@@ -1,13 +1,14 @@
-"""``Client`` (sync) and ``AsyncClient`` on httpx: every endpoint, typed results and errors, retries on 429/503
-honouring ``Retry-After``, and streaming generation as an iterator of events.
+"""``Client`` (sync) and ``AsyncClient`` on httpx: every endpoint, typed results and errors, retries on
+429/503 honouring ``Retry-After``, and streaming generation as an iterator of events.
 
     from client import Client
     with Client("http://127.0.0.1:8000", api_key="...") as c:
-        c.upload("acme/sentiment", "out/")                      # a `ptserve train --out` folder, blob or PEFT folder
+        c.upload("acme/sentiment", "out/")  # a `ptserve train --out` folder, a blob or a PEFT folder
         print(c.classify("acme/sentiment", ["great!"]).predictions[0].label)
         for event in c.generate_stream("acme/poet", "Roses are"):
             print(event.text, end="")
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -21,25 +22,48 @@ import httpx
 
 from client import calls
 from client._core import (
-    Call, RetryPolicy, aiter_events, default_key, default_url, iter_events, parse_retry_after,
+    Call,
+    RetryPolicy,
+    aiter_events,
+    default_key,
+    default_url,
+    iter_events,
+    parse_retry_after,
     retryable_exception,
 )
 from client.errors import APIConnectionError, error_from_response
 from client.types import (
-    AdapterInfo, AdapterPage, ClassifyResult, Completion, CreatedKey, GenerateResult, KeyInfo, Model, StreamEvent,
+    AdapterInfo,
+    AdapterPage,
+    ClassifyResult,
+    Completion,
+    CreatedKey,
+    GenerateResult,
+    KeyInfo,
+    Model,
+    StreamEvent,
 )
 
 DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
 
 
 class _Base:
-    def __init__(self, base_url: str | None, api_key: str | None, timeout, retry: RetryPolicy | None,
-                 max_retries: int | None, headers: dict | None):
+    def __init__(
+        self,
+        base_url: str | None,
+        api_key: str | None,
+        timeout,
+        retry: RetryPolicy | None,
+        max_retries: int | None,
+        headers: dict | None,
+    ):
         self.base_url = (base_url or default_url()).rstrip("/")
         self.api_key = api_key if api_key is not None else default_key()
         self.retry = retry or RetryPolicy()
         if max_retries is not None:
-            self.retry = RetryPolicy(max_retries, self.retry.backoff, self.retry.max_backoff, self.retry.max_retry_after)
+            self.retry = RetryPolicy(
+                max_retries, self.retry.backoff, self.retry.max_backoff, self.retry.max_retry_after
+            )
         self.timeout = timeout if timeout is not None else DEFAULT_TIMEOUT
         self.headers = {"user-agent": "ptserve-client/0.1", **(headers or {})}
         if self.api_key:
@@ -48,7 +72,9 @@ class _Base:
     def _request(self, http, call: Call) -> httpx.Request:
         return http.build_request(call.method, call.path, **call.request_kwargs())
 
-    def _delay(self, call: Call, attempt: int, response: httpx.Response | None, exc: Exception | None) -> float | None:
+    def _delay(
+        self, call: Call, attempt: int, response: httpx.Response | None, exc: Exception | None
+    ) -> float | None:
         if not call.retry:
             return None
         if exc is not None:
@@ -67,14 +93,23 @@ def _raise_for(response: httpx.Response, body: bytes) -> None:
 
 
 class Client(_Base):
-    """Synchronous ptserve client. ``base_url`` defaults to ``$PTSERVE_URL``, ``api_key`` to ``$PTSERVE_API_KEY``."""
+    """Sync client; ``base_url`` defaults to ``$PTSERVE_URL``, ``api_key`` to ``$PTSERVE_API_KEY``."""
 
-    def __init__(self, base_url: str | None = None, api_key: str | None = None, *, timeout=None,
-                 retry: RetryPolicy | None = None, max_retries: int | None = None, headers: dict | None = None,
-                 transport: httpx.BaseTransport | None = None):
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout=None,
+        retry: RetryPolicy | None = None,
+        max_retries: int | None = None,
+        headers: dict | None = None,
+        transport: httpx.BaseTransport | None = None,
+    ):
         super().__init__(base_url, api_key, timeout, retry, max_retries, headers)
-        self._http = httpx.Client(base_url=self.base_url, headers=self.headers, timeout=self.timeout,
-                                  transport=transport)
+        self._http = httpx.Client(
+            base_url=self.base_url, headers=self.headers, timeout=self.timeout, transport=transport
+        )
 
     def close(self) -> None:
         self._http.close()
@@ -85,7 +120,7 @@ class Client(_Base):
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # --- transport --------------------------------------------------------------------------------------------
+    # --- transport ------------------------------------------------------------------------------------------
     @contextmanager
     def _send(self, call: Call, stream: bool = False) -> Iterator[httpx.Response]:
         """The 2xx response (streamed if asked), after retries; a typed error otherwise."""
@@ -123,13 +158,17 @@ class Client(_Base):
             except httpx.TransportError as exc:
                 raise self._connection_error(exc, call) from exc
 
-    # --- adapters ---------------------------------------------------------------------------------------------
-    def upload(self, adapter_id: str, source: bytes | str | os.PathLike, labels: list[str] | None = None) -> AdapterInfo:
+    # --- adapters -------------------------------------------------------------------------------------------
+    def upload(
+        self, adapter_id: str, source: bytes | str | os.PathLike, labels: list[str] | None = None
+    ) -> AdapterInfo:
         """Upload blob bytes, a blob file, a PEFT folder (labels from ``labels`` or its labels.json) or a
         ``ptserve train --out`` folder; returns the new version's info."""
         return self._run(calls.upload(adapter_id, source, labels))
 
-    def list_adapters(self, tenant: str | None = None, cursor: str | None = None, limit: int | None = None) -> AdapterPage:
+    def list_adapters(
+        self, tenant: str | None = None, cursor: str | None = None, limit: int | None = None
+    ) -> AdapterPage:
         return self._run(calls.list_adapters(tenant, cursor, limit))
 
     def iter_adapters(self, tenant: str | None = None, page_size: int = 100) -> Iterator[AdapterInfo]:
@@ -157,9 +196,10 @@ class Client(_Base):
     def delete_adapter(self, adapter_id: str) -> None:
         self._run(calls.delete_adapter(adapter_id))
 
-    # --- inference --------------------------------------------------------------------------------------------
-    def classify(self, adapter: str, inputs: list[str] | str, *, return_logits: bool = False,
-                 truncate: bool = False) -> ClassifyResult:
+    # --- inference ------------------------------------------------------------------------------------------
+    def classify(
+        self, adapter: str, inputs: list[str] | str, *, return_logits: bool = False, truncate: bool = False
+    ) -> ClassifyResult:
         return self._run(calls.classify(adapter, inputs, return_logits, truncate))
 
     def generate(self, adapter: str, prompt: str, **params) -> GenerateResult:
@@ -179,7 +219,7 @@ class Client(_Base):
     def models(self) -> list[Model]:
         return self._run(calls.models())
 
-    # --- keys (admin) -----------------------------------------------------------------------------------------
+    # --- keys (admin) ---------------------------------------------------------------------------------------
     def create_key(self, tenant: str, **params) -> CreatedKey:
         return self._run(calls.create_key(tenant, **params))
 
@@ -189,7 +229,7 @@ class Client(_Base):
     def revoke_key(self, tenant: str, key_id: str) -> None:
         self._run(calls.revoke_key(tenant, key_id))
 
-    # --- operations -------------------------------------------------------------------------------------------
+    # --- operations -----------------------------------------------------------------------------------------
     def health(self) -> dict:
         return self._run(calls.health())
 
@@ -203,12 +243,21 @@ class Client(_Base):
 class AsyncClient(_Base):
     """The asyncio twin of ``Client``: the same methods, awaited; streams are async iterators."""
 
-    def __init__(self, base_url: str | None = None, api_key: str | None = None, *, timeout=None,
-                 retry: RetryPolicy | None = None, max_retries: int | None = None, headers: dict | None = None,
-                 transport: httpx.AsyncBaseTransport | None = None):
+    def __init__(
+        self,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout=None,
+        retry: RetryPolicy | None = None,
+        max_retries: int | None = None,
+        headers: dict | None = None,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ):
         super().__init__(base_url, api_key, timeout, retry, max_retries, headers)
-        self._http = httpx.AsyncClient(base_url=self.base_url, headers=self.headers, timeout=self.timeout,
-                                       transport=transport)
+        self._http = httpx.AsyncClient(
+            base_url=self.base_url, headers=self.headers, timeout=self.timeout, transport=transport
+        )
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -256,15 +305,19 @@ class AsyncClient(_Base):
             except httpx.TransportError as exc:
                 raise self._connection_error(exc, call) from exc
 
-    async def upload(self, adapter_id: str, source: bytes | str | os.PathLike,
-                     labels: list[str] | None = None) -> AdapterInfo:
+    async def upload(
+        self, adapter_id: str, source: bytes | str | os.PathLike, labels: list[str] | None = None
+    ) -> AdapterInfo:
         return await self._run(calls.upload(adapter_id, source, labels))
 
-    async def list_adapters(self, tenant: str | None = None, cursor: str | None = None,
-                            limit: int | None = None) -> AdapterPage:
+    async def list_adapters(
+        self, tenant: str | None = None, cursor: str | None = None, limit: int | None = None
+    ) -> AdapterPage:
         return await self._run(calls.list_adapters(tenant, cursor, limit))
 
-    async def iter_adapters(self, tenant: str | None = None, page_size: int = 100) -> AsyncIterator[AdapterInfo]:
+    async def iter_adapters(
+        self, tenant: str | None = None, page_size: int = 100
+    ) -> AsyncIterator[AdapterInfo]:
         cursor = None
         while True:
             page = await self.list_adapters(tenant, cursor, page_size)
@@ -288,8 +341,9 @@ class AsyncClient(_Base):
     async def delete_adapter(self, adapter_id: str) -> None:
         await self._run(calls.delete_adapter(adapter_id))
 
-    async def classify(self, adapter: str, inputs: list[str] | str, *, return_logits: bool = False,
-                       truncate: bool = False) -> ClassifyResult:
+    async def classify(
+        self, adapter: str, inputs: list[str] | str, *, return_logits: bool = False, truncate: bool = False
+    ) -> ClassifyResult:
         return await self._run(calls.classify(adapter, inputs, return_logits, truncate))
 
     async def generate(self, adapter: str, prompt: str, **params) -> GenerateResult:

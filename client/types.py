@@ -1,5 +1,6 @@
 """Typed results of the API. Each keeps the JSON it came from in ``raw``, so fields a newer server adds are
 never lost; the typed fields are those of DESIGN's API contract."""
+
 from __future__ import annotations
 
 import json
@@ -66,8 +67,12 @@ class ClassifyResult:
 
     @classmethod
     def from_json(cls, data: dict) -> "ClassifyResult":
-        return _build(cls, data, predictions=[Prediction.from_json(p) for p in data.get("predictions", [])],
-                      usage=data.get("usage") or {})
+        return _build(
+            cls,
+            data,
+            predictions=[Prediction.from_json(p) for p in data.get("predictions", [])],
+            usage=data.get("usage") or {},
+        )
 
 
 @dataclass
@@ -137,8 +142,12 @@ class Completion:
 
     @classmethod
     def from_json(cls, data: dict) -> "Completion":
-        return _build(cls, data, choices=[CompletionChoice.from_json(c) for c in data.get("choices", [])],
-                      usage=data.get("usage") or {})
+        return _build(
+            cls,
+            data,
+            choices=[CompletionChoice.from_json(c) for c in data.get("choices", [])],
+            usage=data.get("usage") or {},
+        )
 
 
 @dataclass

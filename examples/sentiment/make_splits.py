@@ -1,8 +1,10 @@
-"""Split ``reviews.csv`` (360 hand-written review sentences, 120 per label) into ``train.jsonl`` and ``eval.jsonl``.
+"""Split ``reviews.csv`` (360 hand-written review sentences, 120 per label) into ``train.jsonl`` and
+``eval.jsonl``.
 
 Stratified by label, 3 of every 4 sentences to train, with a fixed seed, so the split is reproducible:
 ``python examples/sentiment/make_splits.py`` rewrites the two files identically.
 """
+
 from __future__ import annotations
 
 import csv

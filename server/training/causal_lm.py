@@ -5,6 +5,7 @@ forward is the server's prefill: ``server.generation.forward.decoder_forward`` u
 ``lm_logits``. Prompts are tokenised as the server tokenises them (``tokenizer(prompt)``) and completions
 separately, so training sees exactly the token boundary the server generates from.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -33,7 +34,9 @@ class Tokenised:
 class LMEval:
     loss: float  # mean cross-entropy per completion token
     token_accuracy: float  # greedy next-token accuracy on completion tokens (teacher forcing)
-    completions: list[str] | None = None  # greedy completions of the evaluation prompts (final evaluation only)
+    completions: list[str] | None = (
+        None  # greedy completions of the evaluation prompts (final evaluation only)
+    )
     completion_ids: list[list[int]] | None = None
     exact_match: float | None = None
 
@@ -50,12 +53,19 @@ class LMTrainResult:
         from server.training.outputs import history_record
 
         return {
-            "task": "generate", "config": asdict(self.config), "backbone": self.adapter.config.backbone.to_dict(),
+            "task": "generate",
+            "config": asdict(self.config),
+            "backbone": self.adapter.config.backbone.to_dict(),
             "base_model_name_or_path": self.adapter.config.base_model_name_or_path,
-            "trainable_parameters": self.trainable_parameters, **history_record(self.fit),
-            "eval": None if self.eval is None else {
-                "loss": self.eval.loss, "token_accuracy": self.eval.token_accuracy,
-                "exact_match": self.eval.exact_match, "completions": self.eval.completions,
+            "trainable_parameters": self.trainable_parameters,
+            **history_record(self.fit),
+            "eval": None
+            if self.eval is None
+            else {
+                "loss": self.eval.loss,
+                "token_accuracy": self.eval.token_accuracy,
+                "exact_match": self.eval.exact_match,
+                "completions": self.eval.completions,
             },
         }
 
@@ -69,8 +79,11 @@ class PrefixLM(nn.Module):
             raise ValueError(f"backbone {bb.name!r} ({bb.fingerprint.model_type}) is not a causal LM")
         self.bb, fp = bb, bb.fingerprint
         self.prefix = PrefixEncoder(
-            cfg.virtual_tokens, fp.prefix_width, fp.hidden_size,
-            cfg.projection_hidden if cfg.prefix_projection else None, cfg.init_std,
+            cfg.virtual_tokens,
+            fp.prefix_width,
+            fp.hidden_size,
+            cfg.projection_hidden if cfg.prefix_projection else None,
+            cfg.init_std,
         )
 
     def hidden(self, token_ids: list[list[int]]) -> torch.Tensor:
@@ -108,8 +121,12 @@ class PrefixLM(nn.Module):
 
     def to_adapter(self) -> Adapter:
         tensors = {PREFIX_KEY: self.prefix.materialise()}
-        config = AdapterConfig(task="generate", num_virtual_tokens=tensors[PREFIX_KEY].shape[0],
-                               backbone=self.bb.fingerprint, base_model_name_or_path=self.bb.name)
+        config = AdapterConfig(
+            task="generate",
+            num_virtual_tokens=tensors[PREFIX_KEY].shape[0],
+            backbone=self.bb.fingerprint,
+            base_model_name_or_path=self.bb.name,
+        )
         return Adapter(config, tensors)
 
 
@@ -120,17 +137,23 @@ def eos_ids(bb: Backbone) -> frozenset[int]:
     return frozenset(x for x in [*eos, bb.tokenizer.eos_token_id] if x is not None)
 
 
-def tokenise_pairs(bb: Backbone, pairs: list[Pair], num_virtual_tokens: int, max_length: int | None) -> list[Tokenised]:
+def tokenise_pairs(
+    bb: Backbone, pairs: list[Pair], num_virtual_tokens: int, max_length: int | None
+) -> list[Tokenised]:
     tok, room = bb.tokenizer, bb.max_positions - num_virtual_tokens
     room = min(room, max_length) if max_length else room
     eos = tok.eos_token_id
     out = []
     for i, pair in enumerate(pairs):
         prompt = tok(pair.prompt)["input_ids"]
-        completion = tok(pair.completion, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else [])
+        completion = tok(pair.completion, add_special_tokens=False)["input_ids"] + (
+            [eos] if eos is not None else []
+        )
         if len(prompt) + 1 > room:
-            raise DataError(f"example {i}: the prompt has {len(prompt)} tokens; at most {room - 1} fit beside "
-                            f"{num_virtual_tokens} virtual tokens")
+            raise DataError(
+                f"example {i}: the prompt has {len(prompt)} tokens; at most {room - 1} fit beside "
+                f"{num_virtual_tokens} virtual tokens"
+            )
         ids = (prompt + completion)[:room]
         out.append(Tokenised(tuple(ids), len(prompt)))
     return out
@@ -140,7 +163,7 @@ def evaluate_lm(model: PrefixLM, data: list[Tokenised], batch_size: int) -> LMEv
     total, correct, count = 0.0, 0, 0
     with torch.no_grad():
         for i in range(0, len(data), batch_size):
-            logits, targets = model.completion_logits(data[i:i + batch_size])
+            logits, targets = model.completion_logits(data[i : i + batch_size])
             total += float(F.cross_entropy(logits, targets, reduction="sum"))
             correct += int((logits.argmax(-1) == targets).sum())
             count += len(targets)
@@ -154,7 +177,7 @@ def train_causal_lm(
     cfg: TrainConfig = TrainConfig(),
     callbacks: Callbacks | None = None,
 ) -> LMTrainResult:
-    """Train a prefix so the frozen decoder continues prompts with their completions; early-stops on eval loss."""
+    """Train a prefix so the frozen decoder continues prompts with their completions (stops on eval loss)."""
     torch.manual_seed(cfg.seed)
     model = PrefixLM(bb, cfg)
     items = tokenise_pairs(bb, train, cfg.virtual_tokens, cfg.max_length)
@@ -169,18 +192,25 @@ def train_causal_lm(
         return Evaluation(loss=ev.loss, score=-ev.loss, metrics={"eval_token_accuracy": ev.token_accuracy})
 
     result = fit(
-        model, [{"params": list(model.prefix.parameters()), "lr": cfg.prefix_lr}], items, batch_loss,
+        model,
+        [{"params": list(model.prefix.parameters()), "lr": cfg.prefix_lr}],
+        items,
+        batch_loss,
         run_eval if held_out else None,
-        FitConfig(cfg.epochs, cfg.batch_size, cfg.seed, cfg.patience, cfg.warmup_ratio), callbacks,
+        FitConfig(cfg.epochs, cfg.batch_size, cfg.seed, cfg.patience, cfg.warmup_ratio),
+        callbacks,
     )
     final = None
     if held_out:
         final = evaluate_lm(model, eval_items, cfg.batch_size * 2)
         stop = eos_ids(bb)
-        final.completion_ids = [model.greedy(list(t.ids[:t.prompt_len]), len(t.ids) - t.prompt_len, stop)
-                                for t in eval_items]
+        final.completion_ids = [
+            model.greedy(list(t.ids[: t.prompt_len]), len(t.ids) - t.prompt_len, stop) for t in eval_items
+        ]
         final.completions = [bb.tokenizer.decode(ids) for ids in final.completion_ids]
-        final.exact_match = sum(c == p.completion for c, p in zip(final.completions, held_out)) / len(held_out)
+        final.exact_match = sum(c == p.completion for c, p in zip(final.completions, held_out)) / len(
+            held_out
+        )
     counts = {"prefix": sum(t.numel() for t in model.prefix.parameters()), "head": 0}
     counts["total"] = counts["prefix"]
     counts["served_prefix"] = cfg.virtual_tokens * bb.fingerprint.prefix_width

@@ -4,6 +4,7 @@ The logits of a batch are computed exactly as the server computes them: the pref
 ``server.resident.prefix_kv`` and ``server.engine.encoder_forward`` (the one prefixed forward), then the head
 function ``server.heads.HEADS[kind]``. Only the prefix (and its projection MLP) and the head get gradients.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
@@ -77,24 +78,33 @@ class TrainResult:
             "base_model_name_or_path": self.adapter.config.base_model_name_or_path,
             "trainable_parameters": self.trainable_parameters,
             **history_record(self.fit),
-            "eval": None if self.eval is None else {
-                "accuracy": self.eval.accuracy, "loss": self.eval.loss, "predictions": self.eval.predictions,
+            "eval": None
+            if self.eval is None
+            else {
+                "accuracy": self.eval.accuracy,
+                "loss": self.eval.loss,
+                "predictions": self.eval.predictions,
             },
         }
 
 
 class PrefixClassifier(nn.Module):
-    """Prefix + head over a frozen backbone. The backbone is not a submodule: it has no trainable state here."""
+    """Prefix + head over a frozen backbone (not a submodule: it has no trainable state here)."""
 
     def __init__(self, bb: Backbone, num_labels: int, cfg: TrainConfig):
         super().__init__()
         if bb.family.head_kind is None:
-            raise ValueError(f"backbone {bb.name!r} ({bb.fingerprint.model_type}) serves no classification head")
+            raise ValueError(
+                f"backbone {bb.name!r} ({bb.fingerprint.model_type}) serves no classification head"
+            )
         self.bb, self.kind = bb, bb.family.head_kind
         fp = bb.fingerprint
         self.prefix = PrefixEncoder(
-            cfg.virtual_tokens, fp.prefix_width, fp.hidden_size,
-            cfg.projection_hidden if cfg.prefix_projection else None, cfg.init_std,
+            cfg.virtual_tokens,
+            fp.prefix_width,
+            fp.hidden_size,
+            cfg.projection_hidden if cfg.prefix_projection else None,
+            cfg.init_std,
         )
         self.head = nn.ParameterDict()
         for name, shape in head_shapes(self.kind, num_labels, fp.hidden_size).items():
@@ -122,14 +132,20 @@ class PrefixClassifier(nn.Module):
         tensors = {PREFIX_KEY: self.prefix.materialise()}
         tensors.update({k: v.detach().float().cpu().contiguous() for k, v in self.head_tensors().items()})
         config = AdapterConfig(
-            task="classify", num_virtual_tokens=tensors[PREFIX_KEY].shape[0], backbone=fp, labels=tuple(labels),
-            head=self.kind, base_model_name_or_path=self.bb.name,
+            task="classify",
+            num_virtual_tokens=tensors[PREFIX_KEY].shape[0],
+            backbone=fp,
+            labels=tuple(labels),
+            head=self.kind,
+            base_model_name_or_path=self.bb.name,
         )
         return Adapter(config, tensors)
 
 
-def tokenize(bb: Backbone, texts: list[str], num_virtual_tokens: int, max_length: int | None) -> list[tuple[int, ...]]:
-    """Token ids with special tokens, cut to what fits beside the prefix (as the server's ``truncate=true``)."""
+def tokenize(
+    bb: Backbone, texts: list[str], num_virtual_tokens: int, max_length: int | None
+) -> list[tuple[int, ...]]:
+    """Token ids with special tokens, cut to what fits beside the prefix (the server's ``truncate=true``)."""
     room = bb.max_positions - num_virtual_tokens
     limit = min(room, max_length) if max_length else room
     ids = bb.tokenizer(texts, add_special_tokens=True, truncation=True, max_length=limit)["input_ids"]
@@ -137,20 +153,26 @@ def tokenize(bb: Backbone, texts: list[str], num_virtual_tokens: int, max_length
 
 
 def evaluate(
-    model: PrefixClassifier, token_ids: list[tuple[int, ...]], targets: list[int], labels: list[str], batch_size: int
+    model: PrefixClassifier,
+    token_ids: list[tuple[int, ...]],
+    targets: list[int],
+    labels: list[str],
+    batch_size: int,
 ) -> ClassifyEval:
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        logits = torch.cat([
-            model(token_ids[i:i + batch_size]).cpu() for i in range(0, len(token_ids), batch_size)
-        ])
+        logits = torch.cat(
+            [model(token_ids[i : i + batch_size]).cpu() for i in range(0, len(token_ids), batch_size)]
+        )
     model.train(was_training)
     y = torch.tensor(targets)
     pred = logits.argmax(-1)
     return ClassifyEval(
-        accuracy=float((pred == y).float().mean()), loss=float(F.cross_entropy(logits, y)),
-        predictions=[labels[i] for i in pred.tolist()], logits=logits,
+        accuracy=float((pred == y).float().mean()),
+        loss=float(F.cross_entropy(logits, y)),
+        predictions=[labels[i] for i in pred.tolist()],
+        logits=logits,
     )
 
 
@@ -161,13 +183,15 @@ def train_classifier(
     cfg: TrainConfig = TrainConfig(),
     callbacks: Callbacks | None = None,
 ) -> TrainResult:
-    """Train a prefix + head on ``train``, early-stopping on ``held_out``; returns the best epoch's adapter."""
+    """Train a prefix + head on ``train``, early-stopping on ``held_out``; the best epoch's adapter."""
     labels = label_set(train, held_out)
     index = {label: i for i, label in enumerate(labels)}
     torch.manual_seed(cfg.seed)
     model = PrefixClassifier(bb, len(labels), cfg)
     p = cfg.virtual_tokens
-    items = list(zip(tokenize(bb, [e.text for e in train], p, cfg.max_length), [index[e.label] for e in train]))
+    items = list(
+        zip(tokenize(bb, [e.text for e in train], p, cfg.max_length), [index[e.label] for e in train])
+    )
     eval_ids = tokenize(bb, [e.text for e in held_out], p, cfg.max_length) if held_out else []
     eval_y = [index[e.label] for e in held_out or []]
 
@@ -184,8 +208,13 @@ def train_classifier(
         {"params": list(model.head.parameters()), "lr": cfg.head_lr or cfg.prefix_lr},
     ]
     result = fit(
-        model, groups, items, batch_loss, run_eval if held_out else None,
-        FitConfig(cfg.epochs, cfg.batch_size, cfg.seed, cfg.patience, cfg.warmup_ratio), callbacks,
+        model,
+        groups,
+        items,
+        batch_loss,
+        run_eval if held_out else None,
+        FitConfig(cfg.epochs, cfg.batch_size, cfg.seed, cfg.patience, cfg.warmup_ratio),
+        callbacks,
     )
     counts = {
         "prefix": sum(t.numel() for t in model.prefix.parameters()),

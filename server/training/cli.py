@@ -1,5 +1,6 @@
 """``ptserve train``: train a P-Tuning v2 prefix (and head) on the serving backbone, write it out, optionally
 upload it. Progress (a rich bar with loss and eval accuracy) goes to stderr; ``--json`` prints the summary."""
+
 from __future__ import annotations
 
 import json
@@ -9,7 +10,14 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeElapsedColumn,
+    TimeRemainingColumn,
+)
 
 from server.training.loop import Callbacks, EpochStats
 
@@ -24,16 +32,23 @@ class RichProgress(Callbacks):
     def __init__(self, console: Console):
         self.console = console
         self.progress = Progress(
-            TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[metric]}"),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=console, transient=False,
+            TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]}"),
+            TextColumn("{task.fields[metric]}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
         )
         self.task = None
 
     def on_start(self, epochs: int, steps_per_epoch: int) -> None:
         self.progress.start()
-        self.task = self.progress.add_task("train", total=epochs * steps_per_epoch, epoch=1, epochs=epochs,
-                                           loss="-", metric="")
+        self.task = self.progress.add_task(
+            "train", total=epochs * steps_per_epoch, epoch=1, epochs=epochs, loss="-", metric=""
+        )
 
     def on_step(self, epoch: int, step: int, loss: float) -> None:
         self.progress.update(self.task, advance=1, epoch=epoch, loss=f"{loss:.4f}")
@@ -54,35 +69,52 @@ class RichProgress(Callbacks):
 def train(
     data: Path = typer.Option(..., "--data", help="Training data: .jsonl, .json, .csv or .tsv."),
     out: Path = typer.Option(..., "--out", help="Write adapter.safetensors, peft/ and training.json here."),
-    eval_data: Optional[Path] = typer.Option(None, "--eval-data", help="Evaluation data (early stopping, accuracy)."),
+    eval_data: Optional[Path] = typer.Option(
+        None, "--eval-data", help="Evaluation data (early stopping, accuracy)."
+    ),
     text_field: str = typer.Option("text", help="Field (column) holding the text (classify)."),
     label_field: str = typer.Option("label", help="Field (column) holding the label (classify)."),
     prompt_field: str = typer.Option("prompt", help="Field holding the prompt (generate)."),
     completion_field: str = typer.Option("completion", help="Field holding the completion (generate)."),
-    task: str = typer.Option("auto", help="classify, generate, or auto: classify on encoders, generate on decoders."),
+    task: str = typer.Option(
+        "auto", help="classify, generate, or auto: classify on encoders, generate on decoders."
+    ),
     backbone: str = typer.Option("minilm", help="The serving backbone: 'minilm', a model folder or hub id."),
     virtual_tokens: int = typer.Option(16, help="Prefix length P (virtual tokens in every layer)."),
     prefix_projection: bool = typer.Option(
-        False, "--prefix-projection/--no-prefix-projection",
-        help="Reparameterise the prefix with an MLP while training (materialised to plain K/V when saved)."),
+        False,
+        "--prefix-projection/--no-prefix-projection",
+        help="Reparameterise the prefix with an MLP while training (materialised to plain K/V when saved).",
+    ),
     projection_hidden: int = typer.Option(512, help="Hidden width of the projection MLP."),
-    lr: Optional[float] = typer.Option(None, help="Learning rate of the prefix [1e-2; 1e-3 with --prefix-projection]."),
+    lr: Optional[float] = typer.Option(
+        None, help="Learning rate of the prefix [1e-2; 1e-3 with --prefix-projection]."
+    ),
     head_lr: Optional[float] = typer.Option(None, help="Learning rate of the head (default: --lr)."),
     epochs: int = typer.Option(15, help="Epochs at most."),
     batch_size: int = typer.Option(16, help="Examples per step."),
     seed: int = typer.Option(0, help="Seed for initialisation and shuffling."),
-    patience: int = typer.Option(4, help="Stop after this many epochs without a better eval accuracy (0 = never)."),
-    max_length: Optional[int] = typer.Option(None, help="Cut texts to this many tokens (default: what fits)."),
+    patience: int = typer.Option(
+        4, help="Stop after this many epochs without a better eval accuracy (0 = never)."
+    ),
+    max_length: Optional[int] = typer.Option(
+        None, help="Cut texts to this many tokens (default: what fits)."
+    ),
     dropout: float = typer.Option(0.1, help="Dropout on the head's input while training."),
     threads: int = typer.Option(0, help="torch threads on cpu (0 = torch's default)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     upload: Optional[str] = typer.Option(None, help="Upload the trained adapter as tenant/name."),
-    server: Optional[str] = typer.Option(None, "--server", "-s", envvar="PTSERVE_URL", help="Server for --upload."),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="PTSERVE_API_KEY", help="API key for --upload."),
+    server: Optional[str] = typer.Option(
+        None, "--server", "-s", envvar="PTSERVE_URL", help="Server for --upload."
+    ),
+    api_key: Optional[str] = typer.Option(
+        None, "--api-key", envvar="PTSERVE_API_KEY", help="API key for --upload."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
 ) -> None:
     """Train a P-Tuning v2 prefix on the frozen serving backbone: with a classification head on encoders
-    (labelled texts), or for causal-LM generation on decoders (prompt/completion pairs, loss on the completion)."""
+    (labelled texts), or for causal-LM generation on decoders (prompt/completion pairs, loss on the
+    completion)."""
     import torch
 
     from server.backbone import load_backbone
@@ -110,13 +142,24 @@ def train(
     except (OSError, ValueError) as exc:
         fail(f"cannot load backbone {backbone!r}: {exc}")
     cfg = TrainConfig(
-        virtual_tokens=virtual_tokens, prefix_projection=prefix_projection, projection_hidden=projection_hidden,
-        lr=lr, head_lr=head_lr, epochs=epochs, batch_size=batch_size, seed=seed, patience=patience,
-        dropout=dropout, max_length=max_length,
+        virtual_tokens=virtual_tokens,
+        prefix_projection=prefix_projection,
+        projection_hidden=projection_hidden,
+        lr=lr,
+        head_lr=head_lr,
+        epochs=epochs,
+        batch_size=batch_size,
+        seed=seed,
+        patience=patience,
+        dropout=dropout,
+        max_length=max_length,
     )
-    err.print(f"{task}: training {virtual_tokens} virtual tokens on {backbone} ({bb.fingerprint.model_type}, "
-              f"{bb.fingerprint.num_layers} layers) with {len(train_set)} examples"
-              + (f", evaluating on {len(eval_set)}" if eval_set else ""), highlight=False)
+    err.print(
+        f"{task}: training {virtual_tokens} virtual tokens on {backbone} ({bb.fingerprint.model_type}, "
+        f"{bb.fingerprint.num_layers} layers) with {len(train_set)} examples"
+        + (f", evaluating on {len(eval_set)}" if eval_set else ""),
+        highlight=False,
+    )
     progress = RichProgress(err)
     try:
         result = _run(task, bb, train_set, eval_set, cfg, progress)
@@ -138,8 +181,11 @@ def train(
     if as_json:
         sys.stdout.write(json.dumps(summary, indent=2) + "\n")
         return
-    err.print(f"best epoch {summary['best_epoch']} of {summary['epochs_run']}: {_shown(summary)}; "
-              f"{summary['train_seconds']}s; wrote {out}/{{{BLOB_FILE}, peft/, training.json}}", highlight=False)
+    err.print(
+        f"best epoch {summary['best_epoch']} of {summary['epochs_run']}: {_shown(summary)}; "
+        f"{summary['train_seconds']}s; wrote {out}/{{{BLOB_FILE}, peft/, training.json}}",
+        highlight=False,
+    )
     if upload:
         err.print(f"uploaded {upload} version {summary['uploaded']['version']}", highlight=False)
 
@@ -151,8 +197,10 @@ def _resolve_task(task: str, backbone: str) -> str:
     if task not in ("classify", "generate") or (task == "generate") != causal:
         from server.training.data import DataError
 
-        raise DataError(f"--task {task} does not fit backbone {backbone!r}: "
-                        + ("a decoder trains 'generate' adapters" if causal else "an encoder trains 'classify' adapters"))
+        raise DataError(
+            f"--task {task} does not fit backbone {backbone!r}: "
+            + ("a decoder trains 'generate' adapters" if causal else "an encoder trains 'classify' adapters")
+        )
     return task
 
 
@@ -175,8 +223,11 @@ def _run(task: str, bb, train_set, eval_set, cfg, progress):
 
 def _summary(task: str, result, out: Path) -> dict:
     summary = {
-        "out": str(out), "task": task, "best_epoch": result.fit.best_epoch,
-        "epochs_run": len(result.fit.history), "train_seconds": round(result.fit.seconds, 2),
+        "out": str(out),
+        "task": task,
+        "best_epoch": result.fit.best_epoch,
+        "epochs_run": len(result.fit.history),
+        "train_seconds": round(result.fit.seconds, 2),
         "trainable_parameters": result.trainable_parameters,
     }
     ev = result.eval
@@ -193,6 +244,7 @@ def _shown(summary: dict) -> str:
     if summary.get("eval_loss") is not None:
         return f"eval loss {summary['eval_loss']:.4f}, exact match {summary['eval_exact_match']:.3f}"
     return "no evaluation data"
+
 
 def _is_causal(backbone: str) -> bool:
     """Whether a backbone is a decoder LM, from its config alone (before loading the weights)."""

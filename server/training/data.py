@@ -1,5 +1,6 @@
 """Training data from JSONL, JSON or CSV/TSV files: labelled texts (classification) or prompt/completion pairs
 (causal LM), checked with messages that name the file and line."""
+
 from __future__ import annotations
 
 import csv
@@ -27,7 +28,7 @@ class Pair:
 
 
 def load_examples(path: str | Path, text_field: str = "text", label_field: str = "label") -> list[Example]:
-    """Labelled texts from ``.jsonl`` (one object a line), ``.json`` (a list of objects), ``.csv`` or ``.tsv``."""
+    """Labelled texts from ``.jsonl`` (object per line), ``.json`` (a list of objects), ``.csv``, ``.tsv``."""
     path = Path(path)
     examples = [_example(path, where, rec, text_field, label_field) for where, rec in _records(path)]
     if not examples:
@@ -35,18 +36,24 @@ def load_examples(path: str | Path, text_field: str = "text", label_field: str =
     return examples
 
 
-def load_pairs(path: str | Path, prompt_field: str = "prompt", completion_field: str = "completion") -> list[Pair]:
+def load_pairs(
+    path: str | Path, prompt_field: str = "prompt", completion_field: str = "completion"
+) -> list[Pair]:
     """Prompt/completion pairs, from the same file formats as ``load_examples``."""
     path = Path(path)
     pairs = []
     for where, rec in _records(path):
         if not isinstance(rec, dict):
-            raise DataError(f"{path} {where}: expected an object with {prompt_field!r} and {completion_field!r}")
+            raise DataError(
+                f"{path} {where}: expected an object with {prompt_field!r} and {completion_field!r}"
+            )
         for field in (prompt_field, completion_field):
             value = rec.get(field)
             if not isinstance(value, str) or not value:
-                raise DataError(f"{path} {where}: {field!r} must be a non-empty string (has {sorted(rec)}); "
-                                "see --prompt-field/--completion-field")
+                raise DataError(
+                    f"{path} {where}: {field!r} must be a non-empty string (has {sorted(rec)}); "
+                    "see --prompt-field/--completion-field"
+                )
         pairs.append(Pair(rec[prompt_field], rec[completion_field]))
     if not pairs:
         raise DataError(f"{path}: no examples")
@@ -103,7 +110,9 @@ def _example(path: Path, where: str, rec, text_field: str, label_field: str) -> 
         raise DataError(f"{path} {where}: expected an object with {text_field!r} and {label_field!r}")
     for field in (text_field, label_field):
         if rec.get(field) is None:
-            raise DataError(f"{path} {where}: no field {field!r} (has {sorted(rec)}); see --text-field/--label-field")
+            raise DataError(
+                f"{path} {where}: no field {field!r} (has {sorted(rec)}); see --text-field/--label-field"
+            )
     text, label = rec[text_field], rec[label_field]
     if not isinstance(text, str) or not text.strip():
         raise DataError(f"{path} {where}: {text_field!r} must be a non-empty string")

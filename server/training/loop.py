@@ -1,5 +1,6 @@
 """The training loop shared by every task: AdamW, linear warm-up and decay, gradient clipping, per-epoch
 evaluation, early stopping that restores the best epoch's weights, and callbacks for progress display."""
+
 from __future__ import annotations
 
 import copy
@@ -73,7 +74,8 @@ def fit(
     warmup = int(total * cfg.warmup_ratio)
     optimizer = torch.optim.AdamW(param_groups, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup))
+        optimizer,
+        lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)),
     )
     trainable = [p for group in param_groups for p in group["params"]]
     history: list[EpochStats] = []
@@ -86,7 +88,7 @@ def fit(
         module.train()
         order = torch.randperm(len(items), generator=g).tolist()
         for step in range(steps_per_epoch):
-            batch = [items[i] for i in order[step * cfg.batch_size:(step + 1) * cfg.batch_size]]
+            batch = [items[i] for i in order[step * cfg.batch_size : (step + 1) * cfg.batch_size]]
             loss = batch_loss(batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -1,10 +1,12 @@
 """What ``ptserve train --out DIR`` writes:
 
-    DIR/adapter.safetensors   the ptserve blob (prefix K/V, head, labels, backbone fingerprint): upload as is
-    DIR/peft/                 the same adapter as a PEFT PREFIX_TUNING folder (adapter_config.json +
-                              adapter_model.safetensors; PEFT loads it) plus labels.json, which PEFT ignores
-    DIR/training.json         hyper-parameters, per-epoch history, step losses, evaluation accuracy and predictions
+DIR/adapter.safetensors   the ptserve blob (prefix K/V, head, labels, backbone fingerprint): upload as is
+DIR/peft/                 the same adapter as a PEFT PREFIX_TUNING folder (adapter_config.json +
+                          adapter_model.safetensors; PEFT loads it) plus labels.json, which PEFT ignores
+DIR/training.json         hyper-parameters, per-epoch history, step losses, evaluation accuracy and
+                          predictions
 """
+
 from __future__ import annotations
 
 import json
@@ -40,8 +42,12 @@ def history_record(fit: FitResult) -> dict:
         "stopped_early": fit.stopped_early,
         "train_seconds": round(fit.seconds, 3),
         "history": [
-            {"epoch": s.epoch, "train_loss": s.train_loss, "seconds": round(s.seconds, 3),
-             **({"eval_loss": s.eval.loss, **s.eval.metrics} if s.eval else {})}
+            {
+                "epoch": s.epoch,
+                "train_loss": s.train_loss,
+                "seconds": round(s.seconds, 3),
+                **({"eval_loss": s.eval.loss, **s.eval.metrics} if s.eval else {}),
+            }
             for s in fit.history
         ],
         "step_losses": fit.step_losses,

@@ -1,5 +1,8 @@
-"""Servers the client tests drive: a real ``ptserve serve`` on MiniLM (admin key set: auth and keys are real), one
-on a tiny random GPT-2 for generation, and a scripted HTTP server we control for retry and streaming edge cases."""
+"""Servers the client tests drive: a real ``ptserve serve`` on MiniLM (admin key set: auth and keys are real),
+one
+on a tiny random GPT-2 for generation, and a scripted HTTP server we control for retry and streaming edge
+cases."""
+
 from __future__ import annotations
 
 import json
@@ -32,8 +35,11 @@ def gen_server(tmp_path_factory):
 
     folder = save_tiny_decoder("gpt2", tmp_path_factory.mktemp("gpt2"))
     fp = fingerprint_from_config(hf_compat.load_config(str(folder), True))
-    env = {"PTSERVE_BACKBONE": str(folder), "PTSERVE_STORE": f"file://{tmp_path_factory.mktemp('gen-store')}",
-           "PTSERVE_ADMIN_KEY": ADMIN}
+    env = {
+        "PTSERVE_BACKBONE": str(folder),
+        "PTSERVE_STORE": f"file://{tmp_path_factory.mktemp('gen-store')}",
+        "PTSERVE_ADMIN_KEY": ADMIN,
+    }
     with running_server(env) as url:
         with Client(url, ADMIN) as c:
             c.upload("acme/poet", encode_blob(make_adapter(fp, 5, seed=5, task="generate")))
@@ -67,9 +73,14 @@ def scripted():
             body = self.rfile.read(length) if length else b""
             state.requests.append((self.command, self.path, dict(self.headers), body))
             state.times.append(time.monotonic())
-            status, headers, payload = state.responses.pop(0) if state.responses else (500, {}, b"script ran out")
+            status, headers, payload = (
+                state.responses.pop(0) if state.responses else (500, {}, b"script ran out")
+            )
             if isinstance(payload, (dict, list)):
-                payload, headers = json.dumps(payload).encode(), {"content-type": "application/json", **headers}
+                payload, headers = (
+                    json.dumps(payload).encode(),
+                    {"content-type": "application/json", **headers},
+                )
             elif isinstance(payload, str):
                 payload = payload.encode()
             self.send_response(status)

@@ -1,5 +1,6 @@
 """The ``ptserve`` client commands against a real server over HTTP: every command, tables and ``--json``, and
 an error line (``error: <status> <type>: <message>``) with a non-zero exit for every failure."""
+
 from __future__ import annotations
 
 import json
@@ -44,10 +45,26 @@ def test_adapters_commands(server, minilm, tmp_path):
     assert "num_virtual_tokens" in shown and "bad, good" in shown
     assert json.loads(ok(cli(server, "adapters", "show", "cli/two", "--json")))["labels"] == ["bad", "good"]
 
-    got = json.loads(ok(cli(server, "adapters", "download", "cli/one", "--out", str(tmp_path / "dl.safetensors"),
-                            "--peft", str(tmp_path / "peft"), "--json")))
+    got = json.loads(
+        ok(
+            cli(
+                server,
+                "adapters",
+                "download",
+                "cli/one",
+                "--out",
+                str(tmp_path / "dl.safetensors"),
+                "--peft",
+                str(tmp_path / "peft"),
+                "--json",
+            )
+        )
+    )
     assert (tmp_path / "dl.safetensors").read_bytes() == blob_file.read_bytes() and got["bytes"] > 0
-    assert decode_blob((tmp_path / "dl.safetensors").read_bytes(), fp, "pooler_linear").config.num_virtual_tokens == 6
+    assert (
+        decode_blob((tmp_path / "dl.safetensors").read_bytes(), fp, "pooler_linear").config.num_virtual_tokens
+        == 6
+    )
     assert json.loads((tmp_path / "peft" / "labels.json").read_text()) == ["negative", "neutral", "positive"]
     again = json.loads(ok(cli(server, "adapters", "upload", "cli/three", str(tmp_path / "peft"), "--json")))
     assert again["labels"] == ["negative", "neutral", "positive"]
@@ -61,7 +78,9 @@ def test_classify_command(server, minilm, tmp_path):
     blob_file = tmp_path / "c.safetensors"
     blob_file.write_bytes(encode_blob(make_adapter(minilm.fingerprint, 5, seed=13)))
     ok(cli(server, "adapters", "upload", "cli/cls", str(blob_file)))
-    res = json.loads(ok(cli(server, "classify", "cli/cls", "great food", "awful service", "--logits", "--json")))
+    res = json.loads(
+        ok(cli(server, "classify", "cli/cls", "great food", "awful service", "--logits", "--json"))
+    )
     assert len(res["predictions"]) == 2 and len(res["predictions"][0]["logits"]) == 3
     (tmp_path / "texts.txt").write_text("great food\n\nawful service\n")
     table = ok(cli(server, "classify", "cli/cls", "--file", str(tmp_path / "texts.txt")))
@@ -74,8 +93,8 @@ def test_classify_command(server, minilm, tmp_path):
 
 
 def test_keys_commands(server):
-    created = json.loads(ok(cli(server, "keys", "create", "cli-tenant", "--json")))
-    assert created["key"] and created["tenant"] == "cli-tenant"
+    created = json.loads(ok(cli(server, "keys", "create", "cli-tenant", "--name", "ci runner", "--json")))
+    assert created["key"] and created["tenant"] == "cli-tenant" and created["name"] == "ci runner"
     plain = cli(server, "keys", "create", "cli-tenant")
     assert plain.exit_code == 0 and plain.stdout.strip() and "not shown again" in plain.stderr
     listed = json.loads(ok(cli(server, "keys", "list", "cli-tenant", "--json")))
@@ -95,26 +114,32 @@ def test_keys_commands(server):
 
 def test_generate_command_streams_and_answers_json(gen_server):
     url, aid = gen_server
-    full = json.loads(ok(cli(url, "generate", aid, "the lazy dog", "--max-new-tokens", "6", "--temperature", "0",
-                             "--json")))
+    full = json.loads(
+        ok(cli(url, "generate", aid, "the lazy dog", "--max-new-tokens", "6", "--temperature", "0", "--json"))
+    )
     assert full["adapter"] == aid and full["finish_reason"] in ("stop", "length")
     streamed = cli(url, "generate", aid, "the lazy dog", "--max-new-tokens", "6", "--temperature", "0")
     assert streamed.exit_code == 0 and streamed.stdout == full["text"] + "\n"
     assert f"finish_reason={full['finish_reason']}" in streamed.stderr
-    plain = cli(url, "generate", aid, "the lazy dog", "--max-new-tokens", "6", "--temperature", "0", "--no-stream")
+    plain = cli(
+        url, "generate", aid, "the lazy dog", "--max-new-tokens", "6", "--temperature", "0", "--no-stream"
+    )
     assert plain.stdout == full["text"] + "\n"
     missing = cli(url, "generate", "acme/nope", "hi")
     assert missing.exit_code == 1 and "error: 404 adapter_not_found:" in missing.stderr
 
 
-@pytest.mark.parametrize("args, code, message", [
-    (["adapters", "show", "cli/missing"], 1, "error: 404 adapter_not_found:"),
-    (["adapters", "show", "no-slash"], 2, "must be 'tenant/name'"),
-    (["adapters", "show", "Bad Tenant/x"], 1, "error: 400 invalid_adapter_id:"),
-    (["adapters", "upload", "cli/x", "/nonexistent/file"], 2, "no such file or folder"),
-    (["adapters", "download", "cli/x"], 2, "--out FILE"),
-    (["classify", "cli/x"], 2, "no texts"),
-])
+@pytest.mark.parametrize(
+    "args, code, message",
+    [
+        (["adapters", "show", "cli/missing"], 1, "error: 404 adapter_not_found:"),
+        (["adapters", "show", "no-slash"], 2, "must be 'tenant/name'"),
+        (["adapters", "show", "Bad Tenant/x"], 1, "error: 400 invalid_adapter_id:"),
+        (["adapters", "upload", "cli/x", "/nonexistent/file"], 2, "no such file or folder"),
+        (["adapters", "download", "cli/x"], 2, "--out FILE"),
+        (["classify", "cli/x"], 2, "no texts"),
+    ],
+)
 def test_error_paths(server, args, code, message):
     res = cli(server, *args)
     assert res.exit_code == code and message in res.stderr, res.output

@@ -1,5 +1,8 @@
-"""The SDK against a real ``ptserve serve`` over HTTP (every endpoint, typed results and errors), and against a
-scripted server for what a healthy ptserve rarely answers on cue (429/503 with Retry-After, broken streams)."""
+"""The SDK against a real ``ptserve serve`` over HTTP (every endpoint, typed results and errors), and against
+a
+scripted server for what a healthy ptserve rarely answers on cue (429/503 with Retry-After, broken
+streams)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -13,8 +16,18 @@ import torch
 
 from adapters_store.format import encode_blob
 from client import (
-    APIConnectionError, AsyncClient, AuthenticationError, BadRequestError, Client, InternalServerError,
-    NotFoundError, RateLimitError, RetryPolicy, ServiceUnavailableError, StreamError, UnprocessableEntityError,
+    APIConnectionError,
+    AsyncClient,
+    AuthenticationError,
+    BadRequestError,
+    Client,
+    InternalServerError,
+    NotFoundError,
+    RateLimitError,
+    RetryPolicy,
+    ServiceUnavailableError,
+    StreamError,
+    UnprocessableEntityError,
 )
 from client._core import SSEDecoder, iter_events, parse_retry_after
 from client.export import blob_to_adapter
@@ -35,7 +48,7 @@ def admin(url) -> Client:
     return Client(url, ADMIN)
 
 
-# --- adapters ----------------------------------------------------------------------------------------------------
+# --- adapters -----------------------------------------------------------------------------------------------
 def test_adapter_lifecycle(server, fp, tmp_path):
     blob = encode_blob(make_adapter(fp, 6, seed=1))
     (tmp_path / "a.safetensors").write_bytes(blob)
@@ -54,7 +67,11 @@ def test_adapter_lifecycle(server, fp, tmp_path):
         c.delete_adapter("sdk/life")
         with pytest.raises(NotFoundError) as err:
             c.get_adapter("sdk/life")
-        assert err.value.status == 404 and err.value.type == "adapter_not_found" and "sdk/life" in err.value.message
+        assert (
+            err.value.status == 404
+            and err.value.type == "adapter_not_found"
+            and "sdk/life" in err.value.message
+        )
         with pytest.raises(NotFoundError):
             c.delete_adapter("sdk/life")
 
@@ -63,8 +80,11 @@ def test_peft_export_and_folder_upload_round_trip(server, fp, tmp_path):
     with admin(server) as c:
         c.upload("sdk/native", encode_blob(make_adapter(fp, 5, seed=2, labels=("no", "yes"))))
         folder = c.export_peft("sdk/native", tmp_path / "peft")
-        assert sorted(p.name for p in folder.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
-                                                            "labels.json"]
+        assert sorted(p.name for p in folder.iterdir()) == [
+            "adapter_config.json",
+            "adapter_model.safetensors",
+            "labels.json",
+        ]
         info = c.upload("sdk/from-peft", folder)  # labels come from labels.json
         assert info.labels == ["no", "yes"] and info.num_virtual_tokens == 5
         relabelled = c.upload("sdk/relabelled", folder, labels=["neg", "pos"])
@@ -173,12 +193,14 @@ async def test_async_client_covers_the_same_calls(server, fp, tmp_path):
             await anonymous.list_adapters()
 
 
-# --- generation (tiny GPT-2 server) --------------------------------------------------------------------------------
+# --- generation (tiny GPT-2 server) -------------------------------------------------------------------------
 def test_generate_json_stream_completions_and_models(gen_server):
     url, aid = gen_server
     with admin(url) as c:
         res = c.generate(aid, "the quick brown", max_new_tokens=8, temperature=0)
-        assert isinstance(res, GenerateResult) and res.adapter == aid and res.finish_reason in ("stop", "length")
+        assert (
+            isinstance(res, GenerateResult) and res.adapter == aid and res.finish_reason in ("stop", "length")
+        )
         assert res.usage["completion_tokens"] >= 1
         events = list(c.generate_stream(aid, "the quick brown", max_new_tokens=8, temperature=0))
         assert "".join(e.text for e in events) == res.text
@@ -202,16 +224,22 @@ async def test_async_generation(gen_server):
     url, aid = gen_server
     async with AsyncClient(url, ADMIN) as c:
         res = await c.generate(aid, "hello world", max_new_tokens=6, temperature=0)
-        text = "".join([e.text async for e in c.generate_stream(aid, "hello world", max_new_tokens=6, temperature=0)])
+        text = "".join(
+            [e.text async for e in c.generate_stream(aid, "hello world", max_new_tokens=6, temperature=0)]
+        )
         assert text == res.text
         comp = await c.completions(aid, "hello world", max_tokens=6, temperature=0)
         assert comp.choices[0].text == res.text
-        assert "".join([e.text async for e in c.completions_stream(aid, "hello world", max_tokens=6,
-                                                                    temperature=0)]) == res.text
+        assert (
+            "".join(
+                [e.text async for e in c.completions_stream(aid, "hello world", max_tokens=6, temperature=0)]
+            )
+            == res.text
+        )
         assert aid in [m.id for m in await c.models()]
 
 
-# --- retries (scripted server) -------------------------------------------------------------------------------------
+# --- retries (scripted server) ------------------------------------------------------------------------------
 def test_429_waits_for_retry_after_then_succeeds(scripted):
     scripted.script(
         (429, {"Retry-After": "1"}, error_body("rate_limited", "slow down")),
@@ -225,8 +253,10 @@ def test_429_waits_for_retry_after_then_succeeds(scripted):
 
 
 def test_post_is_retried_on_429_with_the_same_body(scripted):
-    scripted.script((429, {"Retry-After": "0"}, error_body("rate_limited", "busy")),
-                    (200, {}, {"adapter": "a/b", "version": 1, "predictions": [], "usage": {"input_tokens": 0}}))
+    scripted.script(
+        (429, {"Retry-After": "0"}, error_body("rate_limited", "busy")),
+        (200, {}, {"adapter": "a/b", "version": 1, "predictions": [], "usage": {"input_tokens": 0}}),
+    )
     with Client(scripted.url, "k", retry=FAST) as c:
         assert c.classify("a/b", ["x"]).adapter == "a/b"
     (m1, p1, h1, b1), (m2, p2, h2, b2) = scripted.requests
@@ -234,7 +264,9 @@ def test_post_is_retried_on_429_with_the_same_body(scripted):
 
 
 def test_retries_exhausted_raise_the_typed_error(scripted):
-    scripted.script(*[(429, {"Retry-After": "0"}, error_body("rate_limited", "tenant acme is over its share"))] * 4)
+    scripted.script(
+        *[(429, {"Retry-After": "0"}, error_body("rate_limited", "tenant acme is over its share"))] * 4
+    )
     with Client(scripted.url, retry=FAST) as c, pytest.raises(RateLimitError) as err:
         c.list_adapters()
     assert len(scripted.requests) == 4 and err.value.type == "rate_limited"
@@ -273,32 +305,45 @@ def test_connection_refused_is_retried_then_raised():
 
 
 async def test_async_client_retries_too(scripted):
-    scripted.script((503, {"Retry-After": "1"}, error_body("not_ready", "loading")), (200, {}, {"status": "ok"}))
+    scripted.script(
+        (503, {"Retry-After": "1"}, error_body("not_ready", "loading")), (200, {}, {"status": "ok"})
+    )
     async with AsyncClient(scripted.url, retry=FAST) as c:
         assert await c.health() == {"status": "ok"}
     assert scripted.times[1] - scripted.times[0] >= 0.95
 
 
 def test_retry_after_http_date_and_backoff_policy():
-    assert parse_retry_after("2") == 2.0 and parse_retry_after("junk") is None and parse_retry_after(None) is None
+    assert (
+        parse_retry_after("2") == 2.0
+        and parse_retry_after("junk") is None
+        and parse_retry_after(None) is None
+    )
     assert 8 <= parse_retry_after(formatdate(time.time() + 10, usegmt=True)) <= 10
     policy = RetryPolicy(max_retries=5, backoff=0.5, max_backoff=3.0, max_retry_after=30)
-    assert [round(policy.delay(a, None) / (0.5 * 2 ** a), 1) <= 1.2 for a in range(2)] == [True, True]
+    assert [round(policy.delay(a, None) / (0.5 * 2**a), 1) <= 1.2 for a in range(2)] == [True, True]
     assert policy.delay(4, None) <= 3.0 * 1.2 and policy.delay(5, None) is None
     assert policy.delay(0, 7.0) == 7.0 and policy.delay(0, 31.0) is None
 
 
-# --- streams (scripted server) -------------------------------------------------------------------------------------
+# --- streams (scripted server) ------------------------------------------------------------------------------
 def test_stream_parsing_and_errors_mid_stream(scripted):
-    body = (": keep-alive\n\n"
-            'data: {"text": "Hel", "token": 1}\n\n'
-            'event: message\ndata: {"text": "lo",\ndata:  "token": 2}\n\n'
-            'data: {"text": "", "token": 3, "finish_reason": "length", "usage": {"completion_tokens": 3}}\n\n'
-            "data: [DONE]\n\n"
-            'data: {"text": "after done is ignored"}\n\n')
-    scripted.script((200, {"content-type": "text/event-stream"}, body),
-                    (200, {"content-type": "text/event-stream"},
-                     'data: {"text": "a"}\n\nevent: error\ndata: {"type": "internal_error", "message": "boom"}\n\n'))
+    body = (
+        ": keep-alive\n\n"
+        'data: {"text": "Hel", "token": 1}\n\n'
+        'event: message\ndata: {"text": "lo",\ndata:  "token": 2}\n\n'
+        'data: {"text": "", "token": 3, "finish_reason": "length", "usage": {"completion_tokens": 3}}\n\n'
+        "data: [DONE]\n\n"
+        'data: {"text": "after done is ignored"}\n\n'
+    )
+    scripted.script(
+        (200, {"content-type": "text/event-stream"}, body),
+        (
+            200,
+            {"content-type": "text/event-stream"},
+            'data: {"text": "a"}\n\nevent: error\ndata: {"type": "internal_error", "message": "boom"}\n\n',
+        ),
+    )
     with Client(scripted.url) as c:
         events = list(c.generate_stream("a/b", "hi", max_new_tokens=3, stop=["\n"]))
         assert [e.text for e in events] == ["Hel", "lo", ""] and events[1].event == "message"
@@ -306,16 +351,24 @@ def test_stream_parsing_and_errors_mid_stream(scripted):
         sent = scripted.requests[0]
         assert sent[2]["accept"] == "text/event-stream"
         import json as _json
-        assert _json.loads(sent[3]) == {"adapter": "a/b", "prompt": "hi", "max_new_tokens": 3, "stop": ["\n"],
-                                        "stream": True}
+
+        assert _json.loads(sent[3]) == {
+            "adapter": "a/b",
+            "prompt": "hi",
+            "max_new_tokens": 3,
+            "stop": ["\n"],
+            "stream": True,
+        }
         with pytest.raises(StreamError, match="internal_error: boom"):
             list(c.generate_stream("a/b", "hi"))
 
 
 def test_sse_decoder_edge_cases():
-    events = list(iter_events(["data: {\"x\": 1}", "", "data: 2", ""]))  # non-object JSON is wrapped
+    events = list(iter_events(['data: {"x": 1}', "", "data: 2", ""]))  # non-object JSON is wrapped
     assert [e.data for e in events] == [{"x": 1}, {"data": 2}]
-    assert [e.data for e in iter_events(['data: {"x": 3}'])] == [{"x": 3}]  # flushed at the end without blank line
+    assert [e.data for e in iter_events(['data: {"x": 3}'])] == [
+        {"x": 3}
+    ]  # flushed at the end without blank line
     with pytest.raises(StreamError, match="not JSON"):
         list(iter_events(["data: {oops", ""]))
     with pytest.raises(StreamError, match="rate_limited: later"):
@@ -334,7 +387,9 @@ def test_exported_blob_decodes_against_its_own_fingerprint(fp):
 def test_transport_is_injectable_for_offline_use():
     def handler(request: httpx.Request) -> httpx.Response:
         assert request.headers["authorization"] == "Bearer t"
-        return httpx.Response(200, json={"object": "list", "data": [{"id": "a/b", "created": 1, "owned_by": "a"}]})
+        return httpx.Response(
+            200, json={"object": "list", "data": [{"id": "a/b", "created": 1, "owned_by": "a"}]}
+        )
 
     with Client("http://ptserve.invalid", "t", transport=httpx.MockTransport(handler)) as c:
         assert [m.id for m in c.models()] == ["a/b"]

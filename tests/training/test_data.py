@@ -1,4 +1,5 @@
 """Training data loading: formats, messages that name the line, label checks, and the shipped example set."""
+
 from __future__ import annotations
 
 import csv
@@ -26,14 +27,17 @@ def test_jsonl_json_csv_tsv_give_the_same_examples(tmp_path):
         assert load_examples(tmp_path / name, "sentence", "y") == want, name
 
 
-@pytest.mark.parametrize("content, message", [
-    ('{"text": "x", "label": "a"}\n{"text": "y"}\n', "line 2: no field 'label'"),
-    ('{"text": "x", "label": "a"}\nnot json\n', "line 2: not JSON"),
-    ('{"text": "", "label": "a"}\n', "line 1: 'text' must be a non-empty string"),
-    ('{"text": "x", "label": ["a"]}\n', "line 1: 'label' must be a non-empty string or number"),
-    ('["x", "a"]\n', "line 1: expected an object"),
-    ("\n\n", "no examples"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        ('{"text": "x", "label": "a"}\n{"text": "y"}\n', "line 2: no field 'label'"),
+        ('{"text": "x", "label": "a"}\nnot json\n', "line 2: not JSON"),
+        ('{"text": "", "label": "a"}\n', "line 1: 'text' must be a non-empty string"),
+        ('{"text": "x", "label": ["a"]}\n', "line 1: 'label' must be a non-empty string or number"),
+        ('["x", "a"]\n', "line 1: expected an object"),
+        ("\n\n", "no examples"),
+    ],
+)
 def test_bad_jsonl_names_the_line(tmp_path, content, message):
     path = tmp_path / "d.jsonl"
     path.write_text(content)
@@ -74,4 +78,7 @@ def test_example_sentiment_split_is_disjoint_balanced_and_complete():
     assert len({e.text for e in full}) == 360  # no duplicate sentences
     for part, n in ((train, 90), (held_out, 30)):
         assert {label: sum(e.label == label for e in part) for label in label_set(part)} == {
-            "negative": n, "neutral": n, "positive": n}
+            "negative": n,
+            "neutral": n,
+            "positive": n,
+        }

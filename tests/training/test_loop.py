@@ -1,4 +1,5 @@
 """The shared training loop: schedule, early stopping that restores the best epoch, callbacks."""
+
 from __future__ import annotations
 
 import torch
@@ -37,8 +38,15 @@ def test_early_stopping_restores_the_best_epoch_and_reports_progress():
         return Evaluation(loss=1.0 if len(snapshots) != 4 else 2.0, score=score)
 
     rec = Recorder()
-    result = fit(module, [{"params": list(module.parameters()), "lr": 0.1}], items, batch_loss, evaluate,
-                 FitConfig(epochs=6, batch_size=4, seed=0, patience=3, warmup_ratio=0.1), rec)
+    result = fit(
+        module,
+        [{"params": list(module.parameters()), "lr": 0.1}],
+        items,
+        batch_loss,
+        evaluate,
+        FitConfig(epochs=6, batch_size=4, seed=0, patience=3, warmup_ratio=0.1),
+        rec,
+    )
     assert rec.started == (6, 3)
     assert len(result.history) == 5 and result.stopped_early  # epochs 3, 4, 5 were no better than 2
     assert result.best_epoch == 2 and [s.best for s in result.history] == [True, True, False, False, False]
@@ -49,7 +57,12 @@ def test_early_stopping_restores_the_best_epoch_and_reports_progress():
 
 def test_without_eval_data_runs_every_epoch_and_keeps_the_last():
     module = nn.Linear(1, 1)
-    result = fit(module, [{"params": list(module.parameters()), "lr": 0.01}], [1, 2, 3],
-                 lambda b: module(torch.ones(len(b), 1)).sum() ** 2, None,
-                 FitConfig(epochs=3, batch_size=2, seed=0, patience=1, warmup_ratio=0.0))
+    result = fit(
+        module,
+        [{"params": list(module.parameters()), "lr": 0.01}],
+        [1, 2, 3],
+        lambda b: module(torch.ones(len(b), 1)).sum() ** 2,
+        None,
+        FitConfig(epochs=3, batch_size=2, seed=0, patience=1, warmup_ratio=0.0),
+    )
     assert len(result.history) == 3 and result.best_epoch == 3 and not result.stopped_early

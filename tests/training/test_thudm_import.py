@@ -1,10 +1,12 @@
 """THUDM P-tuning-v2 checkpoints -> ptserve adapters, checked against THUDM's formula run directly.
 
-The reference below is written from THUDM's code (``model/prefix_encoder.py``, ``BertPrefixForSequenceClassification``
-and ``RobertaPrefixForSequenceClassification``): PrefixEncoder -> ``view(B, P, 2L, H, D)`` -> ``permute(2, 0, 3, 1, 4)
-.split(2)`` -> HF ``past_key_values`` with an all-ones prefix attention mask, eager attention, the model's pooled
-output -> ``classifier``. It shares no code with ptserve's engine (HF's own cache path, not ptserve's attention).
+The reference below is written from THUDM's code (``model/prefix_encoder.py``,
+``BertPrefixForSequenceClassification`` and ``RobertaPrefixForSequenceClassification``): PrefixEncoder ->
+``view(B, P, 2L, H, D)`` -> ``permute(2, 0, 3, 1, 4) .split(2)`` -> HF ``past_key_values`` with an all-ones
+prefix attention mask, eager attention, the model's pooled output -> ``classifier``. It shares no code with
+ptserve's engine (HF's own cache path, not ptserve's attention).
 """
+
 from __future__ import annotations
 
 import inspect
@@ -24,12 +26,18 @@ from server.cli import app
 from server.engine import Engine, Row
 from tests.factories import save_tiny_encoder
 
-TEXTS = ["The soup was cold and the waiter rude.", "A lovely, quiet hotel near the beach.", "It opens at nine."]
+TEXTS = [
+    "The soup was cold and the waiter rude.",
+    "A lovely, quiet hotel near the beach.",
+    "It opens at nine.",
+]
 
 
-def thudm_state(fp, hidden: int, p: int, projection: bool, num_labels: int = 3, seed: int = 0,
-                prefix_hidden: int = 32) -> dict[str, torch.Tensor]:
-    """A THUDM checkpoint's trainable tensors, random but non-trivial, named as THUDM saves them (bert.* etc. are
+def thudm_state(
+    fp, hidden: int, p: int, projection: bool, num_labels: int = 3, seed: int = 0, prefix_hidden: int = 32
+) -> dict[str, torch.Tensor]:
+    """A THUDM checkpoint's trainable tensors, random but non-trivial, named as THUDM saves them (bert.* etc.
+    are
     added by the caller to check they are ignored)."""
     g = torch.Generator().manual_seed(seed)
     width = fp.num_layers * 2 * hidden
@@ -62,10 +70,18 @@ def thudm_reference_logits(model_path: str, state: dict, texts: list[str]) -> to
     trans = None
     if "prefix_encoder.trans.0.weight" in state:  # prefix_projection=True
         w0, w2 = state["prefix_encoder.trans.0.weight"], state["prefix_encoder.trans.2.weight"]
-        trans = torch.nn.Sequential(torch.nn.Linear(w0.shape[1], w0.shape[0]), torch.nn.Tanh(),
-                                    torch.nn.Linear(w2.shape[1], w2.shape[0]))
-        trans.load_state_dict({k.removeprefix("prefix_encoder.trans."): v for k, v in state.items()
-                               if k.startswith("prefix_encoder.trans.")})
+        trans = torch.nn.Sequential(
+            torch.nn.Linear(w0.shape[1], w0.shape[0]),
+            torch.nn.Tanh(),
+            torch.nn.Linear(w2.shape[1], w2.shape[0]),
+        )
+        trans.load_state_dict(
+            {
+                k.removeprefix("prefix_encoder.trans."): v
+                for k, v in state.items()
+                if k.startswith("prefix_encoder.trans.")
+            }
+        )
     cache_arg = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
     out = []
     with torch.no_grad():
@@ -79,11 +95,13 @@ def thudm_reference_logits(model_path: str, state: dict, texts: list[str]) -> to
             past_key_values = past_key_values.view(batch_size, pre_seq_len, n_layer * 2, n_head, n_embd)
             past_key_values = past_key_values.permute([2, 0, 3, 1, 4]).split(2)  # per layer: [2, B, H, P, D]
             cache = DynamicCache(ddp_cache_data=[(kv[0], kv[1]) for kv in past_key_values])
-            attention_mask = torch.cat([torch.ones(batch_size, pre_seq_len, dtype=torch.long),
-                                        enc["attention_mask"]], dim=1)
+            attention_mask = torch.cat(
+                [torch.ones(batch_size, pre_seq_len, dtype=torch.long), enc["attention_mask"]], dim=1
+            )
             kwargs = {"token_type_ids": enc["token_type_ids"]} if "token_type_ids" in enc else {}
-            outputs = model(input_ids=enc["input_ids"], attention_mask=attention_mask, **kwargs,
-                            **{cache_arg: cache})
+            outputs = model(
+                input_ids=enc["input_ids"], attention_mask=attention_mask, **kwargs, **{cache_arg: cache}
+            )
             pooled_output = outputs[1]
             out.append(F.linear(pooled_output, state["classifier.weight"], state["classifier.bias"])[0])
     return torch.stack(out)
@@ -110,7 +128,9 @@ def test_minilm_thudm_checkpoint_gives_thudm_logits(minilm, minilm_engine, proje
     reference = thudm_reference_logits(minilm.path, state, TEXTS)
     ours = served_logits(minilm_engine, adapter, TEXTS)
     assert (ours - reference).abs().max() <= 1e-5
-    assert (reference[0] - reference[1]).abs().max() > 1e-3  # different texts, different answers: the check bites
+    assert (
+        reference[0] - reference[1]
+    ).abs().max() > 1e-3  # different texts, different answers: the check bites
 
 
 def test_roberta_thudm_head_becomes_cls_mlp_on_the_pooler(minilm, tmp_path):
@@ -147,8 +167,13 @@ def test_import_errors_say_what_is_wrong(minilm):
     fp = minilm.fingerprint
     with pytest.raises(InvalidAdapter, match="no 'prefix_encoder.embedding.weight'"):
         thudm_to_adapter({"classifier.weight": torch.zeros(2, 384)}, fp, "pooler_linear")
-    with pytest.raises(BackboneMismatch, match=f"needs layers\\*2\\*kv_heads\\*head_dim = 6\\*2\\*12\\*32 = {fp.prefix_width}"):
-        thudm_to_adapter({"prefix_encoder.embedding.weight": torch.zeros(4, 12 * 2 * 768)}, fp, "pooler_linear")
+    with pytest.raises(
+        BackboneMismatch,
+        match=f"needs layers\\*2\\*kv_heads\\*head_dim = 6\\*2\\*12\\*32 = {fp.prefix_width}",
+    ):
+        thudm_to_adapter(
+            {"prefix_encoder.embedding.weight": torch.zeros(4, 12 * 2 * 768)}, fp, "pooler_linear"
+        )
     partial = thudm_state(fp, fp.hidden_size, 2, projection=True)
     del partial["prefix_encoder.trans.2.bias"]
     with pytest.raises(InvalidAdapter, match="projected prefix encoder is incomplete"):
@@ -160,8 +185,14 @@ def test_import_errors_say_what_is_wrong(minilm):
     with pytest.raises(InvalidAdapter, match="2 labels given, the classifier has 3 outputs"):
         thudm_to_adapter(thudm_state(fp, fp.hidden_size, 2, False), fp, "pooler_linear", ["a", "b"])
     with pytest.raises(InvalidAdapter, match="two tensors for"):
-        thudm_to_adapter({"a.prefix_encoder.embedding.weight": torch.zeros(1, fp.prefix_width),
-                          "b.prefix_encoder.embedding.weight": torch.zeros(1, fp.prefix_width)}, fp, "pooler_linear")
+        thudm_to_adapter(
+            {
+                "a.prefix_encoder.embedding.weight": torch.zeros(1, fp.prefix_width),
+                "b.prefix_encoder.embedding.weight": torch.zeros(1, fp.prefix_width),
+            },
+            fp,
+            "pooler_linear",
+        )
 
 
 def test_checkpoint_files_safetensors_folder_and_pickle_opt_in(minilm, tmp_path):
@@ -169,9 +200,13 @@ def test_checkpoint_files_safetensors_folder_and_pickle_opt_in(minilm, tmp_path)
     state = thudm_state(fp, fp.hidden_size, 3, projection=False)
     folder = tmp_path / "ckpt"
     folder.mkdir()
-    save_file({**state, "bert.pooler.dense.weight": torch.zeros(384, 384), "bert.other": torch.zeros(1)},
-              folder / "model.safetensors")
-    (folder / "config.json").write_text(json.dumps({"id2label": {"1": "neutral", "0": "negative", "2": "positive"}}))
+    save_file(
+        {**state, "bert.pooler.dense.weight": torch.zeros(384, 384), "bert.other": torch.zeros(1)},
+        folder / "model.safetensors",
+    )
+    (folder / "config.json").write_text(
+        json.dumps({"id2label": {"1": "neutral", "0": "negative", "2": "positive"}})
+    )
     tensors, labels = read_checkpoint(folder)
     assert labels == ["negative", "neutral", "positive"] and "bert.other" not in tensors
     assert torch.equal(tensors["prefix_encoder.embedding.weight"], state["prefix_encoder.embedding.weight"])
@@ -191,17 +226,34 @@ def test_import_thudm_cli_writes_a_served_adapter(minilm, minilm_engine, tmp_pat
     save_file(state, folder / "model.safetensors")
     (folder / "config.json").write_text(json.dumps({"id2label": {"0": "neg", "1": "neu", "2": "pos"}}))
     runner = CliRunner()
-    res = runner.invoke(app, ["adapters", "import-thudm", str(folder), "--out", str(tmp_path / "out"), "--json"])
+    res = runner.invoke(
+        app, ["adapters", "import-thudm", str(folder), "--out", str(tmp_path / "out"), "--json"]
+    )
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
     assert summary["labels"] == ["neg", "neu", "pos"] and summary["num_virtual_tokens"] == 6
     adapter = decode_blob((tmp_path / "out" / "adapter.safetensors").read_bytes(), fp, "pooler_linear")
-    assert (served_logits(minilm_engine, adapter, TEXTS) - thudm_reference_logits(minilm.path, state, TEXTS)).abs().max() <= 1e-5
+    assert (
+        served_logits(minilm_engine, adapter, TEXTS) - thudm_reference_logits(minilm.path, state, TEXTS)
+    ).abs().max() <= 1e-5
     assert (tmp_path / "out" / "peft" / "adapter_config.json").is_file()
 
     torch.save(state, tmp_path / "model.bin")
-    res = runner.invoke(app, ["adapters", "import-thudm", str(tmp_path / "model.bin"), "--out", str(tmp_path / "o2")])
+    res = runner.invoke(
+        app, ["adapters", "import-thudm", str(tmp_path / "model.bin"), "--out", str(tmp_path / "o2")]
+    )
     assert res.exit_code == 2 and "--allow-pickle" in res.output
-    res = runner.invoke(app, ["adapters", "import-thudm", str(tmp_path / "model.bin"), "--out", str(tmp_path / "o2"),
-                              "--allow-pickle", "--labels", "a,b"])
+    res = runner.invoke(
+        app,
+        [
+            "adapters",
+            "import-thudm",
+            str(tmp_path / "model.bin"),
+            "--out",
+            str(tmp_path / "o2"),
+            "--allow-pickle",
+            "--labels",
+            "a,b",
+        ],
+    )
     assert res.exit_code == 2 and "2 labels given, the classifier has 3 outputs" in res.output

@@ -1,6 +1,8 @@
-"""Causal-LM prefix training on a tiny random Llama (grouped-query attention): the loss falls on the completion
-tokens, the served adapter generates (greedy, over real HTTP) exactly the trainer's own greedy completions, and
-PEFT (transformers 4.57 subprocess) generates the same tokens from the exported CAUSAL_LM folder."""
+"""Causal-LM prefix training on a tiny random Llama (grouped-query attention): the loss falls on the
+completion tokens, the served adapter generates (greedy, over real HTTP) exactly the trainer's own greedy
+completions, and PEFT (transformers 4.57 subprocess) generates the same tokens from the exported CAUSAL_LM
+folder."""
+
 from __future__ import annotations
 
 import json
@@ -23,9 +25,14 @@ from tests.factories import running_server, save_tiny_decoder
 
 ROOT = Path(__file__).resolve().parents[2]
 REF_PYTHON = os.environ.get("PTSERVE_REF_PYTHON")
-PAIRS = [Pair("the quick brown", " fox jumps"), Pair("hello world", " this is a"),
-         Pair("many tenants", " share one frozen backbone"), Pair("prefix tuning adds", " virtual tokens"),
-         Pair("continuous batching lets", " requests join"), Pair("the lazy", " dog")]
+PAIRS = [
+    Pair("the quick brown", " fox jumps"),
+    Pair("hello world", " this is a"),
+    Pair("many tenants", " share one frozen backbone"),
+    Pair("prefix tuning adds", " virtual tokens"),
+    Pair("continuous batching lets", " requests join"),
+    Pair("the lazy", " dog"),
+]
 CFG = TrainConfig(virtual_tokens=8, epochs=30, batch_size=2, lr=0.1, patience=0, seed=0)
 
 
@@ -57,12 +64,15 @@ def test_completion_tokens_only_carry_the_loss(decoder, minilm):
     items = tokenise_pairs(decoder, PAIRS[:2], 8, None)
     tok = decoder.tokenizer
     for item, pair in zip(items, PAIRS):
-        assert list(item.ids[:item.prompt_len]) == tok(pair.prompt)["input_ids"]  # as the server tokenises
-        assert list(item.ids[item.prompt_len:]) == tok(pair.completion, add_special_tokens=False)["input_ids"] + [
-            tok.eos_token_id]
+        assert list(item.ids[: item.prompt_len]) == tok(pair.prompt)["input_ids"]  # as the server tokenises
+        assert list(item.ids[item.prompt_len :]) == tok(pair.completion, add_special_tokens=False)[
+            "input_ids"
+        ] + [tok.eos_token_id]
     model = PrefixLM(decoder, TrainConfig(virtual_tokens=3))
     logits, targets = model.completion_logits(items)
-    assert logits.shape == (len(targets), len(tok)) and len(targets) == sum(len(i.ids) - i.prompt_len for i in items)
+    assert logits.shape == (len(targets), len(tok)) and len(targets) == sum(
+        len(i.ids) - i.prompt_len for i in items
+    )
     with pytest.raises(DataError, match="the prompt has"):
         tokenise_pairs(decoder, [Pair("word " * 300, "x")], 8, None)
     with pytest.raises(ValueError, match="is not a causal LM"):
@@ -105,16 +115,31 @@ def test_exported_causal_lm_folder_generates_the_same_tokens_in_peft(decoder, tr
     (tmp_path / "prompts.json").write_text(json.dumps(prompts))
     max_new = max(len(ids) for ids in result.eval.completion_ids) + 1
     proc = subprocess.run(
-        [REF_PYTHON, "scripts/peft_reference.py", "generate", "--model", decoder.path, "--adapter",
-         str(out / PEFT_DIR), "--prompts", str(tmp_path / "prompts.json"), "--max-new", str(max_new),
-         "--result", str(tmp_path / "ref.json")],
-        capture_output=True, text=True, cwd=ROOT, timeout=300,
+        [
+            REF_PYTHON,
+            "scripts/peft_reference.py",
+            "generate",
+            "--model",
+            decoder.path,
+            "--adapter",
+            str(out / PEFT_DIR),
+            "--prompts",
+            str(tmp_path / "prompts.json"),
+            "--max-new",
+            str(max_new),
+            "--result",
+            str(tmp_path / "ref.json"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     reference = json.loads((tmp_path / "ref.json").read_text())["tokens"]  # EOS not treated as the end
     stop = eos_ids(decoder)
     for ours, ref in zip(result.eval.completion_ids, reference):
-        assert ref[:len(ours)] == ours
+        assert ref[: len(ours)] == ours
         if len(ours) < max_new:
             assert ref[len(ours)] in stop  # where the trainer stopped, PEFT produced the EOS
 
@@ -123,9 +148,30 @@ def test_exported_causal_lm_folder_generates_the_same_tokens_in_peft(decoder, tr
 def test_train_cli_picks_generate_for_a_decoder(decoder, tmp_path):
     data = tmp_path / "pairs.jsonl"
     data.write_text("".join(json.dumps({"q": p.prompt, "a": p.completion}) + "\n" for p in PAIRS))
-    args = ["train", "--backbone", decoder.path, "--data", str(data), "--eval-data", str(data), "--prompt-field",
-            "q", "--completion-field", "a", "--virtual-tokens", "4", "--epochs", "2", "--batch-size", "3",
-            "--lr", "0.1", "--out", str(tmp_path / "out"), "--json"]
+    args = [
+        "train",
+        "--backbone",
+        decoder.path,
+        "--data",
+        str(data),
+        "--eval-data",
+        str(data),
+        "--prompt-field",
+        "q",
+        "--completion-field",
+        "a",
+        "--virtual-tokens",
+        "4",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "3",
+        "--lr",
+        "0.1",
+        "--out",
+        str(tmp_path / "out"),
+        "--json",
+    ]
     res = CliRunner().invoke(app, args)
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)

@@ -1,10 +1,12 @@
 """The classification trainer: what is trained is what is served.
 
 Fast checks: the trainer's logits equal the engine's for the saved adapter (plain and MLP-projected prefixes),
-the PrefixEncoder's names and formula are THUDM's. Slow checks (one training run on examples/sentiment, shared):
-accuracy well above chance, the adapter served by a real ``ptserve serve`` predicts exactly what the trainer's own
-evaluation predicted, and PEFT loads the exported folder with the same logits (transformers 4.57 subprocess).
+the PrefixEncoder's names and formula are THUDM's. Slow checks (one training run on examples/sentiment,
+shared): accuracy well above chance, the adapter served by a real ``ptserve serve`` predicts exactly what the
+trainer's own evaluation predicted, and PEFT loads the exported folder with the same logits (transformers 4.57
+subprocess).
 """
+
 from __future__ import annotations
 
 import json
@@ -28,8 +30,8 @@ from tests.factories import running_server
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples" / "sentiment"
 REF_PYTHON = os.environ.get("PTSERVE_REF_PYTHON")
-# The stated bar for the shipped example task (3 balanced classes: chance is 1/3). The full defaults reach ~0.95;
-# this short run (4 epochs, 8 virtual tokens) reaches ~0.9 and must stay at or above 0.8.
+# The stated bar for the shipped example task (3 balanced classes: chance is 1/3). The full defaults reach
+# ~0.95; this short run (4 epochs, 8 virtual tokens) reaches ~0.9 and must stay at or above 0.8.
 MIN_ACCURACY = 0.8
 FAST = TrainConfig(virtual_tokens=8, epochs=4, lr=2e-2, batch_size=16, seed=0, patience=2)
 
@@ -60,8 +62,13 @@ def test_trainer_forward_is_the_serving_forward(minilm, minilm_engine, projectio
 
 def test_prefix_encoder_uses_thudm_names_and_formula():
     enc = PrefixEncoder(4, 24, hidden_size=8, projection_hidden=16)
-    assert sorted(enc.state_dict()) == ["embedding.weight", "trans.0.bias", "trans.0.weight", "trans.2.bias",
-                                        "trans.2.weight"]
+    assert sorted(enc.state_dict()) == [
+        "embedding.weight",
+        "trans.0.bias",
+        "trans.0.weight",
+        "trans.2.bias",
+        "trans.2.weight",
+    ]
     e = enc.embedding.weight
     want = enc.trans[2](torch.tanh(enc.trans[0](e)))
     assert torch.allclose(enc(), want) and torch.equal(enc.materialise(), want.detach())
@@ -77,7 +84,7 @@ def test_backbone_without_classification_head_is_refused(minilm):
         PrefixClassifier(no_head, 2, TrainConfig())
 
 
-# --- one real training run, shared by the slow tests ---------------------------------------------------------------
+# --- one real training run, shared by the slow tests --------------------------------------------------------
 @pytest.fixture(scope="module")
 def trained(minilm, tmp_path_factory):
     train = load_examples(EXAMPLES / "train.jsonl")
@@ -102,8 +109,12 @@ def test_trained_prefix_beats_chance_by_far(trained):
     assert last.train_loss < first.train_loss
     assert len(result.eval.predictions) == len(held_out)
     # only the prefix and the head trained: 8 virtual tokens x 6 layers x 2 x 384, and a 3 x 384 linear layer
-    assert result.trainable_parameters == {"prefix": 8 * 6 * 2 * 384, "head": 3 * 384 + 3,
-                                           "total": 8 * 6 * 2 * 384 + 3 * 384 + 3, "served_prefix": 8 * 6 * 2 * 384}
+    assert result.trainable_parameters == {
+        "prefix": 8 * 6 * 2 * 384,
+        "head": 3 * 384 + 3,
+        "total": 8 * 6 * 2 * 384 + 3 * 384 + 3,
+        "served_prefix": 8 * 6 * 2 * 384,
+    }
 
 
 @pytest.mark.slow
@@ -114,10 +125,16 @@ def test_outputs_carry_labels_fingerprint_and_history(trained, minilm):
     assert adapter.config.backbone == minilm.fingerprint and adapter.config.task == "classify"
     assert torch.equal(adapter.prompt_embeddings, result.adapter.prompt_embeddings)
     cfg = json.loads((out / PEFT_DIR / "adapter_config.json").read_text())
-    assert cfg["peft_type"] == "PREFIX_TUNING" and cfg["task_type"] == "SEQ_CLS" and cfg["num_virtual_tokens"] == 8
+    assert (
+        cfg["peft_type"] == "PREFIX_TUNING"
+        and cfg["task_type"] == "SEQ_CLS"
+        and cfg["num_virtual_tokens"] == 8
+    )
     assert json.loads((out / PEFT_DIR / "labels.json").read_text()) == ["negative", "neutral", "positive"]
     record = json.loads((out / RECORD_FILE).read_text())
-    assert record["eval"]["accuracy"] == result.eval.accuracy and record["best_epoch"] == result.fit.best_epoch
+    assert (
+        record["eval"]["accuracy"] == result.eval.accuracy and record["best_epoch"] == result.fit.best_epoch
+    )
     assert len(record["history"]) == len(result.fit.history) and record["step_losses"]
 
 
@@ -143,9 +160,23 @@ def test_exported_peft_folder_gives_the_same_logits_in_peft(trained, minilm, tmp
     texts = [e.text for e in held_out[:8]]
     (tmp_path / "texts.json").write_text(json.dumps(texts))
     proc = subprocess.run(
-        [REF_PYTHON, "scripts/peft_reference.py", "logits", "--model", minilm.path, "--adapter", str(out / PEFT_DIR),
-         "--texts", str(tmp_path / "texts.json"), "--result", str(tmp_path / "ref.json")],
-        capture_output=True, text=True, cwd=ROOT, timeout=300,
+        [
+            REF_PYTHON,
+            "scripts/peft_reference.py",
+            "logits",
+            "--model",
+            minilm.path,
+            "--adapter",
+            str(out / PEFT_DIR),
+            "--texts",
+            str(tmp_path / "texts.json"),
+            "--result",
+            str(tmp_path / "ref.json"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     reference = torch.tensor(json.loads((tmp_path / "ref.json").read_text())["logits"])
@@ -155,7 +186,7 @@ def test_exported_peft_folder_gives_the_same_logits_in_peft(trained, minilm, tmp
 
 @pytest.mark.slow
 def test_projected_prefix_trains_and_is_served_materialised(minilm, minilm_engine):
-    """A short run with the MLP reparameterisation: the saved (materialised) prefix serves the trainer's logits."""
+    """A short run with the MLP reparameterisation: the materialised prefix serves the trainer's logits."""
     train = load_examples(EXAMPLES / "train.jsonl")[:48]
     held_out = load_examples(EXAMPLES / "eval.jsonl")[:24]
     cfg = TrainConfig(virtual_tokens=4, prefix_projection=True, projection_hidden=64, epochs=1, batch_size=16)

@@ -1,5 +1,6 @@
 """``ptserve train`` end to end: CSV/JSONL data in, adapter files out, uploaded to a real server that then
 answers with the trainer's predictions; and a clear message with exit code 2 for every bad input."""
+
 from __future__ import annotations
 
 import csv
@@ -23,13 +24,17 @@ def small_data(tmp_path_factory):
     """60 training examples as CSV (custom column names) and 30 evaluation examples as JSONL."""
     d = tmp_path_factory.mktemp("data")
     train = load_examples(EXAMPLES / "train.jsonl")
-    per_label = {label: [e for e in train if e.label == label][:20] for label in ("negative", "neutral", "positive")}
+    per_label = {
+        label: [e for e in train if e.label == label][:20] for label in ("negative", "neutral", "positive")
+    }
     with open(d / "train.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["review", "sentiment"])
         w.writerows((e.text, e.label) for group in per_label.values() for e in group)
     held_out = load_examples(EXAMPLES / "eval.jsonl")[:30]
-    (d / "eval.jsonl").write_text("".join(json.dumps({"review": e.text, "sentiment": e.label}) + "\n" for e in held_out))
+    (d / "eval.jsonl").write_text(
+        "".join(json.dumps({"review": e.text, "sentiment": e.label}) + "\n" for e in held_out)
+    )
     return d, [e.text for e in held_out]
 
 
@@ -40,23 +45,50 @@ def server(tmp_path_factory):
 
 
 def train_args(d: Path, out: Path, *extra: str) -> list[str]:
-    return ["train", "--data", str(d / "train.csv"), "--eval-data", str(d / "eval.jsonl"), "--text-field", "review",
-            "--label-field", "sentiment", "--virtual-tokens", "4", "--epochs", "2", "--batch-size", "16",
-            "--lr", "2e-2", "--threads", "2", "--out", str(out), *extra]
+    return [
+        "train",
+        "--data",
+        str(d / "train.csv"),
+        "--eval-data",
+        str(d / "eval.jsonl"),
+        "--text-field",
+        "review",
+        "--label-field",
+        "sentiment",
+        "--virtual-tokens",
+        "4",
+        "--epochs",
+        "2",
+        "--batch-size",
+        "16",
+        "--lr",
+        "2e-2",
+        "--threads",
+        "2",
+        "--out",
+        str(out),
+        *extra,
+    ]
 
 
 @pytest.mark.slow
 def test_train_writes_uploads_and_serves_what_it_evaluated(small_data, server, tmp_path):
     d, eval_texts = small_data
-    res = runner.invoke(app, train_args(d, tmp_path / "out", "--upload", "acme/cli-trained", "--server", server,
-                                        "--json"))
+    res = runner.invoke(
+        app, train_args(d, tmp_path / "out", "--upload", "acme/cli-trained", "--server", server, "--json")
+    )
     assert res.exit_code == 0, res.output
     summary = json.loads(res.stdout)
     assert summary["labels"] == ["negative", "neutral", "positive"] and summary["epochs_run"] == 2
     assert summary["uploaded"]["id"] == "acme/cli-trained" and summary["uploaded"]["num_virtual_tokens"] == 4
     assert "epoch 1: train loss" in res.stderr and "eval accuracy" in res.stderr  # the progress lines
-    for name in ("adapter.safetensors", "peft/adapter_config.json", "peft/adapter_model.safetensors",
-                 "peft/labels.json", "training.json"):
+    for name in (
+        "adapter.safetensors",
+        "peft/adapter_config.json",
+        "peft/adapter_model.safetensors",
+        "peft/labels.json",
+        "training.json",
+    ):
         assert (tmp_path / "out" / name).is_file(), name
     record = json.loads((tmp_path / "out" / "training.json").read_text())
     assert record["config"]["virtual_tokens"] == 4 and len(record["history"]) == 2
@@ -68,13 +100,17 @@ def test_train_writes_uploads_and_serves_what_it_evaluated(small_data, server, t
 @pytest.mark.slow
 def test_projection_flag_and_human_summary(small_data, tmp_path):
     d, _ = small_data
-    res = runner.invoke(app, train_args(d, tmp_path / "out", "--prefix-projection", "--projection-hidden", "32",
-                                        "--epochs", "1"))
+    res = runner.invoke(
+        app,
+        train_args(d, tmp_path / "out", "--prefix-projection", "--projection-hidden", "32", "--epochs", "1"),
+    )
     assert res.exit_code == 0, res.output
     assert "best epoch 1 of 1" in res.stderr
     record = json.loads((tmp_path / "out" / "training.json").read_text())
-    assert record["config"]["prefix_projection"] and record["trainable_parameters"]["prefix"] > \
-        record["trainable_parameters"]["served_prefix"]
+    assert (
+        record["config"]["prefix_projection"]
+        and record["trainable_parameters"]["prefix"] > record["trainable_parameters"]["served_prefix"]
+    )
     cfg = json.loads((tmp_path / "out" / "peft" / "adapter_config.json").read_text())
     assert cfg["prefix_projection"] is False  # materialised: PEFT sees plain prefix K/V
 
@@ -83,7 +119,9 @@ def test_projection_flag_and_human_summary(small_data, tmp_path):
 def test_upload_failure_keeps_the_adapter_and_says_so(small_data, tmp_path):
     d, _ = small_data
     dead = f"http://127.0.0.1:{free_port()}"
-    res = runner.invoke(app, train_args(d, tmp_path / "out", "--epochs", "1", "--upload", "acme/x", "--server", dead))
+    res = runner.invoke(
+        app, train_args(d, tmp_path / "out", "--epochs", "1", "--upload", "acme/x", "--server", dead)
+    )
     assert res.exit_code == 1 and "upload failed" in res.stderr and "the adapter is saved in" in res.stderr
     assert (tmp_path / "out" / "adapter.safetensors").is_file()
 
