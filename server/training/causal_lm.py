@@ -179,7 +179,7 @@ def train_causal_lm(
 ) -> LMTrainResult:
     """Train a prefix so the frozen decoder continues prompts with their completions (stops on eval loss)."""
     torch.manual_seed(cfg.seed)
-    model = PrefixLM(bb, cfg)
+    model = PrefixLM(bb, cfg).to(bb.device)  # trainable state next to the backbone
     items = tokenise_pairs(bb, train, cfg.virtual_tokens, cfg.max_length)
     eval_items = tokenise_pairs(bb, held_out, cfg.virtual_tokens, cfg.max_length) if held_out else []
 

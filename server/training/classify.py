@@ -187,7 +187,7 @@ def train_classifier(
     labels = label_set(train, held_out)
     index = {label: i for i, label in enumerate(labels)}
     torch.manual_seed(cfg.seed)
-    model = PrefixClassifier(bb, len(labels), cfg)
+    model = PrefixClassifier(bb, len(labels), cfg).to(bb.device)  # trainable state next to the backbone
     p = cfg.virtual_tokens
     items = list(
         zip(tokenize(bb, [e.text for e in train], p, cfg.max_length), [index[e.label] for e in train])

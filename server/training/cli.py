@@ -95,7 +95,7 @@ def train(
     batch_size: int = typer.Option(16, help="Examples per step."),
     seed: int = typer.Option(0, help="Seed for initialisation and shuffling."),
     patience: int = typer.Option(
-        4, help="Stop after this many epochs without a better eval accuracy (0 = never)."
+        4, help="Epochs without a better eval result (accuracy; generate: loss) before stopping (0 = never)."
     ),
     max_length: Optional[int] = typer.Option(
         None, help="Cut texts to this many tokens (default: what fits)."
