@@ -80,6 +80,9 @@ def retryable_exception(exc: Exception, method: str) -> bool:
     )
 
 
+ADAPTER_HEADER = "X-Ptserve-Adapter"
+
+
 @dataclass
 class Call:
     """One API call: the request to send and how to turn a 2xx answer into a result."""
@@ -94,9 +97,11 @@ class Call:
     data: dict | None = None
     headers: dict = field(default_factory=dict)
     retry: bool = True
+    adapter: str | None = None  # sent as X-Ptserve-Adapter: a consistent-hash proxy keeps it on one replica
 
     def request_kwargs(self) -> dict:
-        kw: dict[str, Any] = {"headers": self.headers}
+        headers = {**self.headers, ADAPTER_HEADER: self.adapter} if self.adapter else self.headers
+        kw: dict[str, Any] = {"headers": headers}
         for name in ("json", "params", "content", "files", "data"):
             value = getattr(self, name)
             if value is not None:
@@ -126,14 +131,14 @@ def upload_call(adapter_id: str, source: bytes | str | os.PathLike, labels: list
     """The PUT for ``source``: blob bytes, a blob file, a PEFT folder, or a ``ptserve train --out`` folder."""
     path = adapter_path(adapter_id)
     if isinstance(source, (bytes, bytearray, memoryview)):
-        return _blob_call(path, bytes(source), parse)
+        return _blob_call(path, bytes(source), parse, adapter_id)
     src = Path(source)
     if src.is_file():
-        return _blob_call(path, src.read_bytes(), parse)
+        return _blob_call(path, src.read_bytes(), parse, adapter_id)
     if not src.is_dir():
         raise FileNotFoundError(f"{src}: no such file or folder")
     if (src / BLOB_FILE).is_file():  # a `ptserve train --out` folder: its blob carries the labels
-        return _blob_call(path, (src / BLOB_FILE).read_bytes(), parse)
+        return _blob_call(path, (src / BLOB_FILE).read_bytes(), parse, adapter_id)
     folder = src / PEFT_DIR if (src / PEFT_DIR / PEFT_CONFIG).is_file() else src
     if not (folder / PEFT_CONFIG).is_file():
         raise FileNotFoundError(f"{src} holds neither {BLOB_FILE} nor a PEFT folder ({PEFT_CONFIG})")
@@ -144,11 +149,12 @@ def upload_call(adapter_id: str, source: bytes | str | os.PathLike, labels: list
         for name in (PEFT_CONFIG, PEFT_WEIGHTS)
     }
     data = {"labels": json.dumps(list(labels))} if labels else None
-    return Call("PUT", path, parse, files=files, data=data)
+    return Call("PUT", path, parse, files=files, data=data, adapter=adapter_id)
 
 
-def _blob_call(path: str, blob: bytes, parse) -> Call:
-    return Call("PUT", path, parse, content=blob, headers={"content-type": "application/octet-stream"})
+def _blob_call(path: str, blob: bytes, parse, adapter_id: str) -> Call:
+    return Call("PUT", path, parse, content=blob, headers={"content-type": "application/octet-stream"},
+                adapter=adapter_id)
 
 
 # --- server-sent events -------------------------------------------------------------------------------------

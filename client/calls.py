@@ -34,15 +34,15 @@ def list_adapters(tenant: str | None = None, cursor: str | None = None, limit: i
 
 
 def get_adapter(adapter_id: str) -> Call:
-    return Call("GET", adapter_path(adapter_id), _json(AdapterInfo))
+    return Call("GET", adapter_path(adapter_id), _json(AdapterInfo), adapter=adapter_id)
 
 
 def download_adapter(adapter_id: str) -> Call:
-    return Call("GET", adapter_path(adapter_id, "/blob"), lambda r: r.content)
+    return Call("GET", adapter_path(adapter_id, "/blob"), lambda r: r.content, adapter=adapter_id)
 
 
 def delete_adapter(adapter_id: str) -> Call:
-    return Call("DELETE", adapter_path(adapter_id))
+    return Call("DELETE", adapter_path(adapter_id), adapter=adapter_id)
 
 
 # --- inference ----------------------------------------------------------------------------------------------
@@ -51,7 +51,7 @@ def classify(
 ) -> Call:
     inputs = [inputs] if isinstance(inputs, str) else list(inputs)
     body = {"adapter": adapter, "inputs": inputs, "return_logits": return_logits, "truncate": truncate}
-    return Call("POST", "/v1/classify", _json(ClassifyResult), json=body)
+    return Call("POST", "/v1/classify", _json(ClassifyResult), json=body, adapter=adapter)
 
 
 def generate_body(adapter: str, prompt: str, stream: bool, **params) -> dict:
@@ -60,7 +60,8 @@ def generate_body(adapter: str, prompt: str, stream: bool, **params) -> dict:
 
 def generate(adapter: str, prompt: str, **params) -> Call:
     return Call(
-        "POST", "/v1/generate", _json(GenerateResult), json=generate_body(adapter, prompt, False, **params)
+        "POST", "/v1/generate", _json(GenerateResult), json=generate_body(adapter, prompt, False, **params),
+        adapter=adapter,
     )
 
 
@@ -70,13 +71,14 @@ def generate_stream(adapter: str, prompt: str, **params) -> Call:
         "/v1/generate",
         json=generate_body(adapter, prompt, True, **params),
         headers={"accept": "text/event-stream"},
+        adapter=adapter,
     )
 
 
 def completions(model: str, prompt: str | list[str], stream: bool = False, **params) -> Call:
     body = {"model": model, "prompt": prompt, **drop_none(**params), "stream": stream}
     headers = {"accept": "text/event-stream"} if stream else {}
-    return Call("POST", "/v1/completions", _json(Completion), json=body, headers=headers)
+    return Call("POST", "/v1/completions", _json(Completion), json=body, headers=headers, adapter=model)
 
 
 def models() -> Call:

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from adapters_store.format import encode_blob
+from client import calls
 from client import (
     APIConnectionError,
     AsyncClient,
@@ -393,3 +394,23 @@ def test_transport_is_injectable_for_offline_use():
 
     with Client("http://ptserve.invalid", "t", transport=httpx.MockTransport(handler)) as c:
         assert [m.id for m in c.models()] == ["a/b"]
+
+
+@pytest.mark.parametrize("call", [
+    lambda: calls.classify("acme/a", ["x"]),
+    lambda: calls.generate("acme/a", "hi"),
+    lambda: calls.generate_stream("acme/a", "hi"),
+    lambda: calls.completions("acme/a", "hi"),
+    lambda: calls.get_adapter("acme/a"),
+    lambda: calls.download_adapter("acme/a"),
+    lambda: calls.delete_adapter("acme/a"),
+    lambda: calls.upload("acme/a", b"blob"),
+])
+def test_adapter_scoped_calls_name_the_adapter_for_the_proxy(call):
+    """docker/nginx hashes on X-Ptserve-Adapter: every adapter-scoped call must send it."""
+    assert call().request_kwargs()["headers"]["X-Ptserve-Adapter"] == "acme/a"
+
+
+def test_calls_without_an_adapter_send_no_affinity_header():
+    assert "X-Ptserve-Adapter" not in calls.list_adapters().request_kwargs()["headers"]
+    assert "X-Ptserve-Adapter" not in calls.models().request_kwargs()["headers"]
