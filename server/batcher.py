@@ -2,7 +2,9 @@
 
 Callers ``submit`` rows and await their own results. One engine thread drains the queue: it waits up to
 ``max_wait_ms`` for a batch to fill (rows that already waited behind a running pass go at once), takes one pass's
-worth of rows **round-robin by tenant** (so a tenant with a deep backlog gets its share, not the whole pass),
+worth of rows **by start-time fair queuing across tenants** (each tenant's rows served so far are its virtual
+time; the next row comes from the waiting tenant that is furthest behind, so a tenant with a deep backlog gets
+only what others leave, and a light tenant's rows go in the very next pass),
 plans passes with ``plan_batches``, runs them back to back and hands each row's result to its caller's event
 loop. The thread never waits for the event loop between passes, so a loop busy answering (e.g. refusing an
 overload) does not starve the engine.
@@ -83,8 +85,12 @@ class Batcher(Generic[Item]):
         self.max_queue_rows, self.max_queue_rows_per_tenant = max_queue_rows, max_queue_rows_per_tenant
         # Everything below is shared by the event loop and the engine thread: touch it only under ``_cond``.
         self._cond = threading.Condition()
-        # tenant -> its rows in arrival order; the dict's order is the round-robin order (served -> to the end)
+        # tenant -> its rows in arrival order (only tenants with rows waiting)
         self._queues: OrderedDict[str, deque[_Pending[Item]]] = OrderedDict()
+        # Start-time fair queuing: a tenant's virtual time advances by one per row served; a tenant that starts
+        # waiting again resumes at the clock (the start tag of the last row served), so idling earns no credit.
+        self._vtime: dict[str, float] = {}
+        self._vclock = 0.0
         self._tenant_rows: Counter[str] = Counter()
         self._depth = 0  # live rows queued (abandoned ones may still sit in a deque until taken)
         self._running = 0  # rows taken from the queue whose pass has not finished
@@ -133,6 +139,8 @@ class Batcher(Generic[Item]):
         pending = [_Pending(it, n, loop.create_future(), loop, tenant, deadline) for it, n in zip(items, lengths)]
         with self._cond:
             self._admit(tenant, len(items))
+            if tenant not in self._queues:
+                self._vtime[tenant] = max(self._vtime.get(tenant, 0.0), self._vclock)
             self._queues.setdefault(tenant, deque()).extend(pending)
             self._tenant_rows[tenant] += len(pending)
             self._depth += len(pending)
@@ -222,21 +230,25 @@ class Batcher(Generic[Item]):
             return taken
 
     def _take(self, n: int) -> list[_Pending[Item]]:
-        """Up to ``n`` live rows, one per tenant in turn (round-robin), each tenant's in arrival order."""
+        """Up to ``n`` live rows, each from the waiting tenant with the least virtual time (ties: longest
+        waiting tenant first), each tenant's in arrival order."""
         taken, now = [], time.monotonic()
         while len(taken) < n and self._queues:
-            tenant, queue = next(iter(self._queues.items()))
+            tenant = min(self._queues, key=self._vtime.__getitem__)
+            queue = self._queues[tenant]
             p = queue.popleft()
-            if queue:
-                self._queues.move_to_end(tenant)
-            else:
+            if not queue:
                 del self._queues[tenant]
             if not p.queued:  # its caller gave up
                 continue
             self._forget(p)
             if p.future.done() or (p.deadline is not None and p.deadline < now):
                 continue  # the caller's own timer raises DeadlineExceeded
+            self._vclock = self._vtime[tenant]
+            self._vtime[tenant] += 1.0
             taken.append(p)
+        if len(self._vtime) > 4 * len(self._queues) + 1024:  # forget idle tenants that owe nothing
+            self._vtime = {t: v for t, v in self._vtime.items() if t in self._queues or v > self._vclock}
         return taken
 
     def _run_pass(self, group: list[_Pending[Item]]) -> None:

@@ -93,7 +93,7 @@ async def test_one_tenant_cannot_fill_the_queue(batchers):
     assert await a == [2, 4, 6] and await b == [10, 12, 14] and await holder == ["holdhold"]
 
 
-async def test_passes_take_rows_round_robin_by_tenant(batchers):
+async def test_passes_share_rows_across_tenants(batchers):
     """A tenant with a deep backlog gets its share of each pass, not the whole pass: a quiet tenant's rows go
     in the very next pass."""
     runner = GatedRunner()
@@ -111,6 +111,28 @@ async def test_passes_take_rows_round_robin_by_tenant(batchers):
     assert sum(x.startswith("n") for x in second) >= 1  # the noisy tenant keeps its share too
     assert sorted(x for p in runner.passes for x in p) == sorted(["hold", "q1", "q2", "o1"] +
                                                                  [f"n{i}" for i in range(40)])
+
+
+async def test_a_light_tenant_goes_before_a_backlogged_one(batchers):
+    """Start-time fair queuing: a tenant that has been served less goes first, so its row runs in the next pass
+    however deep the heavy tenant's backlog is."""
+
+    class Slow(GatedRunner):
+        def __call__(self, items):
+            time.sleep(0.005)
+            return super().__call__(items)
+
+    runner = Slow(gated=False)
+    batcher = batchers(runner, max_batch_size=2)
+    heavy = asyncio.create_task(batcher.submit([f"h{i}" for i in range(60)], [1] * 60, tenant="heavy"))
+    while len(runner.passes) < 5:
+        await asyncio.sleep(0.002)
+    seen = len(runner.passes)
+    assert await batcher.submit(["light"], [1], tenant="light") == ["lightlight"]
+    where = next(i for i, p in enumerate(runner.passes) if "light" in p)
+    assert where <= seen + 1, (where, seen)  # the pass running when it arrived, or the next one
+    assert runner.passes[where][0] == "light"
+    await heavy
 
 
 async def test_a_missed_deadline_raises_and_its_rows_are_never_run(batchers):
