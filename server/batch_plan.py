@@ -13,7 +13,10 @@ from dataclasses import dataclass
 class BatchPolicy:
     max_batch_size: int = 64
     max_batch_tokens: int = 16384  # rows * padded length
-    overhead_tokens: int = 256  # fixed cost of one forward pass, in token-equivalents
+    # Fixed cost of one forward pass, in token-equivalents. Measured on a 2-core CPU with MiniLM
+    # (benchmarks/RESULTS.md): 32-64 beat 256 by 20-35%, because smaller passes stay in cache there; a GPU,
+    # where a pass costs kernel launches, wants a larger value (PTSERVE_BATCH_OVERHEAD_TOKENS).
+    overhead_tokens: int = 64
 
     def fits(self, rows: int, max_len: int) -> bool:
         return rows <= self.max_batch_size and rows * max_len <= self.max_batch_tokens

@@ -38,6 +38,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(64, ge=1, le=4096, description="Rows (inputs) per forward pass.")
     max_batch_tokens: int = Field(16384, ge=64, description="Padded (prefix + input) tokens per forward pass.")
     max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="How long a batch waits to fill.")
+    batch_overhead_tokens: int = Field(
+        64, ge=0, description="Cost of one forward pass in tokens: larger = fewer, more padded passes."
+    )
 
     # generation (decoder backbones)
     max_running: int = Field(32, ge=1, le=1024, description="Sequences decoding together (KV cache slots).")

@@ -81,7 +81,10 @@ class ServerState:
                 self.generator.start()
                 self.metrics.watch_generation(self.generator)
             else:
-                policy = BatchPolicy(max_batch_size=s.max_batch_size, max_batch_tokens=s.max_batch_tokens)
+                policy = BatchPolicy(
+                    max_batch_size=s.max_batch_size, max_batch_tokens=s.max_batch_tokens,
+                    overhead_tokens=s.batch_overhead_tokens,
+                )
                 self.batcher = Batcher(
                     self.engine.classify, policy, s.max_wait_ms, on_pass=self.metrics.observe_pass,
                     max_queue_rows=s.max_queue_rows, max_queue_rows_per_tenant=s.max_queue_rows_per_tenant,

@@ -54,7 +54,7 @@ async def make_batcher():
 
 async def test_concurrent_callers_share_passes_and_get_their_own_results_in_order(make_batcher):
     runner, reports = Runner(), []
-    batcher = make_batcher(runner, max_wait_ms=50, reports=reports, max_batch_size=64)
+    batcher = make_batcher(runner, max_wait_ms=50, reports=reports, max_batch_size=64, overhead_tokens=256)
     rng = random.Random(0)
 
     async def caller(k: int) -> tuple[list[int], list]:

@@ -19,7 +19,8 @@ WORDS = "great awful fine terrible lovely slow quick broken perfect meh the a se
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     # a generous max wait so concurrent requests from different tenants surely share passes
-    env = {"PTSERVE_STORE": f"file://{tmp_path_factory.mktemp('store')}", "PTSERVE_MAX_WAIT_MS": "20"}
+    env = {"PTSERVE_STORE": f"file://{tmp_path_factory.mktemp('store')}", "PTSERVE_MAX_WAIT_MS": "20",
+           "PTSERVE_BATCH_OVERHEAD_TOKENS": "256"}
     with running_server(env) as url:
         yield url
 
