@@ -1,10 +1,12 @@
 """The ``ptserve`` command line (typer). ``ptserve serve`` runs the server; flags mirror ``PTSERVE_*`` settings."""
 from __future__ import annotations
 
+import inspect
 import ipaddress
 from typing import Optional
 
 import typer
+from pydantic import ValidationError
 
 from server.settings import Settings
 
@@ -21,24 +23,18 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-@app.command()
-def serve(
-    host: Optional[str] = typer.Option(None, help="Bind address [PTSERVE_HOST]."),
-    port: Optional[int] = typer.Option(None, help="Bind port [PTSERVE_PORT]."),
-    store: Optional[str] = typer.Option(None, help="file://PATH or redis://HOST:PORT/DB [PTSERVE_STORE]."),
-    backbone: Optional[str] = typer.Option(None, help="'minilm', a model folder or hub id [PTSERVE_BACKBONE]."),
-    device: Optional[str] = typer.Option(None, help="auto, cpu or cuda [PTSERVE_DEVICE]."),
-    dtype: Optional[str] = typer.Option(None, help="auto, float32, float16 or bfloat16 [PTSERVE_DTYPE]."),
-    threads: Optional[int] = typer.Option(None, help="torch threads on cpu, 0 = default [PTSERVE_THREADS]."),
-    insecure: bool = typer.Option(False, help="Allow a non-loopback bind without PTSERVE_ADMIN_KEY."),
-) -> None:
-    """Run the HTTP server (settings not given as flags come from PTSERVE_* variables)."""
+def serve(insecure: bool = False, **flags: Optional[str]) -> None:
+    """Run the HTTP server. Every PTSERVE_* setting is also a flag (--max-batch-size 32 = PTSERVE_MAX_BATCH_SIZE=32);
+    flags win over the environment."""
     from server.api.app import create_app
     from server.logs import configure_logging
     from server.serving import serve_app
 
-    flags = dict(host=host, port=port, store=store, backbone=backbone, device=device, dtype=dtype, threads=threads)
-    settings = Settings(**{k: v for k, v in flags.items() if v is not None})
+    try:
+        settings = Settings(**{k: v for k, v in flags.items() if v is not None})
+    except ValidationError as exc:
+        typer.echo(f"invalid setting: {exc}", err=True)
+        raise typer.Exit(2) from None
     if not settings.admin_key and not _is_loopback(settings.host) and not insecure:
         typer.echo(
             f"refusing to bind {settings.host} without PTSERVE_ADMIN_KEY: anyone could manage adapters. "
@@ -50,6 +46,22 @@ def serve(
     # One worker per process (a replica); run more replicas on the same store to scale (docs/design.md).
     serve_app(fastapi_app, fastapi_app.state.ptserve, settings.host, settings.port, settings.log_level,
               settings.drain_timeout_s)
+
+
+def _settings_flags() -> inspect.Signature:
+    """``serve``'s signature: one ``--flag`` per Settings field (DESIGN decision 6: the same names everywhere).
+    Values arrive as text and are validated by the Settings class itself, exactly like environment variables."""
+    params = [inspect.Parameter("insecure", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
+        False, "--insecure", help="Allow a non-loopback bind without PTSERVE_ADMIN_KEY."))]
+    for name, field in Settings.model_fields.items():
+        flag = "--" + name.replace("_", "-")
+        option = typer.Option(None, flag, help=f"{field.description} [PTSERVE_{name.upper()}]", show_default=False)
+        params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str], default=option))
+    return inspect.Signature(params, return_annotation=None)
+
+
+serve.__signature__ = _settings_flags()
+app.command()(serve)
 
 
 @app.command()

@@ -1,0 +1,31 @@
+"""``ptserve serve``: every setting is a flag (DESIGN decision 6), flags are validated like the environment, and an
+open server refuses a non-loopback bind."""
+from __future__ import annotations
+
+import inspect
+
+from typer.testing import CliRunner
+
+from server.cli import app, serve
+from server.settings import Settings
+
+
+def test_every_setting_is_a_serve_flag():
+    params = inspect.signature(serve).parameters
+    assert set(Settings.model_fields) <= set(params)
+    help_text = CliRunner().invoke(app, ["serve", "--help"], terminal_width=200).output
+    for name in Settings.model_fields:
+        assert f"PTSERVE_{name.upper()}" in help_text
+
+
+def test_invalid_flag_value_exits_2_naming_the_setting():
+    result = CliRunner().invoke(app, ["serve", "--max-batch-size", "lots"])
+    assert result.exit_code == 2
+    assert "max_batch_size" in result.output
+
+
+def test_open_server_refuses_a_public_bind(monkeypatch):
+    monkeypatch.delenv("PTSERVE_ADMIN_KEY", raising=False)
+    result = CliRunner().invoke(app, ["serve", "--host", "0.0.0.0"])
+    assert result.exit_code == 2
+    assert "refusing to bind 0.0.0.0" in result.output
