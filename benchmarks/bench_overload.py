@@ -311,10 +311,17 @@ NOTES = """How to read it:
   ~55 ms on one CPU thread, where a pass costs in proportion to its rows). A quiet row goes in the next pass, so it
   waits for the pass in progress plus its own, and Poisson bursts of the quiet tenants (together ~60% of the
   server's capacity here) sometimes need two or three full passes. On a GPU, where a pass of 8 or 64 rows costs
-  about the same as a pass of 2, the same scheduling gives a ratio near 1; on CPU a smaller `max_batch_size` trades
-  throughput for it. Accepted throughput under overload is below the closed-loop capacity because refusing ~200
+  about what a pass of 2 does, this penalty should mostly vanish (not measured: no GPU here); on CPU a smaller
+  `max_batch_size` trades throughput for it. The batcher alone, driven in process by the same arrivals with a runner of 6.4 ms per row
+  (8-row passes of ~51 ms), gives the quiet tenants p50/p90/p99 = 84/119/174 ms: the rest of the quiet p99 above
+  is the HTTP side (one event loop parsing and refusing ~240 noisy requests/s) competing with the engine thread
+  for the GIL. Accepted throughput under overload is below the closed-loop capacity because refusing ~200
   requests/s costs the server's event loop CPU that, under the GIL and on 2 shared cores, the engine thread misses
-  (see the server CPU column: the process never gets much more than one core)."""
+  (see the server CPU column: the process never gets much more than one core).
+- **How the design got here** (same benchmark, same machine, the quiet p99 ratio and the quiet tenants' 429s):
+  batch loop as an asyncio task + round-robin by tenant: 37-105x, 23-33% refused (the loop, busy refusing, resumed
+  the batcher late after every pass and the engine idled); passes formed on the engine thread + round-robin: 12x,
+  0.2%; + start-time fair queuing: 3.6-6.9x, 0%."""
 
 
 def write_results(args, table: str) -> None:
