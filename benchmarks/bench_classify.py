@@ -15,14 +15,10 @@ the issue's targets, and writes its section of ``RESULTS.md`` and ``classify.png
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
 import random
-import re
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -39,6 +35,7 @@ import transformers  # noqa: E402
 from peft import PrefixTuningConfig, TaskType, get_peft_model, set_peft_model_state_dict  # noqa: E402
 from transformers import AutoModel  # noqa: E402
 
+from benchmarks._report import machine_info, write_section  # noqa: E402
 from adapters_store.format import Adapter, AdapterConfig  # noqa: E402
 from adapters_store.heads import head_shapes  # noqa: E402
 from server.backbone import load_backbone  # noqa: E402
@@ -49,7 +46,6 @@ VIRTUAL_TOKENS = 16
 LABELS = ("negative", "neutral", "positive")
 MAX_ABS_DIFF = 1e-4  # abort above this (fp32 equivalence is ~1e-6)
 SECTION = "## Classification throughput (issue 2)"
-BEGIN, END = "<!-- bench_classify:begin -->", "<!-- bench_classify:end -->"
 WORDS = """the a service order delivery was is very not quite really good bad slow fast late early price quality
 support team staff product package arrived broken fine great terrible okay refund replace again never always
 would could recommend return buy friend store online app update crashed works perfectly screen battery phone
@@ -194,20 +190,6 @@ class Result:
         return self.requests / self.best
 
 
-def machine_info() -> dict[str, str]:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = re.search(r"Model name:\s*(.+)", lscpu).group(1).strip()
-    except (OSError, AttributeError):
-        model = platform.processor() or "unknown"
-    return {
-        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-        "cpu": f"{model}, nproc={os.cpu_count()}",
-        "versions": f"python {platform.python_version()}, torch {torch.__version__}, "
-                    f"transformers {transformers.__version__}, peft {peft.__version__}",
-    }
-
-
 # --- report ---------------------------------------------------------------------------------------------------
 def table(results: list[Result], mixed: Result) -> str:
     lines = ["| system | requests/s | time (s), best | time (s), median | time ÷ mixed time |",
@@ -253,20 +235,6 @@ def write_chart(results: list[Result], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def write_results_md(path: Path, body: str) -> None:
-    """Replace this benchmark's block (between the markers) in RESULTS.md, keeping everything else."""
-    block = f"{BEGIN}\n{body.strip()}\n{END}"
-    text = path.read_text() if path.exists() else "# ptserve benchmark results\n"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    elif SECTION in text:
-        head, _, tail = text.partition(SECTION)
-        text = f"{head}{SECTION}\n\n{block}\n{tail}"
-    else:
-        text = f"{text.rstrip()}\n\n{SECTION}\n\n{block}\n"
-    path.write_text(text)
 
 
 # --- main -----------------------------------------------------------------------------------------------------
@@ -319,7 +287,7 @@ def main(argv=None) -> None:
     res = {k: Result(labels[k], v, args.requests) for k, v in times.items()}
     results = list(res.values())
     checks = targets(res, mixed.padding_ratio)
-    info = machine_info()
+    info = machine_info(transformers=transformers.__version__, peft=peft.__version__)
     command = "python benchmarks/bench_classify.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     sizes = [len(b) for b in mixed.batches]
     summary = "\n".join([
@@ -346,7 +314,8 @@ def main(argv=None) -> None:
         title = (f"MiniLM classify, {args.requests} requests over {args.adapters} adapters "
                  f"(P={VIRTUAL_TOKENS}), CPU {args.threads} threads")
         write_chart(results, args.out / "classify.png", title)
-        write_results_md(args.out / "RESULTS.md", f"{report}\n![classification throughput](classify.png)\n")
+        write_section(args.out / "RESULTS.md", "bench_classify", SECTION,
+                      f"{report}\n![classification throughput](classify.png)\n")
         print(f"wrote {args.out / 'RESULTS.md'} and {args.out / 'classify.png'}")
 
 

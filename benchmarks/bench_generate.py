@@ -23,15 +23,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import math
 import os
-import platform
 import random
-import re
 import shlex
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,6 +45,7 @@ import transformers  # noqa: E402
 from peft import PrefixTuningConfig, TaskType, get_peft_model, set_peft_model_state_dict  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
+from benchmarks._report import machine_info, write_section  # noqa: E402
 from adapters_store.format import Adapter, AdapterConfig  # noqa: E402
 from server.backbone import Backbone, load_backbone  # noqa: E402
 from server.generation.engine import GenerationEngine, GenerationLimits  # noqa: E402
@@ -58,7 +55,6 @@ from server.resident import ResidentAdapter  # noqa: E402
 
 VIRTUAL_TOKENS = 16
 SECTION = "## Generation throughput (issue 4)"
-BEGIN, END = "<!-- bench_generate:begin -->", "<!-- bench_generate:end -->"
 LLAMA = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=8,
              num_key_value_heads=4, max_position_embeddings=2048)
 VOCAB = 2048
@@ -378,20 +374,6 @@ def measure_latency(s: Setup, capacity_tps: float, args) -> list[Latency]:
 
 
 # --- report ----------------------------------------------------------------------------------------------
-def machine_info() -> dict[str, str]:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = re.search(r"Model name:\s*(.+)", lscpu).group(1).strip()
-    except (OSError, AttributeError):
-        model = platform.processor() or "unknown"
-    return {
-        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-        "cpu": f"{model}, nproc={os.cpu_count()}",
-        "versions": f"python {platform.python_version()}, torch {torch.__version__}, "
-                    f"transformers {transformers.__version__}, peft {peft.__version__}",
-    }
-
-
 def table(results: list[Result], mixed: Result) -> str:
     lines = ["| system | requests × tokens | tokens/s | time (s), median | time (s), best | CPU s, median | "
              "(a) tokens/s ÷ this |", "|---|---:|---:|---:|---:|---:|---:|"]
@@ -468,22 +450,8 @@ def write_chart(results: list[Result], latencies: list[Latency], path: Path, tit
     plt.close(fig)
 
 
-def write_results_md(path: Path, body: str) -> None:
-    """Replace this benchmark's block (between the markers) in RESULTS.md, keeping everything else."""
-    block = f"{BEGIN}\n{body.strip()}\n{END}"
-    text = path.read_text() if path.exists() else "# ptserve benchmark results\n"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    elif SECTION in text:
-        head, _, tail = text.partition(SECTION)
-        text = f"{head}{SECTION}\n\n{block}\n{tail}"
-    else:
-        text = f"{text.rstrip()}\n\n{SECTION}\n\n{block}\n"
-    path.write_text(text)
-
-
 def summary(s: Setup, args, argv, correctness: str, load: tuple[float, float], elapsed: float) -> str:
-    info = machine_info()
+    info = machine_info(transformers=transformers.__version__, peft=peft.__version__)
     command = "python benchmarks/bench_generate.py " + shlex.join(argv if argv is not None else sys.argv[1:])
     omp = os.environ.get("OMP_WAIT_POLICY")
     lengths = [len(p) for p in s.prompts]
@@ -549,7 +517,8 @@ def main(argv=None) -> None:
         title = (f"random Llama 4L/256h GQA, {args.streams} streams × {args.tokens} tokens, "
                  f"P={VIRTUAL_TOKENS}, CPU {args.threads} threads")
         write_chart(results, latencies, args.out / "generate.png", title, args.streams)
-        write_results_md(args.out / "RESULTS.md", f"{report}\n![generation throughput](generate.png)\n")
+        write_section(args.out / "RESULTS.md", "bench_generate", SECTION,
+                      f"{report}\n![generation throughput](generate.png)\n")
         print(f"wrote {args.out / 'RESULTS.md'} and {args.out / 'generate.png'}")
 
 

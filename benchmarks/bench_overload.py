@@ -34,12 +34,12 @@ sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402  (setup and scrapes only: too heavy a client to drive hundreds of req/s here)
 
+from benchmarks._report import write_section  # noqa: E402
 from server.backbone import load_backbone  # noqa: E402
 from tests.factories import make_blob, server_process  # noqa: E402
 
 VIRTUAL_TOKENS = 16
 SECTION = "## Overload, backpressure and noisy neighbours (issue 5)"
-BEGIN, END = "<!-- bench_overload:begin -->", "<!-- bench_overload:end -->"
 WORDS = ("the service was slow but the staff were kind and the food arrived warm although the price felt high "
          "for what we got and the room was clean quiet and bright").split()
 
@@ -329,7 +329,6 @@ def write_results(args, table: str) -> None:
     machine = (f"{platform.machine()}, {os.cpu_count()} cores ({platform.processor() or platform.platform()}), "
                f"Python {platform.python_version()}")
     body = "\n".join([
-        BEGIN, SECTION, "",
         f"- date: {datetime.date.today().isoformat()}; machine: {machine}",
         f"- command: `{cmd.strip()}`",
         f"- server: `ptserve serve`, MiniLM on CPU, {args.server_threads} torch thread(s), max_batch_size "
@@ -338,15 +337,10 @@ def write_results(args, table: str) -> None:
         "one text of 8-20 words per request; the open-loop client (raw asyncio HTTP/1.1, Poisson arrivals) runs on the same "
         "machine, which only has 2 cores and is shared with colleagues' jobs: absolute numbers are noisy, the "
         "ratios are the result.",
-        "", table, "", NOTES, END, "",
+        "", table, "", NOTES,
     ])
     path = args.out / "RESULTS.md"
-    old = path.read_text() if path.exists() else "# Benchmark results\n\n"
-    if BEGIN in old and END in old:
-        new = old[:old.index(BEGIN)] + body.rstrip("\n") + old[old.index(END) + len(END):]
-    else:
-        new = old.rstrip("\n") + "\n\n" + body
-    path.write_text(new)
+    write_section(path, "bench_overload", SECTION, body, title_in_block=True)
     print(f"wrote {path}")
 
 

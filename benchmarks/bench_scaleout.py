@@ -25,11 +25,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import os
-import platform
 import random
-import re
 import shlex
 import subprocess
 import sys
@@ -43,16 +40,15 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 sys.path.insert(0, str(ROOT / "scripts"))
 
 import httpx  # noqa: E402
-import torch  # noqa: E402
 from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
 
 import topology  # noqa: E402  (scripts/topology.py)
+from benchmarks._report import machine_info, write_section  # noqa: E402
 from adapters_store.fingerprint import BackboneFingerprint  # noqa: E402
 from adapters_store.format import encode_blob  # noqa: E402
 from tests.factories import make_adapter  # noqa: E402  (random classify adapters, the tests' recipe)
 
 SECTION = "## Scale-out through nginx (issue 7)"
-BEGIN, END = "<!-- bench_scaleout:begin -->", "<!-- bench_scaleout:end -->"
 VIRTUAL_TOKENS = 16
 ADMIN_KEY = "bench-scaleout-admin-key"
 WORDS = """the a service order delivery was very not quite good bad slow fast late price quality support staff
@@ -215,21 +211,11 @@ async def hit_ratio(topo, adapters: list[str], n: int, concurrency: int, affinit
 
 
 # --- report -------------------------------------------------------------------------------------------------
-def machine_info() -> dict[str, str]:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = re.search(r"Model name:\s*(.+)", lscpu).group(1).strip()
-    except (OSError, AttributeError):
-        model = platform.processor() or "unknown"
+def tool_versions() -> dict[str, str]:
     nginx = topology.find_binary("nginx", install=False)
     nginx_v = subprocess.run([nginx, "-v"], capture_output=True, text=True).stderr.strip().split("/")[-1]
     redis_v = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.split()[2]
-    return {
-        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-        "cpu": f"{model}, nproc={os.cpu_count()}",
-        "versions": f"python {platform.python_version()}, torch {torch.__version__}, nginx {nginx_v}, "
-                    f"redis {redis_v.removeprefix('v=')}",
-    }
+    return {"nginx": nginx_v, "redis": redis_v.removeprefix("v=")}
 
 
 def uptime() -> str:
@@ -318,20 +304,6 @@ def write_chart(throughput: list[tuple[str, float, float]], ratios: list[tuple[s
     plt.close(fig)
 
 
-def write_results_md(path: Path, body: str) -> None:
-    """Replace this benchmark's block (between the markers) in RESULTS.md, keeping everything else."""
-    block = f"{BEGIN}\n{body.strip()}\n{END}"
-    text = path.read_text() if path.exists() else "# ptserve benchmark results\n"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    elif SECTION in text:
-        head, _, tail = text.partition(SECTION)
-        text = f"{head}{SECTION}\n\n{block}\n{tail}"
-    else:
-        text = f"{text.rstrip()}\n\n{SECTION}\n\n{block}\n"
-    path.write_text(text)
-
-
 # --- main ---------------------------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -391,7 +363,7 @@ async def main_async(args) -> int:
             hits.append(await hit_ratio(two, ids, args.requests, args.concurrency, False, "round robin"))
     load_after = uptime()
 
-    info = machine_info()
+    info = machine_info(**tool_versions())
     command = shlex.join(["python", "benchmarks/bench_scaleout.py", *sys.argv[1:]])
     t1, t2, t3 = throughput_table(runs), hit_table(hits, capacity), hit_latency_table(hits)
     ch, rr = hits
@@ -434,7 +406,8 @@ that share exceeds one cache); with round robin both replicas see all of them an
     chart = args.out / "scaleout.png"
     title = f"ptserve scale-out through nginx ({info['cpu']}, {info['date']})"
     write_chart(*chart_data(runs, hits), chart, title)
-    write_results_md(args.out / "RESULTS.md", f"{report}\n![scale-out](scaleout.png)\n")
+    write_section(args.out / "RESULTS.md", "bench_scaleout", SECTION,
+                  f"{report}\n![scale-out](scaleout.png)\n")
     print(f"wrote {args.out / 'RESULTS.md'} and {chart}")
     return 0
 

@@ -18,12 +18,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import datetime
 import gc
 import hashlib
 import os
 import random
-import re
 import shlex
 import shutil
 import socket
@@ -45,6 +43,7 @@ RSS_START = psutil.Process().memory_info().rss  # before torch is imported
 import redis  # noqa: E402
 import torch  # noqa: E402
 
+from benchmarks._report import machine_info, write_section  # noqa: E402
 from adapters_store.ids import AdapterId  # noqa: E402
 from adapters_store.local import LocalDirStore  # noqa: E402
 from adapters_store.redis_store import CUR, RedisStore  # noqa: E402
@@ -56,7 +55,6 @@ from server.engine import Engine, Row  # noqa: E402
 from tests.factories import MINILM_LABELS, make_blob  # noqa: E402
 
 SECTION = "## Adapter store and cache (issue 3)"
-BEGIN, END = "<!-- store:begin -->", "<!-- store:end -->"
 P = 16  # virtual tokens of the adapters loaded and served
 WORDS = "great awful fine terrible lovely slow quick broken perfect meh the a service product".split()
 
@@ -248,19 +246,6 @@ async def bench_throughput(service: AdapterService, store: RedisStore, cache_n: 
 
 
 # --- report -------------------------------------------------------------------------------------------------
-def machine() -> dict[str, str]:
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = re.search(r"Model name:\s*(.+)", lscpu).group(1).strip()
-    except (OSError, AttributeError):
-        model = "unknown"
-    redis_v = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.split()[2]
-    return {"date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-            "cpu": f"{model}, nproc={os.cpu_count()}",
-            "versions": f"python {sys.version.split()[0]}, torch {torch.__version__}, "
-                        f"redis-server {redis_v}, redis-py {redis.__version__}"}
-
-
 def report(args, info, load, cold, many, mem, tp) -> str:
     mb = 1 / 2**20
     rows = [
@@ -331,20 +316,6 @@ def report(args, info, load, cold, many, mem, tp) -> str:
     return "\n\n".join(parts) + "\n"
 
 
-def write_results_md(path: Path, body: str) -> None:
-    """Replace this benchmark's block (between the markers) in RESULTS.md, keeping everything else."""
-    block = f"{BEGIN}\n{body.strip()}\n{END}"
-    text = path.read_text() if path.exists() else "# ptserve benchmark results\n"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END):]
-    elif SECTION in text:
-        head, _, tail = text.partition(SECTION)
-        text = f"{head}{SECTION}\n\n{block}\n{tail}"
-    else:
-        text = f"{text.rstrip()}\n\n{SECTION}\n\n{block}\n"
-    path.write_text(text)
-
-
 # --- main ---------------------------------------------------------------------------------------------------
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -400,10 +371,12 @@ async def amain(args) -> None:
             shutil.rmtree(local_dir, ignore_errors=True)
             if args.redis:
                 drop_prefix(url, prefix)
-    text = report(args, machine(), (load_before, os.getloadavg()[0]), cold, many, mem, tp)
+    redis_v = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.split()[2]
+    info = machine_info(**{"redis-server": redis_v, "redis-py": redis.__version__})
+    text = report(args, info, (load_before, os.getloadavg()[0]), cold, many, mem, tp)
     print(text)
     if not args.no_write:
-        write_results_md(args.out / "RESULTS.md", text)
+        write_section(args.out / "RESULTS.md", "store", SECTION, text)
         print(f"wrote {args.out / 'RESULTS.md'}")
 
 

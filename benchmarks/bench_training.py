@@ -17,12 +17,8 @@ same (slightly optimistic) protocol for every method. Training time is wall time
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
-import platform
-import re
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -35,12 +31,12 @@ from torch import nn
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks._report import machine_info, write_section  # noqa: E402
 from server.backbone import load_backbone  # noqa: E402
 from server.training.classify import TrainConfig, tokenize, train_classifier  # noqa: E402
 from server.training.data import label_set, load_examples  # noqa: E402
 from server.training.loop import Evaluation, FitConfig, fit  # noqa: E402
 
-BEGIN, END = "<!-- bench_training:begin -->", "<!-- bench_training:end -->"
 SECTION = "## Training: P-Tuning v2 prefix vs linear probe vs full fine-tuning (issue 6)"
 DATA = ROOT / "examples" / "sentiment"
 
@@ -245,22 +241,6 @@ def run_full(bb, train, held_out, seed: int, args) -> Run:
 
 # --- report
 # -----------------------------------------------------------------------------------------------------
-def machine_info() -> dict[str, str]:
-    import transformers
-
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-        model = re.search(r"Model name:\s*(.+)", lscpu).group(1).strip()
-    except (OSError, AttributeError):
-        model = platform.processor() or "unknown"
-    return {
-        "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z"),
-        "cpu": f"{model}, nproc={os.cpu_count()}",
-        "versions": f"python {platform.python_version()}, torch {torch.__version__}, "
-        f"transformers {transformers.__version__}",
-    }
-
-
 def _fmt_params(n: int) -> str:
     return f"{n:,}"
 
@@ -327,20 +307,6 @@ def plot(runs: list[Run], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def write_results_md(path: Path, body: str) -> None:
-    """Replace this benchmark's block (between the markers) in RESULTS.md, keeping everything else."""
-    block = f"{BEGIN}\n{body.strip()}\n{END}"
-    text = path.read_text() if path.exists() else "# ptserve benchmark results\n"
-    if BEGIN in text and END in text:
-        text = text[: text.index(BEGIN)] + block + text[text.index(END) + len(END) :]
-    elif SECTION in text:
-        head, _, tail = text.partition(SECTION)
-        text = f"{head}{SECTION}\n\n{block}\n{tail}"
-    else:
-        text = f"{text.rstrip()}\n\n{SECTION}\n\n{block}\n"
-    path.write_text(text)
-
-
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
@@ -388,7 +354,9 @@ def main(argv=None) -> None:
                 flush=True,
             )
             runs.append(run)
-    load_after, info = os.getloadavg(), machine_info()
+    import transformers  # lazily, as the training code does
+
+    load_after, info = os.getloadavg(), machine_info(transformers=transformers.__version__)
     tokens = tokenize(bb, [e.text for e in train], 0, None)
     report = "\n".join(
         [
@@ -414,8 +382,11 @@ def main(argv=None) -> None:
     if not args.no_write:
         args.out.mkdir(parents=True, exist_ok=True)
         plot(runs, args.out / "training_loss.png")
-        write_results_md(
-            args.out / "RESULTS.md", f"{report}\n\n![training loss and eval accuracy](training_loss.png)\n"
+        write_section(
+            args.out / "RESULTS.md",
+            "bench_training",
+            SECTION,
+            f"{report}\n\n![training loss and eval accuracy](training_loss.png)\n",
         )
         print(f"wrote {args.out / 'RESULTS.md'} and {args.out / 'training_loss.png'}")
 
