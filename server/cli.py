@@ -24,8 +24,8 @@ def _is_loopback(host: str) -> bool:
 
 
 def serve(insecure: bool = False, **flags: Optional[str]) -> None:
-    """Run the HTTP server. Every PTSERVE_* setting is also a flag (--max-batch-size 32 = PTSERVE_MAX_BATCH_SIZE=32);
-    flags win over the environment."""
+    """Run the HTTP server. Every PTSERVE_* setting but the admin key is also a flag (--max-batch-size 32 =
+    PTSERVE_MAX_BATCH_SIZE=32); flags win over the environment."""
     from server.api.app import create_app
     from server.logs import configure_logging
     from server.serving import serve_app
@@ -48,12 +48,17 @@ def serve(insecure: bool = False, **flags: Optional[str]) -> None:
               settings.drain_timeout_s)
 
 
+ENV_ONLY = {"admin_key"}  # secrets stay out of the command line, where `ps` would show them
+
+
 def _settings_flags() -> inspect.Signature:
     """``serve``'s signature: one ``--flag`` per Settings field (DESIGN decision 6: the same names everywhere).
     Values arrive as text and are validated by the Settings class itself, exactly like environment variables."""
     params = [inspect.Parameter("insecure", inspect.Parameter.KEYWORD_ONLY, annotation=bool, default=typer.Option(
         False, "--insecure", help="Allow a non-loopback bind without PTSERVE_ADMIN_KEY."))]
     for name, field in Settings.model_fields.items():
+        if name in ENV_ONLY:
+            continue
         flag = "--" + name.replace("_", "-")
         option = typer.Option(None, flag, help=f"{field.description} [PTSERVE_{name.upper()}]", show_default=False)
         params.append(inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, annotation=Optional[str], default=option))
