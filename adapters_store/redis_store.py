@@ -135,11 +135,14 @@ class RedisStore(AdapterStore):
         self.redacted_url = parts._replace(netloc=parts.netloc.rpartition("@")[2], query="").geturl()
         self.channel = self.prefix + EVENTS
         self.connected = False  # the change feed's subscription is up (for readiness reporting)
-        # No retries: an outage must answer 503 within the timeout, not after a backoff schedule.
+        # One immediate retry on a connection error, none on a timeout: after Redis restarts, every pooled
+        # connection to the old process fails on first use and is replaced by the retry (no 503 for it),
+        # while a dead server still answers 503 at once (connection refused, twice) and a hung one within
+        # the timeout. A retried publish whose reply was lost can only cost a skipped version number.
         self._redis = redis.asyncio.Redis.from_url(
             parts._replace(query=urlencode(rest)).geturl(), socket_timeout=self.timeout_s,
             socket_connect_timeout=self.timeout_s, health_check_interval=self.health_check_interval,
-            retry=Retry(NoBackoff(), 0), retry_on_timeout=False, decode_responses=False,
+            retry=Retry(NoBackoff(), 1, supported_errors=(rex.ConnectionError,)), decode_responses=False,
         )
         scripts = map(self._redis.register_script, (PUBLISH_LUA, READ_LUA, DELETE_LUA))
         self._publish, self._read, self._delete = scripts

@@ -262,6 +262,23 @@ async def test_outage_answers_503_fast_and_the_feed_reconnects(redis_server_fact
         await store.close()
 
 
+async def test_a_restart_between_requests_fails_no_request(redis_server_factory):
+    """Pooled connections to the old process are dead after a restart; each is replaced on first use (one
+    immediate retry on a connection error), so the first requests after the restart do not answer 503."""
+    server = redis_server_factory(persistent=True)
+    store = RedisStore(server.url)
+    try:
+        await store.put(ID, b"x", META)
+        await asyncio.gather(*(store.get_info(ID) for _ in range(8)))  # several idle connections pooled
+        server.kill()
+        server.start()
+        for _ in range(8):  # sequential: each takes a pooled (stale) connection
+            assert (await store.get_info(ID)).version == 1
+        assert (await store.put(ID, b"y", META)).version == 2
+    finally:
+        await store.close()
+
+
 async def test_a_hung_server_answers_503_within_the_timeout(redis_server_factory):
     server = redis_server_factory()
     store = RedisStore(server.url, timeout_s=0.5, health_check_interval=0.5)
