@@ -3,10 +3,14 @@
 Running sequences occupy slots [0, B) in order. A request joins when a slot is free and the cache columns it may
 need (prompt + max_new_tokens) fit in the token budget beside the running ones; it leaves when it finishes or is
 cancelled, and the last running sequence moves into its slot so the batch stays packed.
+
+Admission is fair across tenants: the next to join is the oldest waiting request of the tenant with the fewest
+running sequences (FIFO within a tenant and among tenants with equal counts). One tenant's backlog therefore cannot
+hold every slot while another tenant waits; each slot that frees goes to the least-served waiting tenant.
 """
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -14,6 +18,9 @@ from typing import Protocol
 class Schedulable(Protocol):
     @property
     def reserved_tokens(self) -> int: ...
+
+    @property
+    def tenant(self) -> str: ...
 
 
 @dataclass(frozen=True)
@@ -34,17 +41,32 @@ class Scheduler:
         self.waiting.append(seq)
 
     def admit(self) -> list:
-        """Move waiting sequences (FIFO) into free slots while budgets allow; returns them in slot order."""
+        """Move waiting sequences into free slots while budgets allow, least-served tenant first; returns them
+        in slot order."""
         admitted = []
+        per_tenant = Counter(seq.tenant for seq in self.running)
         while self.waiting and len(self.running) < self.max_running:
-            seq = self.waiting[0]
+            seq = self._next(per_tenant)
             if self.running and self.reserved + seq.reserved_tokens > self.max_tokens:
-                break  # a lone request always runs; its own size was checked when it was accepted
-            self.waiting.popleft()
+                break  # no overtaking: the chosen one waits for room (a lone request always runs; its own size
+                # was checked when it was accepted)
+            self.waiting.remove(seq)
             self.running.append(seq)
             self.reserved += seq.reserved_tokens
+            per_tenant[seq.tenant] += 1
             admitted.append(seq)
         return admitted
+
+    def _next(self, per_tenant: Counter):
+        """The oldest waiting sequence of the waiting tenant with the fewest running ones."""
+        best, seen = None, set()
+        for seq in self.waiting:  # arrival order, so each tenant's first hit is its oldest
+            if seq.tenant in seen:
+                continue
+            seen.add(seq.tenant)
+            if best is None or per_tenant[seq.tenant] < per_tenant[best.tenant]:
+                best = seq
+        return best
 
     def slot_of(self, seq) -> int:
         return self.running.index(seq)

@@ -58,6 +58,10 @@ class Sequence:
         return self.adapter.num_virtual_tokens
 
     @property
+    def tenant(self) -> str:
+        return self.adapter.id.partition("/")[0]
+
+    @property
     def reserved_tokens(self) -> int:
         """Cache columns this request may need: prompt + max_new_tokens (its prefix sits in the prefix area)."""
         return len(self.prompt_ids) + self.params.max_new_tokens

@@ -134,3 +134,20 @@ def test_prompt_too_long_for_prefix_and_max_new_tokens(decoder):
     resident = engine.make_resident(adapters[3], "t/a3", 1)
     with pytest.raises(InputTooLong, match="virtual tokens"):
         engine.new_sequence(resident, "hello " * 50, SamplingParams(max_new_tokens=100))
+
+
+def test_a_tenant_behind_another_tenants_backlog_joins_at_the_first_free_slot(decoder):
+    bb, adapters = decoder
+    engine = _greedy_without_eos(bb, adapters)  # 3 slots
+    noisy = engine.make_resident(adapters[0], "noisy/a", 1)
+    quiet = engine.make_resident(adapters[1], "quiet/a", 1)
+    backlog = [engine.new_sequence(noisy, PROMPTS[0], SamplingParams(max_new_tokens=4, temperature=0))
+               for _ in range(6)]
+    late = engine.new_sequence(quiet, PROMPTS[1], SamplingParams(max_new_tokens=4, temperature=0))
+    for seq in backlog + [late]:  # the quiet tenant's request arrives behind the whole backlog
+        engine.add(seq)
+    engine.step()
+    assert engine.scheduler.running == [backlog[0], late, backlog[1]]  # least-served tenant first, then age
+    while engine.has_work:
+        engine.step()
+    assert late.output_ids == _run(_greedy_without_eos(bb, adapters), adapters, [(1, 1, 4)])[0]

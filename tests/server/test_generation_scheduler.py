@@ -1,9 +1,11 @@
-"""The continuous-batching scheduler on fake sequences (torch-free): FIFO admission, slot and token
-budgets, packed slots after a departure, and a randomized simulation checking invariants after every step."""
+"""The continuous-batching scheduler on fake sequences (torch-free): tenant-fair admission (FIFO within a
+tenant), slot and token budgets, packed slots after a departure, and a randomized simulation checking invariants
+and the fairness rule after every step."""
 from __future__ import annotations
 
 import itertools
 import random
+from collections import Counter
 from dataclasses import dataclass, field
 
 import pytest
@@ -16,11 +18,12 @@ _ids = itertools.count()
 @dataclass(eq=False)  # identity semantics, like the engine's Sequence objects in the scheduler's lists
 class FakeSeq:
     reserved_tokens: int
+    tenant: str = "t"
     id: int = field(default_factory=lambda: next(_ids))
 
 
-def seqs(*sizes: int) -> list[FakeSeq]:
-    return [FakeSeq(n) for n in sizes]
+def seqs(*sizes: int, tenant: str = "t") -> list[FakeSeq]:
+    return [FakeSeq(n, tenant) for n in sizes]
 
 
 def check_invariants(s: Scheduler) -> None:
@@ -92,6 +95,34 @@ def test_lone_request_always_runs_even_over_budget():
     assert s.admit() == [small]
 
 
+def test_a_backlogged_tenant_does_not_hold_every_slot():
+    s = Scheduler(max_running=4, max_tokens=10**6)
+    noisy = seqs(*[1] * 10, tenant="noisy")
+    quiet = seqs(1, 1, 1, tenant="quiet")
+    for q in noisy + quiet:  # the quiet tenant arrives behind the whole backlog
+        s.add(q)
+    # alternate, least-served tenant first; ties go to the older request
+    assert s.admit() == [noisy[0], quiet[0], noisy[1], quiet[1]]
+    s.remove(noisy[0])
+    assert s.admit() == [noisy[2]]  # noisy 1 running vs quiet 2: noisy's turn
+    s.remove(noisy[1])
+    assert s.admit() == [noisy[3]]  # 1 vs 2 again
+    s.remove(quiet[0])
+    assert s.admit() == [quiet[2]]  # 2 vs 1: quiet's turn, ahead of 6 older noisy requests
+
+
+def test_fairness_does_not_let_small_requests_overtake_the_chosen_one():
+    s = Scheduler(max_running=8, max_tokens=100)
+    a = FakeSeq(60, "a")
+    s.add(a)
+    assert s.admit() == [a]
+    big_b, small_a = FakeSeq(50, "b"), FakeSeq(10, "a")
+    s.add(small_a), s.add(big_b)
+    assert s.admit() == []  # b (least served) is next and does not fit; a's small one may not overtake it
+    s.remove(a)
+    assert s.admit() == [small_a, big_b]  # both tenants at 0 running: the older request first
+
+
 def test_empty_scheduler_admits_nothing():
     s = Scheduler(max_running=2, max_tokens=10)
     assert s.admit() == [] and s.running == [] and s.reserved == 0
@@ -152,13 +183,25 @@ def test_random_arrivals_and_finishes_keep_invariants(seed):
     slots: list[FakeSeq | None] = [None] * max_running  # what the KV cache believes each slot holds
     added, admitted, dropped, finished = [], [], [], []
     to_add = rng.randint(1, 60)
+    tenants = ["a", "b", "c"][: rng.randint(1, 3)]
 
     def admit():
-        first = len(s.running)
+        first, waiting = len(s.running), list(s.waiting)
+        per_tenant = {t: sum(q.tenant == t for q in s.running) for t in tenants}
         joined = s.admit()
         for i, q in enumerate(joined):
             assert slots[first + i] is None, "admitted into an occupied slot"
             slots[first + i] = q
+            # the fairness rule: the oldest waiting request of a least-served waiting tenant
+            assert per_tenant[q.tenant] == min(per_tenant[w.tenant] for w in waiting), "not the least served"
+            assert q is next(w for w in waiting if w.tenant == q.tenant), "overtook an older request of its tenant"
+            if any(per_tenant[w.tenant] == per_tenant[q.tenant] for w in waiting[:waiting.index(q)]):
+                raise AssertionError("an older request of an equally served tenant was passed over")
+            waiting.remove(q)
+            per_tenant[q.tenant] += 1
+        if waiting and len(s.running) < max_running:  # it stopped early: the next choice did not fit
+            chosen = s._next(Counter(q.tenant for q in s.running))
+            assert s.running and s.reserved + chosen.reserved_tokens > max_tokens
         admitted.extend(joined)
 
     def finish(q):
@@ -175,7 +218,7 @@ def test_random_arrivals_and_finishes_keep_invariants(seed):
     while len(added) < to_add or s.waiting or s.running:
         op = rng.random()
         if op < 0.35 and len(added) < to_add:
-            q = FakeSeq(rng.randint(1, max_tokens * 2 if rng.random() < 0.1 else max_tokens))
+            q = FakeSeq(rng.randint(1, max_tokens * 2 if rng.random() < 0.1 else max_tokens), rng.choice(tenants))
             s.add(q)
             added.append(q)
         elif op < 0.6:
@@ -191,9 +234,11 @@ def test_random_arrivals_and_finishes_keep_invariants(seed):
         assert all(x is None for x in slots[len(s.running):])
         assert len(admitted) == len({id(q) for q in admitted}), "admitted twice"
 
-    # every request was admitted exactly once (or cancelled while waiting), in arrival order
+    # every request was admitted exactly once (or cancelled while waiting), in arrival order within its tenant
     assert {id(q) for q in admitted} | {id(q) for q in dropped} == {id(q) for q in added}
     assert not {id(q) for q in admitted} & {id(q) for q in dropped}
-    assert admitted == [q for q in added if all(q is not d for d in dropped)]
+    for t in tenants:
+        assert [q for q in admitted if q.tenant == t] == \
+            [q for q in added if q.tenant == t and all(q is not d for d in dropped)]
     assert sorted(map(id, finished)) == sorted(map(id, admitted))
     assert s.reserved == 0
