@@ -1,8 +1,14 @@
 """Equivalence is the first test (DESIGN decision 2): any batch mixing adapters, prefix lengths and input lengths
-gives, row by row, what each request gives alone (fp32, max abs diff <= 1e-5) on the backbone outputs, the pooler
-and the head logits. Run on the real MiniLM and on tiny random BERT / RoBERTa built from configs."""
+gives, row by row, what each request gives alone, on the backbone outputs, the pooler and the head logits. Run on
+the real MiniLM and on tiny random BERT / RoBERTa built from configs.
+
+fp32: logits and pooler within 1e-5; hidden states within 1e-5 of the row's scale (max |h|, ~5 on MiniLM), since
+fp32 rounding grows with the magnitude and the length of the sequence and differs between CPUs (docs/design.md,
+"Facts learned here"). float64: the same batches agree to 1e-12, which shows that what remains in fp32 is
+rounding, not a mask, position or leak error (those are of order 1e-2, see the leak test below)."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import random
 
@@ -50,18 +56,21 @@ def _alone(engine: Engine, row: Row):
     return enc.hidden[0, : len(row.input_ids)], (enc.pooled[0] if enc.pooled is not None else None), logits[0]
 
 
-def _assert_rows_match_alone(engine: Engine, rows: list[Row]) -> float:
+def _assert_rows_match_alone(engine: Engine, rows: list[Row], tol: float = TOL) -> float:
+    """Each row of one mixed pass against the same row alone; the worst difference (hidden states relative to
+    the row's scale, pooler and logits absolute)."""
     enc, stats = engine.encode(rows)
     logits, _ = engine.classify(rows)
     worst = 0.0
     for i, row in enumerate(rows):
         hidden, pooled, alone_logits = _alone(engine, row)
         n = len(row.input_ids)
-        diffs = [(enc.hidden[i, :n] - hidden).abs().max(), (logits[i] - alone_logits).abs().max()]
+        scale = max(1.0, float(hidden.abs().max()))
+        diffs = [(enc.hidden[i, :n] - hidden).abs().max() / scale, (logits[i] - alone_logits).abs().max()]
         if pooled is not None:
             diffs.append((enc.pooled[i] - pooled).abs().max())
         worst = max(worst, *(float(d) for d in diffs))
-    assert worst <= TOL, f"mixed batch differs from alone by {worst:.3g}"
+    assert worst <= tol, f"mixed batch differs from alone by {worst:.3g}"
     assert stats.rows == len(rows)
     return worst
 
@@ -78,16 +87,31 @@ def test_mixed_batch_equals_alone(engine, num_adapters, prefix_lengths):
     _assert_rows_match_alone(engine, rows)
 
 
+def _pairing_rows(engine: Engine) -> list[Row]:
+    residents = _residents(engine, [1, 8, 16, 64], seed=10)
+    return [Row(r, engine.tokenize([" ".join(["word"] * n)], r.num_virtual_tokens, truncate=True)[0])
+            for r, n in itertools.product(residents, [1, 5, 40, 200])]
+
+
 def test_every_pairing_of_prefix_and_input_length(minilm_engine):
     """All combinations of prefix lengths x input lengths (incl. one-token-long and near-limit inputs) in one batch."""
-    engine = minilm_engine
-    residents = _residents(engine, [1, 8, 16, 64], seed=10)
-    lengths = [1, 5, 40, 200]
-    rows = []
-    for r, n in itertools.product(residents, lengths):
-        ids = engine.tokenize([" ".join(["word"] * n)], r.num_virtual_tokens, truncate=True)[0]
-        rows.append(Row(r, ids))
-    _assert_rows_match_alone(engine, rows)
+    _assert_rows_match_alone(minilm_engine, _pairing_rows(minilm_engine))
+
+
+def test_in_float64_a_mixed_batch_equals_alone_to_rounding():
+    """The same pairings in float64: hidden states and pooler agree to 1e-12 (measured ~1e-14), so the engine's
+    batch is exact and fp32's residue is rounding alone. (Heads run in float32, so logits get 1e-6.)"""
+    bb = load_backbone("minilm", device="cpu", dtype="float32")
+    engine = Engine(dataclasses.replace(bb, model=bb.model.to(torch.float64), dtype=torch.float64))
+    rows = _pairing_rows(engine)
+    enc, _ = engine.encode(rows)
+    logits, _ = engine.classify(rows)
+    assert enc.hidden.dtype == torch.float64
+    for i, row in enumerate(rows):
+        hidden, pooled, alone_logits = _alone(engine, row)
+        assert (enc.hidden[i, : len(row.input_ids)] - hidden).abs().max() <= 1e-12
+        assert (enc.pooled[i] - pooled).abs().max() <= 1e-12
+        assert (logits[i] - alone_logits).abs().max() <= 1e-6
 
 
 def test_prefix_changes_the_output_and_rows_do_not_leak(minilm_engine):
