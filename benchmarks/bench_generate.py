@@ -15,7 +15,9 @@ disabled, so every request generates exactly N tokens. Timed with a warm-up and 
        what PEFT's ``generate`` does on transformers 4.57, where it works. The fair baseline.
 Before anything is timed, (a)'s tokens are checked against each request generated alone (abort on a mismatch)
 and against (c″). Then latency under the (a) load through ``GenerationRunner`` (engine thread + asyncio): a
-burst of S requests at once, and Poisson arrivals at a rate near the measured capacity.
+burst of S requests at once, and Poisson arrivals at a rate near the measured capacity. Last, tenant fairness:
+one tenant's backlog of 3× the slots, and a second tenant's requests arriving behind it, under ptserve's
+tenant-fair admission and under FIFO admission (the policy before commit 9de53a4, patched in for the comparison).
 
     python benchmarks/bench_generate.py [--tokens 128] [--streams 16] [--threads 2] [--repeats 3] [--out DIR]
 """
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import math
 import os
 import random
@@ -50,6 +53,7 @@ from adapters_store.format import Adapter, AdapterConfig  # noqa: E402
 from server.backbone import Backbone, load_backbone  # noqa: E402
 from server.generation.engine import GenerationEngine, GenerationLimits  # noqa: E402
 from server.generation.runner import GenerationRunner  # noqa: E402
+from server.generation.scheduler import Scheduler  # noqa: E402
 from server.generation.sequence import SamplingParams, Sequence  # noqa: E402
 from server.resident import ResidentAdapter  # noqa: E402
 
@@ -312,14 +316,16 @@ async def _stream(runner: GenerationRunner, seq: Sequence, delay: float, t0: flo
     return trace
 
 
-def run_arrivals(engine, residents, jobs: list[Job], tokens: int, delays: list[float]):
-    """Job i submitted through a ``GenerationRunner`` ``delays[i]`` s after the start: (traces, wall time)."""
+def run_arrivals(engine, residents, jobs: list[Job], tokens: int | list[int], delays: list[float]):
+    """Job i (``tokens`` new tokens, or ``tokens[i]``) submitted through a ``GenerationRunner`` ``delays[i]`` s
+    after the start: (traces, wall time)."""
     runner = GenerationRunner(engine)
     runner.start()
+    counts = tokens if isinstance(tokens, list) else [tokens] * len(jobs)
 
     async def main():
         t0 = time.perf_counter()
-        seqs = [engine.new_sequence(residents[j.adapter], j.prompt, greedy(tokens)) for j in jobs]
+        seqs = [engine.new_sequence(residents[j.adapter], j.prompt, greedy(n)) for j, n in zip(jobs, counts)]
         traces = await asyncio.gather(*(_stream(runner, s, d, t0) for s, d in zip(seqs, delays)))
         return traces, time.perf_counter() - t0
 
@@ -371,6 +377,62 @@ def measure_latency(s: Setup, capacity_tps: float, args) -> list[Latency]:
         Latency(f"Poisson: {args.arrivals} at {rate:.2f} req/s ({args.load:.0%} of (a)'s capacity)",
                 p_traces, p_wall, args.arrivals * n),
     ]
+
+
+# --- tenant fairness -------------------------------------------------------------------------------------
+FAIR_SLOTS, QUIET_REQUESTS, QUIET_GAP_S = 16, 4, 0.05
+
+
+@dataclass
+class Fairness:
+    policy: str
+    noisy: list[Trace]
+    quiet: list[Trace]
+    wall: float
+    tokens: int
+
+
+@contextlib.contextmanager
+def fifo_admission():
+    """Admission as it was before tenant fairness: always the oldest waiting request."""
+    fair_next = Scheduler._next
+    Scheduler._next = lambda self, per_tenant: self.waiting[0]
+    try:
+        yield
+    finally:
+        Scheduler._next = fair_next
+
+
+def measure_fairness(s: Setup, args) -> list[Fairness]:
+    """Tenant "noisy" submits 3 × FAIR_SLOTS requests at once (16..N new tokens each, so slots free at different
+    steps); tenant "quiet" submits QUIET_REQUESTS of N/4 tokens, QUIET_GAP_S apart, from 50 ms on."""
+    rng = random.Random(3)
+    backlog = 3 * FAIR_SLOTS
+    jobs = [Job(s.prompts[i % len(s.prompts)], 0) for i in range(backlog)]
+    jobs += [Job(s.prompts[i % len(s.prompts)], 1) for i in range(QUIET_REQUESTS)]
+    tokens = [rng.randint(16, args.tokens) for _ in range(backlog)] + [args.tokens // 4] * QUIET_REQUESTS
+    delays = [0.0] * backlog + [QUIET_GAP_S * (k + 1) for k in range(QUIET_REQUESTS)]
+    out = []
+    for policy, admission in (("tenant-fair (ptserve)", contextlib.nullcontext), ("FIFO", fifo_admission)):
+        engine = GenerationEngine(s.bb, GenerationLimits(max_running=FAIR_SLOTS))
+        engine.eos_ids = frozenset()
+        residents = [engine.make_resident(s.adapters[0], "noisy/a", 1),
+                     engine.make_resident(s.adapters[1], "quiet/a", 1)]
+        with admission():
+            traces, wall = run_arrivals(engine, residents, jobs, tokens, delays)
+        out.append(Fairness(policy, traces[:backlog], traces[backlog:], wall, sum(tokens)))
+    return out
+
+
+def fairness_md(rows: list[Fairness]) -> str:
+    lines = [f"| admission ({FAIR_SLOTS} slots; noisy: {len(rows[0].noisy)} requests at t=0; quiet: "
+             f"{len(rows[0].quiet)} requests from 50 ms) | quiet TTFT p50 (ms) | quiet TTFT max (ms) | "
+             "noisy TTFT p50 (ms) | noisy TTFT max (ms) | tokens/s |", "|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        quiet, noisy = [t.ttft * 1e3 for t in r.quiet], [t.ttft * 1e3 for t in r.noisy]
+        lines.append(f"| {r.policy} | {percentile(quiet, 50):.0f} | {max(quiet):.0f} | "
+                     f"{percentile(noisy, 50):.0f} | {max(noisy):.0f} | {r.tokens / r.wall:.0f} |")
+    return "\n".join(lines)
 
 
 # --- report ----------------------------------------------------------------------------------------------
@@ -506,11 +568,13 @@ def main(argv=None) -> None:
     correctness = check_correctness(s, engine, residents, args.streams, peft_jobs, args.tokens)
     res = measure_throughput(s, engine, residents, peft_jobs, args)
     latencies = measure_latency(s, res["mixed"].tps, args)
+    fairness = measure_fairness(s, args)
 
     load = (load_before[0], os.getloadavg()[0])
     results = [res[k] for k in SYSTEMS]
     report = (f"{summary(s, args, argv, correctness, load, time.perf_counter() - started)}\n\n"
-              f"{table(results, res['mixed'])}\n\n{targets_md(targets(res))}\n\n{latency_md(latencies)}\n")
+              f"{table(results, res['mixed'])}\n\n{targets_md(targets(res))}\n\n{latency_md(latencies)}\n\n"
+              f"{fairness_md(fairness)}\n")
     print(report)
     if not args.no_write:
         args.out.mkdir(parents=True, exist_ok=True)
