@@ -5,6 +5,12 @@ slot and one script may touch them all): ``:cur`` (current version's info JSON),
 ``:versions`` (set of live N) and ``:next`` (INCR counter; survives deletes, so versions stay monotonic).
 A superseded version expires ``gc_grace_s`` after the put that replaced it, so requests that resolved it just
 before can finish. Puts and deletes are announced on ``<prefix>:events``.
+
+Per tenant, ``<prefix>:idx:{<tenant>}`` is a sorted set of its adapter names (all scores 0, read in name order
+with ZRANGE BYLEX), so listing one tenant costs its page, not a SCAN of every tenant's keys. It lives in another
+slot than the adapters' keys, so it cannot be updated inside their scripts; it is kept a superset of the live
+adapters instead (see ``_unindex``), and names of adapters that are gone are skipped and cleaned when listed.
+``<prefix>:idx-ready`` marks a store whose adapters written before the index existed have been added to it.
 """
 from __future__ import annotations
 
@@ -28,13 +34,14 @@ from redis.backoff import NoBackoff
 from adapters_store.errors import (
     AdapterNotFound, IntegrityError, InvalidAdapterId, InvalidInput, StoreUnavailable,
 )
-from adapters_store.ids import AdapterId, check_tenant
+from adapters_store.ids import NAME_RE, AdapterId, check_tenant
 from adapters_store.store import AdapterInfo, AdapterMeta, AdapterStore, Page, register_store
 
 log = logging.getLogger(__name__)
 
 CUR, NEXT, VERSIONS, BLOB, INFO = ":cur", ":next", ":versions", ":blob:", ":info:"  # after "<prefix>:{<id>}"
 EVENTS = ":events"  # after "<prefix>": the change-feed channel
+IDX, IDX_READY = ":idx:", ":idx-ready"  # after "<prefix>": a tenant's index (then "{<tenant>}"), its marker
 DEFAULTS = {"prefix": "ptserve", "timeout_s": 1.0, "gc_grace_s": 60.0, "health_check_interval": 10.0}
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.1, 2.0
 _PREFIX_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")  # no glob specials and no braces (they'd break hash tags)
@@ -148,10 +155,14 @@ class RedisStore(AdapterStore):
         self._publish, self._read, self._delete = scripts
         self._closing = asyncio.Event()
         self._watch_task: asyncio.Task | None = None
+        self._index_ready = False  # seen the idx-ready marker (or set it) once; it is never removed by ptserve
 
     def _base(self, adapter_id: AdapterId) -> str:
         adapter_id = AdapterId.of(adapter_id.tenant, adapter_id.name)  # an unchecked '}' would break the tag
         return f"{self.prefix}:{{{adapter_id}}}"
+
+    def _index(self, tenant: str) -> str:
+        return f"{self.prefix}{IDX}{{{tenant}}}"
 
     @_translated
     async def put(self, adapter_id: AdapterId, blob: bytes, meta: AdapterMeta) -> AdapterInfo:
@@ -161,7 +172,11 @@ class RedisStore(AdapterStore):
                   "created_at": datetime.now(timezone.utc).isoformat(timespec="milliseconds")[:-6] + "Z"}
         grace_ms = round(self.gc_grace_s * 1000)
         args = [base, blob, json.dumps(fields)[1:], grace_ms, self.channel, str(adapter_id)]
-        return _info(await self._publish(keys=[base + CUR, base + NEXT, base + VERSIONS], args=args))
+        index, name = self._index(adapter_id.tenant), {adapter_id.name: 0}
+        await self._redis.zadd(index, name)  # indexed before it is published: a listing never misses it ...
+        info = _info(await self._publish(keys=[base + CUR, base + NEXT, base + VERSIONS], args=args))
+        await self._redis.zadd(index, name)  # ... and again after, in case a concurrent delete took it out
+        return info
 
     @_translated
     async def get_info(self, adapter_id: AdapterId) -> AdapterInfo:
@@ -189,7 +204,8 @@ class RedisStore(AdapterStore):
 
     @_translated
     async def list(self, tenant: str | None = None, cursor: str | None = None, limit: int = 100) -> Page:
-        """One page of a SCAN over the cur keys, sorted by id within the page (not across pages).
+        """One tenant: one page of its index, in id order across pages (``next_cursor``: the page's last name).
+        All tenants: one page of a SCAN over the cur keys, sorted by id within the page (not across pages).
 
         ``next_cursor`` is Redis's SCAN cursor. COUNT doubles (up to 1000) while matches are sparse; a reply
         that would overfill the page is re-read from the same cursor with COUNT = the items still wanted, and
@@ -198,10 +214,11 @@ class RedisStore(AdapterStore):
         """
         if limit < 1:
             raise ValueError(f"limit must be >= 1, got {limit}")
+        if tenant is not None:
+            return await self._list_tenant(check_tenant(tenant), cursor, limit)
         if cursor is not None and not cursor.isdigit():
             raise InvalidInput(f"invalid list cursor {cursor!r}")
-        tenant_glob = _glob_escape(check_tenant(tenant)) if tenant is not None else "*"
-        match = f"{_glob_escape(self.prefix)}:{{{tenant_glob}/*}}{CUR}"
+        match = f"{_glob_escape(self.prefix)}:{{*/*}}{CUR}"
         pos, keys, count = int(cursor or 0), {}, min(limit, 1000)
         while True:
             need = limit - len(keys)
@@ -223,8 +240,61 @@ class RedisStore(AdapterStore):
     async def delete(self, adapter_id: AdapterId) -> None:
         base = self._base(adapter_id)
         args = [base, self.channel, str(adapter_id)]
-        if not await self._delete(keys=[base + CUR, base + VERSIONS], args=args):
+        deleted = await self._delete(keys=[base + CUR, base + VERSIONS], args=args)
+        await self._unindex(adapter_id)
+        if not deleted:
             raise _not_found(adapter_id)
+
+    # --- the tenant index -----------------------------------------------------------------------------------
+    async def _list_tenant(self, tenant: str, cursor: str | None, limit: int) -> Page:
+        if cursor is not None and not NAME_RE.match(cursor):
+            raise InvalidInput(f"invalid list cursor {cursor!r}")
+        await self._ensure_index()
+        names = await self._redis.zrange(self._index(tenant), f"({cursor}" if cursor else "-", "+",
+                                         bylex=True, offset=0, num=limit)
+        ids = [AdapterId.of(tenant, n.decode()) for n in names]
+        items = []
+        for adapter_id, raw in zip(ids, await self._get_many([self._base(i) + CUR for i in ids])):
+            if raw is None:  # deleted, or a put that failed or is not published yet: skip, clean if gone
+                await self._unindex(adapter_id)
+            else:
+                items.append(_info(raw))
+        return Page(items=items, next_cursor=names[-1].decode() if len(names) == limit else None)
+
+    async def _unindex(self, adapter_id: AdapterId) -> None:
+        """Take a name out of its tenant's index unless its adapter is live. ZREM, then re-add if it is live:
+        with a put's ZADD after its publish, whichever of the two comes last restores a live adapter's name,
+        so the index always holds every live adapter (a name may outlive its adapter; listing skips it)."""
+        index = self._index(adapter_id.tenant)
+        await self._redis.zrem(index, adapter_id.name)
+        if await self._redis.exists(self._base(adapter_id) + CUR):
+            await self._redis.zadd(index, {adapter_id.name: 0})
+
+    async def _ensure_index(self) -> None:
+        """Once per store (and per replica until it has seen the marker): adapters written before the index
+        existed are added to it by one SCAN. Idempotent, so replicas may race through it. After a rolling
+        upgrade from a version without the index, delete ``<prefix>:idx-ready`` once the last old replica is
+        gone: the next tenant listing rebuilds the index from the adapters."""
+        if self._index_ready:
+            return
+        if not await self._redis.exists(self.prefix + IDX_READY):
+            match, pos = f"{_glob_escape(self.prefix)}:{{*/*}}{CUR}", 0
+            head, tail = len(self.prefix) + 2, -len("}" + CUR)  # "<prefix>:{" id "}:cur"
+            while True:
+                pos, keys = await self._redis.scan(pos, match=match, count=1000)
+                pipe = self._redis.pipeline(transaction=False)
+                for key in keys:
+                    try:
+                        adapter_id = AdapterId.parse(key[head:tail].decode())
+                    except (InvalidAdapterId, UnicodeDecodeError):
+                        log.warning("not indexing %r: not an adapter key of this store", key[:200])
+                        continue
+                    pipe.zadd(self._index(adapter_id.tenant), {adapter_id.name: 0})
+                await pipe.execute()
+                if pos == 0:
+                    break
+            await self._redis.set(self.prefix + IDX_READY, b"1")
+        self._index_ready = True
 
     @_translated
     async def versions(self, ids: Iterable[AdapterId]) -> dict[AdapterId, int | None]:

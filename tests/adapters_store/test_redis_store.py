@@ -3,6 +3,7 @@ hash tags, Lua-atomic publish, expiry of superseded versions, SCAN listing, chan
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -332,3 +333,107 @@ async def test_a_server_that_refuses_writes_answers_503(redis_server_factory, mo
     finally:
         await admin.aclose()
         await store.close()
+
+
+# --- the tenant index ---------------------------------------------------------------------------------------
+async def _scans(raw) -> int:
+    return (await raw.info("commandstats")).get("cmdstat_scan", {}).get("calls", 0)
+
+
+async def test_listing_one_tenant_reads_its_index_not_the_keyspace(redis_server_factory):
+    server = redis_server_factory()
+    store, raw = RedisStore(server.url), redis.asyncio.Redis.from_url(server.url)
+    try:
+        ids = [AdapterId.of(f"t{i % 10}", f"m{i:03d}") for i in range(300)]
+        for i in ids:
+            await store.put(i, b"x", META)
+        await store.list(tenant="t0", limit=1)  # the first tenant listing checks for older adapters once
+        scans = await _scans(raw)
+        for tenant in ("t3", "t7"):
+            seen, cursor = [], None
+            while True:
+                page = await store.list(tenant=tenant, cursor=cursor, limit=7)
+                seen += [info.id for info in page.items]
+                if page.next_cursor is None:
+                    break
+                cursor = page.next_cursor
+            assert seen == sorted(str(i) for i in ids if i.tenant == tenant)  # complete, in order across pages
+        assert await _scans(raw) == scans, "a tenant listing scanned the keyspace"
+        assert len((await store.list(tenant="t3", limit=1000)).items) == 30
+        with pytest.raises(InvalidInput):
+            await store.list(tenant="t3", cursor="../x")
+    finally:
+        await raw.aclose()
+        await store.close()
+
+
+async def test_adapters_written_before_the_index_are_listed(open_redis, raw, prefix):
+    ids = [AdapterId.of("acme", f"a{i}") for i in range(5)] + [AdapterId.of("other", "b")]
+    await asyncio.gather(*(open_redis().put(i, b"x", META) for i in ids))
+    # what a store written by a version without the index looks like
+    await raw.delete(f"{prefix}:idx:{{acme}}", f"{prefix}:idx:{{other}}", f"{prefix}:idx-ready")
+    await raw.set(f"{prefix}:{{not/an/id}}:cur", b"{}")  # a stray key matching the pattern is skipped
+    fresh = open_redis()
+    assert [i.id for i in (await fresh.list(tenant="acme")).items] == [f"acme/a{i}" for i in range(5)]
+    assert [i.id for i in (await fresh.list(tenant="other")).items] == ["other/b"]
+    assert await raw.exists(f"{prefix}:idx-ready")
+
+
+async def test_the_index_holds_every_live_adapter_under_racing_puts_and_deletes(open_redis, raw, prefix):
+    """Puts and deletes of the same ids race from two store clients (two replicas); afterwards the tenant
+    listing equals what is live, and names of deleted adapters are gone from the index once listed."""
+    a, b = open_redis(), open_redis()
+    await a.list(tenant="race")  # the store is marked indexed: no backfill SCAN will repair the index later
+    names = [f"n{i}" for i in range(6)]
+    rng = random.Random(7)
+
+    async def churn(store: RedisStore, seed: int) -> None:
+        r = random.Random(seed)
+        for _ in range(60):
+            adapter_id = AdapterId.of("race", r.choice(names))
+            if r.random() < 0.5:
+                await store.put(adapter_id, b"x", META)
+            else:
+                with contextlib.suppress(AdapterNotFound):
+                    await store.delete(adapter_id)
+
+    await asyncio.gather(*(churn(s, rng.random()) for s in (a, b) for _ in range(4)))
+    live = []
+    for name in names:
+        with contextlib.suppress(AdapterNotFound):
+            live.append(str((await a.get_info(AdapterId.of("race", name))).id))
+    assert [i.id for i in (await b.list(tenant="race")).items] == sorted(live)
+    assert sorted(m.decode() for m in await raw.zrange(f"{prefix}:idx:{{race}}", 0, -1)) == \
+        sorted(i.split("/")[1] for i in live)
+
+
+async def test_a_delete_that_lands_inside_a_put_leaves_the_put_listed(open_redis):
+    """The two interleavings that could drop a live adapter from the index, forced: (1) a delete's ZREM
+    between a put's first ZADD and its publish; (2) a put completing between a delete's script and its ZREM."""
+    a, b = open_redis(), open_redis()
+    one, two = AdapterId.of("race", "one"), AdapterId.of("race", "two")
+    await a.list(tenant="race")  # the store is marked indexed: no backfill SCAN will repair the index later
+
+    publish = a._publish
+
+    async def delete_first(*args, **kwargs):
+        with contextlib.suppress(AdapterNotFound):
+            await b.delete(one)  # its ZREM runs here, after a's first ZADD, before a's publish
+        return await publish(*args, **kwargs)
+
+    a._publish = delete_first
+    await a.put(one, b"x", META)
+    a._publish = publish
+
+    await a.put(two, b"x", META)
+    delete_script = b._delete
+
+    async def put_meanwhile(*args, **kwargs):
+        gone = await delete_script(*args, **kwargs)
+        await a.put(two, b"y", META)  # published and indexed before b's ZREM
+        return gone
+
+    b._delete = put_meanwhile
+    await b.delete(two)
+    assert (await a.get_info(two)).version == 2 and (await a.get_info(one)).version == 1
+    assert [i.id for i in (await a.list(tenant="race")).items] == ["race/one", "race/two"]
