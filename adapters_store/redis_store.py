@@ -155,7 +155,6 @@ class RedisStore(AdapterStore):
         self._publish, self._read, self._delete = scripts
         self._closing = asyncio.Event()
         self._watch_task: asyncio.Task | None = None
-        self._index_ready = False  # seen the idx-ready marker (or set it) once; it is never removed by ptserve
 
     def _base(self, adapter_id: AdapterId) -> str:
         adapter_id = AdapterId.of(adapter_id.tenant, adapter_id.name)  # an unchecked '}' would break the tag
@@ -271,12 +270,10 @@ class RedisStore(AdapterStore):
             await self._redis.zadd(index, {adapter_id.name: 0})
 
     async def _ensure_index(self) -> None:
-        """Once per store (and per replica until it has seen the marker): adapters written before the index
-        existed are added to it by one SCAN. Idempotent, so replicas may race through it. After a rolling
-        upgrade from a version without the index, delete ``<prefix>:idx-ready`` once the last old replica is
-        gone: the next tenant listing rebuilds the index from the adapters."""
-        if self._index_ready:
-            return
+        """Once per store: adapters written before the index existed are added to it by one SCAN, then the
+        marker is set. Idempotent, so replicas may race through it. The marker is checked on every tenant
+        listing (one EXISTS), so after a rolling upgrade from a version without the index, deleting
+        ``<prefix>:idx-ready`` once the last old replica is gone makes the next tenant listing rebuild it."""
         if not await self._redis.exists(self.prefix + IDX_READY):
             match, pos = f"{_glob_escape(self.prefix)}:{{*/*}}{CUR}", 0
             head, tail = len(self.prefix) + 2, -len("}" + CUR)  # "<prefix>:{" id "}:cur"
@@ -294,7 +291,6 @@ class RedisStore(AdapterStore):
                 if pos == 0:
                     break
             await self._redis.set(self.prefix + IDX_READY, b"1")
-        self._index_ready = True
 
     @_translated
     async def versions(self, ids: Iterable[AdapterId]) -> dict[AdapterId, int | None]:

@@ -377,6 +377,13 @@ async def test_adapters_written_before_the_index_are_listed(open_redis, raw, pre
     assert [i.id for i in (await fresh.list(tenant="acme")).items] == [f"acme/a{i}" for i in range(5)]
     assert [i.id for i in (await fresh.list(tenant="other")).items] == ["other/b"]
     assert await raw.exists(f"{prefix}:idx-ready")
+    # an old replica uploads after the marker is set (no index entry); deleting the marker re-indexes, also
+    # for a store instance that has listed before
+    await fresh.put(AdapterId.of("other", "c"), b"x", META)
+    await raw.zrem(f"{prefix}:idx:{{other}}", "c")
+    assert [i.id for i in (await fresh.list(tenant="other")).items] == ["other/b"]
+    await raw.delete(f"{prefix}:idx-ready")
+    assert [i.id for i in (await fresh.list(tenant="other")).items] == ["other/b", "other/c"]
 
 
 async def test_the_index_holds_every_live_adapter_under_racing_puts_and_deletes(open_redis, raw, prefix):
