@@ -264,11 +264,11 @@ class Batcher(Generic[Item]):
         finally:
             self.busy = False
         end = time.monotonic()
-        for p, res in zip(group, results):
-            _deliver(p, res)
         rate = len(group) / max(end - start, 1e-6)
         self._rows_per_s = rate if self._rows_per_s is None else 0.8 * self._rows_per_s + 0.2 * rate
-        try:
+        try:  # reported before the results go out: a caller that has its answer finds its pass in the metrics
             self._on_pass(PassReport(len(group), [start - p.enqueued for p in group], end - start, stats))
         except Exception:  # metrics must never stop the engine
             log.exception("pass report failed")
+        for p, res in zip(group, results):
+            _deliver(p, res)

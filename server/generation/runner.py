@@ -83,10 +83,13 @@ class GenerationRunner:
                 log.exception("generation step failed")
                 self._fail_all(exc)
                 continue
+            tokens = sum(1 for e in events if e.token is not None)
+            try:  # reported before the events go out: a finished caller finds its tokens in the metrics
+                self._on_step(StepReport(len(self.engine.scheduler.running), tokens, time.perf_counter() - start))
+            except Exception:  # metrics must never stop the engine
+                log.exception("step report failed")
             for event in events:
                 self._deliver(event.seq, event)
-            tokens = sum(1 for e in events if e.token is not None)
-            self._on_step(StepReport(len(self.engine.scheduler.running), tokens, time.perf_counter() - start))
 
     def _take_new(self, block: bool) -> None:
         try:

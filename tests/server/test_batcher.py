@@ -52,6 +52,24 @@ async def make_batcher():
         await b.stop()
 
 
+async def test_a_pass_is_reported_before_its_results_are_delivered():
+    """Metrics first: a caller that has its answer (and then scrapes /metrics) finds its pass counted, even when
+    the report is slow."""
+    reports: list[PassReport] = []
+
+    def slow_report(report: PassReport) -> None:
+        time.sleep(0.1)
+        reports.append(report)
+
+    batcher = Batcher(Runner(), BatchPolicy(), 1, on_pass=slow_report)
+    batcher.start()
+    try:
+        assert await batcher.submit([3], [5]) == [6]
+        assert [r.rows for r in reports] == [1]
+    finally:
+        await batcher.stop()
+
+
 async def test_concurrent_callers_share_passes_and_get_their_own_results_in_order(make_batcher):
     runner, reports = Runner(), []
     batcher = make_batcher(runner, max_wait_ms=50, reports=reports, max_batch_size=64, overhead_tokens=256)
