@@ -71,11 +71,12 @@ def parse_retry_after(value: str | None) -> float | None:
     return max(0.0, when.timestamp() - time.time())
 
 
-def retryable_exception(exc: Exception, method: str) -> bool:
-    """Retry a request that never reached the server; one that may have, only if idempotent."""
+def retryable_exception(exc: Exception, method: str, side_effect_free: bool = False) -> bool:
+    """Retry a request that never reached the server; one that may have, only if idempotent or free of side
+    effects (inference: an answer cut short when its replica died is simply asked for again)."""
     if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)):
         return True
-    return method in IDEMPOTENT and isinstance(
+    return (method in IDEMPOTENT or side_effect_free) and isinstance(
         exc, (httpx.ReadTimeout, httpx.RemoteProtocolError, httpx.ReadError)
     )
 
@@ -98,6 +99,7 @@ class Call:
     headers: dict = field(default_factory=dict)
     retry: bool = True
     adapter: str | None = None  # sent as X-Ptserve-Adapter: a consistent-hash proxy keeps it on one replica
+    side_effect_free: bool = False  # a POST that changes nothing (inference): resent after a transport error
 
     def request_kwargs(self) -> dict:
         headers = {**self.headers, ADAPTER_HEADER: self.adapter} if self.adapter else self.headers

@@ -51,7 +51,8 @@ def classify(
 ) -> Call:
     inputs = [inputs] if isinstance(inputs, str) else list(inputs)
     body = {"adapter": adapter, "inputs": inputs, "return_logits": return_logits, "truncate": truncate}
-    return Call("POST", "/v1/classify", _json(ClassifyResult), json=body, adapter=adapter)
+    return Call("POST", "/v1/classify", _json(ClassifyResult), json=body, adapter=adapter,
+                side_effect_free=True)
 
 
 def generate_body(adapter: str, prompt: str, stream: bool, **params) -> dict:
@@ -61,7 +62,7 @@ def generate_body(adapter: str, prompt: str, stream: bool, **params) -> dict:
 def generate(adapter: str, prompt: str, **params) -> Call:
     return Call(
         "POST", "/v1/generate", _json(GenerateResult), json=generate_body(adapter, prompt, False, **params),
-        adapter=adapter,
+        adapter=adapter, side_effect_free=True,
     )
 
 
@@ -72,13 +73,15 @@ def generate_stream(adapter: str, prompt: str, **params) -> Call:
         json=generate_body(adapter, prompt, True, **params),
         headers={"accept": "text/event-stream"},
         adapter=adapter,
+        side_effect_free=True,  # resent only before the stream starts: no event is ever repeated
     )
 
 
 def completions(model: str, prompt: str | list[str], stream: bool = False, **params) -> Call:
     body = {"model": model, "prompt": prompt, **drop_none(**params), "stream": stream}
     headers = {"accept": "text/event-stream"} if stream else {}
-    return Call("POST", "/v1/completions", _json(Completion), json=body, headers=headers, adapter=model)
+    return Call("POST", "/v1/completions", _json(Completion), json=body, headers=headers, adapter=model,
+                side_effect_free=True)
 
 
 def models() -> Call:

@@ -78,7 +78,8 @@ class _Base:
         if not call.retry:
             return None
         if exc is not None:
-            return self.retry.delay(attempt, None) if retryable_exception(exc, call.method) else None
+            retryable = retryable_exception(exc, call.method, call.side_effect_free)
+            return self.retry.delay(attempt, None) if retryable else None
         if response.status_code not in (429, 503):
             return None
         return self.retry.delay(attempt, parse_retry_after(response.headers.get("retry-after")))

@@ -46,6 +46,9 @@ def gen_server(tmp_path_factory):
         yield url, "acme/poet"
 
 
+CUT_SHORT = "x-test-cut-short"  # a script header: send half the body, then close (a replica that died mid-answer)
+
+
 @dataclass
 class Scripted:
     """Answers requests from a script of (status, headers, body) and records what it received."""
@@ -83,12 +86,16 @@ def scripted():
                 )
             elif isinstance(payload, str):
                 payload = payload.encode()
+            cut = headers.pop(CUT_SHORT, None) is not None  # the body stops half-way and the connection closes
             self.send_response(status)
             for k, v in headers.items():
                 self.send_header(k, v)
             self.send_header("content-length", str(len(payload)))
             self.end_headers()
-            self.wfile.write(payload)
+            self.wfile.write(payload[: len(payload) // 2] if cut else payload)
+            if cut:
+                self.wfile.flush()
+                self.close_connection = True
 
         do_GET = do_POST = do_PUT = do_DELETE = _answer
 

@@ -33,7 +33,7 @@ from client import (
 from client._core import SSEDecoder, iter_events, parse_retry_after
 from client.export import blob_to_adapter
 from client.types import AdapterInfo, ClassifyResult, Completion, CreatedKey, GenerateResult, KeyInfo, Model
-from tests.client.conftest import ADMIN, error_body
+from tests.client.conftest import ADMIN, CUT_SHORT, error_body
 from tests.factories import free_port, make_adapter
 
 TEXTS = ["The waiter was lovely.", "Cold soup, rude staff.", "The shop opens at nine."]
@@ -303,6 +303,21 @@ def test_connection_refused_is_retried_then_raised():
     with Client(url, retry=FAST) as c, pytest.raises(APIConnectionError, match="ConnectError"):
         c.health()
     assert time.monotonic() - start < 5
+
+
+def test_an_answer_cut_short_is_asked_again_for_inference_only(scripted):
+    """A replica dying mid-answer leaves a truncated body (no proxy can retry it). Inference changes nothing, so
+    the SDK sends it again; a key creation might have minted a key, so its error is raised."""
+    answer = {"adapter": "a/b", "version": 1, "predictions": [], "usage": {"input_tokens": 0}}
+    scripted.script((200, {CUT_SHORT: "1"}, answer), (200, {}, answer))
+    with Client(scripted.url, retry=FAST) as c:
+        assert c.classify("a/b", ["x"]).adapter == "a/b"
+    assert [r[1] for r in scripted.requests] == ["/v1/classify", "/v1/classify"]
+    key = {"id": "k1", "key": "ptk_x", "tenant": "acme", "created_at": "2026-11-27T00:00:00Z"}
+    scripted.script((201, {CUT_SHORT: "1"}, key), (201, {}, key))
+    with Client(scripted.url, retry=FAST) as c, pytest.raises(APIConnectionError, match="RemoteProtocolError"):
+        c.create_key("acme")
+    assert len(scripted.requests) == 1
 
 
 async def test_async_client_retries_too(scripted):

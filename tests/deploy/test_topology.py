@@ -282,8 +282,16 @@ def test_killing_a_replica_mid_load_loses_no_request(topo, uploaded):
     for t in threads:
         t.join(timeout=30)
 
-    failed = [r for r in results if r[1] != 200]
+    # The one failure no proxy can retry: the replica died after its answer's header reached nginx (uvicorn
+    # writes header and body in two send()s), so nginx had begun to relay it and the answer arrives cut
+    # short. At most the requests in flight at the kill may end so; anything else (a 502, a refused
+    # connection, ...) is a request the proxy could have retried and lost. (The SDK resends such an answer:
+    # inference is free of side effects; tests/client/test_sdk.py.)
+    cut_short = [r for r in results if r[1] == 0 and "without sending complete message body" in r[3]
+                 and killed_at < r[0] < killed_at + 1.0]
+    failed = [r for r in results if r[1] != 200 and r not in cut_short]
     assert not failed, f"{len(failed)} of {len(results)} requests failed: {failed[:5]}"
+    assert len(cut_short) <= len(threads), cut_short
     before = Counter(r[2] for r in results if r[0] < killed_at)
     after = Counter(r[2] for r in results if r[0] > killed_at + 0.5)
     assert before["ptserve-2"] > 0 and before["ptserve-1"] > 0, before
