@@ -25,7 +25,7 @@ ARGS ?=
 .PHONY: help venv ref-venv serve test bench topology clean
 
 help:
-	@echo "make venv      create .venv (torch $(TORCH_VERSION) CPU, then ptserve[test,bench], editable)"
+	@echo "make venv      create .venv (torch $(TORCH_VERSION) CPU, then ptserve-client and ptserve[test,bench], editable)"
 	@echo "make ref-venv  create .venv-ref (PEFT $(REF_PEFT_VERSION) on transformers $(REF_TRANSFORMERS_VERSION))"
 	@echo "make serve     run the server (PTSERVE_* env vars configure it; ARGS=... adds CLI flags)"
 	@echo "make test      run the whole test suite (PYTEST_ARGS=... adds pytest flags)"
@@ -36,9 +36,11 @@ help:
 venv: $(VENV_STAMP)
 
 # Re-run when the dependencies (pyproject.toml) or the pins here (Makefile) change; pip makes a re-run cheap.
-$(VENV_STAMP): pyproject.toml Makefile
+# ptserve-client (client/) goes in first: the server distribution depends on it, and it is not on PyPI.
+$(VENV_STAMP): pyproject.toml client/pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install torch==$(TORCH_VERSION)
+	$(VENV)/bin/pip install -e ./client
 	$(VENV)/bin/pip install -e ".[test,bench]"
 	touch $@
 

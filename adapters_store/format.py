@@ -3,7 +3,7 @@
 Tensors
     ``prompt_embeddings``  [P, layers * 2 * kv_heads * head_dim]  PEFT's flat layout: slot 2l = key of layer l,
                            slot 2l+1 = value of layer l.
-    ``classifier.*``       the head of a ``classify`` adapter (``adapters_store.heads``).
+    ``classifier.*``       the head of a ``classify`` adapter (``ptserve.adapters_store.heads``).
 Metadata
     ``__metadata__["ptserve"]`` = JSON of ``AdapterConfig`` (task, labels, head kind, backbone fingerprint,
     format version, and the PEFT fields needed to write the adapter back out as a PEFT folder).
@@ -16,8 +16,8 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import save as st_save
 
-from adapters_store.errors import InvalidAdapter
-from adapters_store.fingerprint import BackboneFingerprint
+from ptserve.adapters_store.errors import InvalidAdapter
+from ptserve.adapters_store.fingerprint import BackboneFingerprint
 
 FORMAT = "ptserve.adapter"
 FORMAT_VERSION = 1
@@ -32,7 +32,7 @@ class AdapterConfig:
     num_virtual_tokens: int
     backbone: BackboneFingerprint
     labels: tuple[str, ...] = ()
-    head: str | None = None  # head kind for "classify" (adapters_store.heads), None for "generate"
+    head: str | None = None  # head kind for "classify" (ptserve.adapters_store.heads), None for "generate"
     base_model_name_or_path: str = ""
     format_version: int = FORMAT_VERSION
 

@@ -1,7 +1,7 @@
 """Tenant API keys, kept beside the adapters in the same store so every replica on that store shares them.
 
 A key reads ``ptk_<key_id>_<secret>``: the key id finds the record, the secret is never stored — only the
-sha256 of the whole key, compared in constant time by ``server.auth``. The local directory keeps one JSON file
+sha256 of the whole key, compared in constant time by ``ptserve.server.auth``. The local directory keeps one JSON file
 per key under ``ROOT/.keys/`` (a name the adapter listing never takes for a tenant); Redis keeps one hash,
 ``<prefix>:apikeys``, field key id -> record JSON.
 """
@@ -22,8 +22,8 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import parse_qsl, urlencode, urlparse, urlsplit
 
-from adapters_store.errors import PtserveError, StoreUnavailable
-from adapters_store.ids import check_tenant
+from ptserve.adapters_store.errors import PtserveError, StoreUnavailable
+from ptserve.adapters_store.ids import check_tenant
 
 KEY_PREFIX = "ptk_"
 KEY_ID_RE = re.compile(r"^[0-9a-f]{16}$")

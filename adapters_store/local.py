@@ -19,9 +19,9 @@ import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 
-from adapters_store.errors import AdapterNotFound, IntegrityError, InvalidAdapterId, StoreUnavailable
-from adapters_store.ids import NAME_RE, TENANT_RE, AdapterId, check_tenant
-from adapters_store.store import AdapterInfo, AdapterMeta, AdapterStore, Page, register_store
+from ptserve.adapters_store.errors import AdapterNotFound, IntegrityError, InvalidAdapterId, StoreUnavailable
+from ptserve.adapters_store.ids import NAME_RE, TENANT_RE, AdapterId, check_tenant
+from ptserve.adapters_store.store import AdapterInfo, AdapterMeta, AdapterStore, Page, register_store
 
 KEEP_PREVIOUS = 2  # older versions stay readable for readers that resolved current.json just before a put
 _VERSION_FILE = re.compile(r"^v(\d+)\.(?:safetensors|json)$")

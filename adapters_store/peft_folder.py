@@ -13,13 +13,15 @@ from pathlib import Path
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from adapters_store.errors import BackboneMismatch, InvalidAdapter, PayloadTooLarge
-from adapters_store.fingerprint import BackboneFingerprint
-from adapters_store.format import PREFIX_KEY, Adapter, AdapterConfig, encode_blob
-from adapters_store.validation import Limits, check_finite, decode_blob, read_header
+from ptserve.adapters_store.errors import BackboneMismatch, InvalidAdapter, PayloadTooLarge
+from ptserve.adapters_store.fingerprint import BackboneFingerprint
+from ptserve.adapters_store.format import PREFIX_KEY, Adapter, AdapterConfig, encode_blob
+from ptserve.client.wire import LABELS_FILE
+from ptserve.client.wire import PEFT_CONFIG_FILE as CONFIG_FILE
+from ptserve.client.wire import PEFT_WEIGHTS_FILE as WEIGHTS_FILE
+from ptserve.adapters_store.validation import Limits, check_finite, decode_blob, read_header
 
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
+
 MAX_CONFIG_BYTES = 64 << 10
 _TASKS = {"SEQ_CLS": "classify", "CAUSAL_LM": "generate"}
 _PEFT_HEAD_PREFIXES = ("base_model.model.", "base_model.")
@@ -135,3 +137,20 @@ def read_peft_folder(folder: str | Path) -> tuple[bytes, bytes]:
 
 
 __all__ = ["peft_to_blob", "adapter_to_peft", "write_peft_folder", "read_peft_folder"]
+
+
+def blob_to_adapter(blob: bytes) -> Adapter:
+    """Decode a ptserve blob against the fingerprint it records (checks it is self-consistent and finite)."""
+    metadata, _ = read_header(blob)
+    config = AdapterConfig.from_metadata(metadata)
+    return decode_blob(blob, config.backbone, config.head)
+
+
+def blob_to_peft_folder(blob: bytes, out_dir: str | Path) -> Path:
+    """A downloaded blob as a PEFT folder that PEFT loads, plus ``labels.json`` (which PEFT ignores)."""
+    adapter = blob_to_adapter(blob)
+    folder = write_peft_folder(adapter, out_dir)
+    if adapter.config.labels:
+        (folder / LABELS_FILE).write_text(json.dumps(list(adapter.config.labels)))
+    return folder
+

@@ -31,11 +31,11 @@ import redis.exceptions as rex
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
-from adapters_store.errors import (
+from ptserve.adapters_store.errors import (
     AdapterNotFound, IntegrityError, InvalidAdapterId, InvalidInput, StoreUnavailable,
 )
-from adapters_store.ids import NAME_RE, AdapterId, check_tenant
-from adapters_store.store import AdapterInfo, AdapterMeta, AdapterStore, Page, register_store
+from ptserve.adapters_store.ids import NAME_RE, AdapterId, check_tenant
+from ptserve.adapters_store.store import AdapterInfo, AdapterMeta, AdapterStore, Page, register_store
 
 log = logging.getLogger(__name__)
 

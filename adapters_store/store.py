@@ -1,7 +1,7 @@
 """The store interface: versioned, checksummed adapter blobs behind one async API, opened from a URL.
 
 A store knows bytes and the few facts the API lists (``AdapterInfo``); it never parses tensors. Validation
-happens before ``put`` (``adapters_store.validation``), so a store only ever holds blobs that decoded cleanly.
+happens before ``put`` (``ptserve.adapters_store.validation``), so a store only ever holds blobs that decoded cleanly.
 """
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Awaitable, Callable, Iterable
 from urllib.parse import urlparse
 
-from adapters_store.errors import AdapterNotFound
-from adapters_store.ids import AdapterId
+from ptserve.adapters_store.errors import AdapterNotFound
+from ptserve.adapters_store.ids import AdapterId
 
 
 @dataclass(frozen=True)
@@ -113,11 +113,11 @@ def register_store(scheme: str):
 
 def open_store(url: str) -> AdapterStore:
     """``file://PATH`` (embedded default) or ``redis://HOST:PORT/DB``; a bare path means ``file://``."""
-    import adapters_store.local  # noqa: F401  (registers "file")
+    import ptserve.adapters_store.local  # noqa: F401  (registers "file")
 
     scheme = urlparse(url).scheme or "file"
     if scheme in ("redis", "rediss"):
-        import adapters_store.redis_store  # noqa: F401
+        import ptserve.adapters_store.redis_store  # noqa: F401
     if scheme not in _STORES:
         raise ValueError(f"unknown store scheme {scheme!r} in {url!r}; known: {sorted(_STORES)}")
     return _STORES[scheme](url)

@@ -24,10 +24,10 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
-from adapters_store.errors import BackboneMismatch, InvalidAdapter
-from adapters_store.fingerprint import BackboneFingerprint
-from adapters_store.format import PREFIX_KEY, Adapter, AdapterConfig
-from adapters_store.validation import check_finite
+from ptserve.adapters_store.errors import BackboneMismatch, InvalidAdapter
+from ptserve.adapters_store.fingerprint import BackboneFingerprint
+from ptserve.adapters_store.format import PREFIX_KEY, Adapter, AdapterConfig
+from ptserve.adapters_store.validation import check_finite
 
 EMBEDDING = "prefix_encoder.embedding.weight"
 TRANS = (

@@ -13,10 +13,10 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load as st_load
 
-from adapters_store.errors import BackboneMismatch, InvalidAdapter, PayloadTooLarge
-from adapters_store.fingerprint import BackboneFingerprint
-from adapters_store.format import PREFIX_KEY, Adapter, AdapterConfig
-from adapters_store.heads import head_shapes
+from ptserve.adapters_store.errors import BackboneMismatch, InvalidAdapter, PayloadTooLarge
+from ptserve.adapters_store.fingerprint import BackboneFingerprint
+from ptserve.adapters_store.format import PREFIX_KEY, Adapter, AdapterConfig
+from ptserve.adapters_store.heads import head_shapes
 
 ALLOWED_DTYPES = {"F32": 4, "F16": 2, "BF16": 2}
 MAX_HEADER_BYTES = 1 << 20

@@ -36,11 +36,11 @@ from peft import PrefixTuningConfig, TaskType, get_peft_model, set_peft_model_st
 from transformers import AutoModel  # noqa: E402
 
 from benchmarks._report import machine_info, write_section  # noqa: E402
-from adapters_store.format import Adapter, AdapterConfig  # noqa: E402
-from adapters_store.heads import head_shapes  # noqa: E402
-from server.backbone import load_backbone  # noqa: E402
-from server.batch_plan import BatchPolicy, plan_batches  # noqa: E402
-from server.engine import BatchStats, Engine, Row  # noqa: E402
+from ptserve.adapters_store.format import Adapter, AdapterConfig  # noqa: E402
+from ptserve.adapters_store.heads import head_shapes  # noqa: E402
+from ptserve.server.backbone import load_backbone  # noqa: E402
+from ptserve.server.batch_plan import BatchPolicy, plan_batches  # noqa: E402
+from ptserve.server.engine import BatchStats, Engine, Row  # noqa: E402
 
 VIRTUAL_TOKENS = 16
 LABELS = ("negative", "neutral", "positive")

@@ -49,13 +49,13 @@ from peft import PrefixTuningConfig, TaskType, get_peft_model, set_peft_model_st
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from benchmarks._report import machine_info, write_section  # noqa: E402
-from adapters_store.format import Adapter, AdapterConfig  # noqa: E402
-from server.backbone import Backbone, load_backbone  # noqa: E402
-from server.generation.engine import GenerationEngine, GenerationLimits  # noqa: E402
-from server.generation.runner import GenerationRunner  # noqa: E402
-from server.generation.scheduler import Scheduler  # noqa: E402
-from server.generation.sequence import SamplingParams, Sequence  # noqa: E402
-from server.resident import ResidentAdapter  # noqa: E402
+from ptserve.adapters_store.format import Adapter, AdapterConfig  # noqa: E402
+from ptserve.server.backbone import Backbone, load_backbone  # noqa: E402
+from ptserve.server.generation.engine import GenerationEngine, GenerationLimits  # noqa: E402
+from ptserve.server.generation.runner import GenerationRunner  # noqa: E402
+from ptserve.server.generation.scheduler import Scheduler  # noqa: E402
+from ptserve.server.generation.sequence import SamplingParams, Sequence  # noqa: E402
+from ptserve.server.resident import ResidentAdapter  # noqa: E402
 
 VIRTUAL_TOKENS = 16
 SECTION = "## Generation throughput (issue 4)"

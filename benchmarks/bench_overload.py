@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402  (setup and scrapes only: too heavy a client to drive hundreds of req/s here)
 
 from benchmarks._report import write_section  # noqa: E402
-from server.backbone import load_backbone  # noqa: E402
+from ptserve.server.backbone import load_backbone  # noqa: E402
 from tests.factories import make_blob, server_process  # noqa: E402
 
 VIRTUAL_TOKENS = 16

@@ -44,8 +44,8 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 
 import topology  # noqa: E402  (scripts/topology.py)
 from benchmarks._report import machine_info, write_section  # noqa: E402
-from adapters_store.fingerprint import BackboneFingerprint  # noqa: E402
-from adapters_store.format import encode_blob  # noqa: E402
+from ptserve.adapters_store.fingerprint import BackboneFingerprint  # noqa: E402
+from ptserve.adapters_store.format import encode_blob  # noqa: E402
 from tests.factories import make_adapter  # noqa: E402  (random classify adapters, the tests' recipe)
 
 SECTION = "## Scale-out through nginx (issue 7)"
@@ -59,7 +59,7 @@ update crashed works screen battery hotel clean dirty food cold warm waiter rude
 
 # --- workload -----------------------------------------------------------------------------------------------
 def minilm_fingerprint() -> BackboneFingerprint:
-    from server.backbone import load_backbone
+    from ptserve.server.backbone import load_backbone
 
     return load_backbone("minilm", device="cpu", dtype="float32").fingerprint
 

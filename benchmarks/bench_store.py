@@ -44,14 +44,14 @@ import redis  # noqa: E402
 import torch  # noqa: E402
 
 from benchmarks._report import machine_info, write_section  # noqa: E402
-from adapters_store.ids import AdapterId  # noqa: E402
-from adapters_store.local import LocalDirStore  # noqa: E402
-from adapters_store.redis_store import RedisStore  # noqa: E402
-from adapters_store.store import AdapterMeta, AdapterStore  # noqa: E402
-from adapters_store.validation import Limits, decode_blob  # noqa: E402
-from server.adapters import AdapterService  # noqa: E402
-from server.backbone import load_backbone  # noqa: E402
-from server.engine import Engine, Row  # noqa: E402
+from ptserve.adapters_store.ids import AdapterId  # noqa: E402
+from ptserve.adapters_store.local import LocalDirStore  # noqa: E402
+from ptserve.adapters_store.redis_store import RedisStore  # noqa: E402
+from ptserve.adapters_store.store import AdapterMeta, AdapterStore  # noqa: E402
+from ptserve.adapters_store.validation import Limits, decode_blob  # noqa: E402
+from ptserve.server.adapters import AdapterService  # noqa: E402
+from ptserve.server.backbone import load_backbone  # noqa: E402
+from ptserve.server.engine import Engine, Row  # noqa: E402
 from tests.factories import MINILM_LABELS, make_blob  # noqa: E402
 
 SECTION = "## Adapter store and cache (issue 3)"

@@ -23,9 +23,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from adapters_store.ids import AdapterId  # noqa: E402
-from adapters_store.redis_store import RedisStore  # noqa: E402
-from adapters_store.store import AdapterMeta  # noqa: E402
+from ptserve.adapters_store.ids import AdapterId  # noqa: E402
+from ptserve.adapters_store.redis_store import RedisStore  # noqa: E402
+from ptserve.adapters_store.store import AdapterMeta  # noqa: E402
 from benchmarks._report import machine_info  # noqa: E402
 
 BEFORE = "754b0c1"  # the last commit whose RedisStore listed a tenant by SCAN

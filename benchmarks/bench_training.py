@@ -32,10 +32,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks._report import machine_info, write_section  # noqa: E402
-from server.backbone import load_backbone  # noqa: E402
-from server.training.classify import TrainConfig, tokenize, train_classifier  # noqa: E402
-from server.training.data import label_set, load_examples  # noqa: E402
-from server.training.loop import Evaluation, FitConfig, fit  # noqa: E402
+from ptserve.server.backbone import load_backbone  # noqa: E402
+from ptserve.server.training.classify import TrainConfig, tokenize, train_classifier  # noqa: E402
+from ptserve.server.training.data import label_set, load_examples  # noqa: E402
+from ptserve.server.training.loop import Evaluation, FitConfig, fit  # noqa: E402
 
 SECTION = "## Training: P-Tuning v2 prefix vs linear probe vs full fine-tuning (issue 6)"
 DATA = ROOT / "examples" / "sentiment"

@@ -1,9 +1,9 @@
 """ptserve's Python SDK: ``Client`` / ``AsyncClient`` for every endpoint of the HTTP API, typed results and
 errors, retries with backoff on 429/503. The CLI (``ptserve adapters|classify|generate|keys``) is
-``client.cli``."""
+``ptserve.client.cli``."""
 
-from client._core import RetryPolicy
-from client.errors import (
+from ptserve.client._core import RetryPolicy
+from ptserve.client.errors import (
     APIConnectionError,
     APIError,
     AuthenticationError,
@@ -21,8 +21,8 @@ from client.errors import (
     UnprocessableEntityError,
     UnsupportedMediaTypeError,
 )
-from client.sdk import AsyncClient, Client
-from client.types import (
+from ptserve.client.sdk import AsyncClient, Client
+from ptserve.client.types import (
     AdapterInfo,
     AdapterPage,
     ClassifyResult,

@@ -15,14 +15,15 @@ from urllib.parse import quote
 
 import httpx
 
-from client.errors import StreamError
-from client.types import StreamEvent
+from ptserve.client.errors import StreamError
+from ptserve.client.types import StreamEvent
+from ptserve.client.wire import BLOB_FILE, LABELS_FILE, PEFT_DIR
+from ptserve.client.wire import PEFT_CONFIG_FILE as PEFT_CONFIG
+from ptserve.client.wire import PEFT_WEIGHTS_FILE as PEFT_WEIGHTS
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 RETRY_STATUSES = frozenset({429, 503})
 IDEMPOTENT = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
-BLOB_FILE, PEFT_DIR, LABELS_FILE = "adapter.safetensors", "peft", "labels.json"
-PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 
 
 def default_url() -> str:

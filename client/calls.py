@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 from urllib.parse import quote
 
-from client._core import Call, adapter_path, drop_none, tenant_path, upload_call
-from client.types import (
+from ptserve.client._core import Call, adapter_path, drop_none, tenant_path, upload_call
+from ptserve.client.types import (
     AdapterInfo,
     AdapterPage,
     ClassifyResult,

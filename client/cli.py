@@ -1,5 +1,8 @@
-"""Client commands of the ``ptserve`` CLI: ``adapters upload|list|show|download|delete|import-thudm``,
-``classify``, ``generate`` (streams to the terminal) and ``keys create|list|revoke``.
+"""The ``ptserve`` command. This module (in ``ptserve-client``, torch-free) owns the commands that only talk to a
+server: ``adapters upload|list|show|download|delete``, ``classify``, ``generate`` (streams to the terminal) and
+``keys create|list|revoke``. With the server distribution installed, ``ptserve.server.cli`` adds ``serve``,
+``train`` and ``adapters import-thudm`` (and ``download --peft`` converts with it); without it they say what to
+install.
 
 Human tables by default, ``--json`` for scripts. Every error prints one line on stderr,
 ``error: <status> <type>: <message>`` (the server's own type and message), and exits 1 (2 for bad arguments
@@ -8,6 +11,7 @@ or files).
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import sys
 from contextlib import contextmanager
@@ -18,8 +22,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from client.errors import APIConnectionError, APIError, PtserveClientError
-from client.sdk import Client
+from ptserve.client.errors import APIConnectionError, APIError, PtserveClientError
+from ptserve.client.sdk import Client
 
 ServerOpt = typer.Option(
     None,
@@ -39,12 +43,47 @@ keys_app = typer.Typer(
 )
 
 
-def register(app: typer.Typer) -> None:
-    """Add the client commands to the ``ptserve`` app."""
-    app.add_typer(adapters_app, name="adapters")
-    app.add_typer(keys_app, name="keys")
-    app.command("classify")(classify)
-    app.command("generate")(generate)
+app = typer.Typer(help="ptserve: serve many tenants' P-Tuning v2 prefixes on one frozen backbone.",
+                  no_args_is_help=True)
+app.add_typer(adapters_app, name="adapters")
+app.add_typer(keys_app, name="keys")
+
+SERVER_DIST = "ptserve"  # the distribution with the server, the trainer and the torch-based converters
+
+
+def main() -> None:
+    """Entry point of the ``ptserve`` script: the client commands, plus the server's where it is installed."""
+    add_server_commands()
+    app()
+
+
+def add_server_commands() -> None:
+    if importlib.util.find_spec("ptserve.server") is not None:
+        import ptserve.server.cli  # noqa: F401  (registers serve, train, adapters import-thudm on `app`)
+        return
+    for name in ("serve", "train"):
+        app.command(name, help=f"Needs the server distribution (pip install {SERVER_DIST}).",
+                    context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(_needs_server)
+    adapters_app.command("import-thudm", help=f"Needs the server distribution (pip install {SERVER_DIST}).",
+                         context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(_needs_server)
+
+
+@app.command()
+def version() -> None:
+    """Print the versions of ptserve-client and, where installed, of the ptserve server."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    for dist in ("ptserve-client", SERVER_DIST):
+        try:
+            typer.echo(f"{dist} {dist_version(dist)}")
+        except PackageNotFoundError:
+            typer.echo(f"{dist} not installed")
+
+
+def _needs_server(ctx: typer.Context) -> None:
+    fail(f"'{ctx.info_name}' runs the model: it needs the server distribution (pip install {SERVER_DIST}); "
+         "this is ptserve-client, which only talks to a server", 2)
 
 
 # --- plumbing -----------------------------------------------------------------------------------------------
@@ -183,8 +222,11 @@ def adapters_download(
             out.write_bytes(blob)
             written["blob"] = str(out)
         if peft is not None:
-            from client.export import blob_to_peft_folder
-
+            try:
+                from ptserve.adapters_store.peft_folder import blob_to_peft_folder
+            except ImportError:
+                fail(f"--peft converts with torch: it needs the server distribution (pip install {SERVER_DIST}); "
+                     "--out FILE saves the blob without it", 2)
             written["peft"] = str(blob_to_peft_folder(blob, peft))
     if as_json:
         return _print_json({"adapter": adapter, "bytes": len(blob), **written})
@@ -207,81 +249,8 @@ def adapters_delete(
     _out().print(f"deleted {adapter}", highlight=False)
 
 
-@adapters_app.command("import-thudm")
-def adapters_import_thudm(
-    checkpoint: Path = typer.Argument(
-        ..., help="THUDM P-tuning-v2 checkpoint: a .safetensors/.bin file or folder."
-    ),
-    out: Path = typer.Option(..., "--out", "-o", help="Write adapter.safetensors and peft/ here."),
-    backbone: str = typer.Option(
-        "minilm", help="The backbone it was trained on: 'minilm', a folder or hub id."
-    ),
-    labels: Optional[str] = typer.Option(None, help="Label names 'a,b,c' (default: config.json id2label)."),
-    allow_pickle: bool = typer.Option(
-        False, help="Read a .bin/.pt pickle with torch.load(weights_only=True)."
-    ),
-    upload: Optional[str] = typer.Option(None, help="Also upload it as this adapter id (tenant/name)."),
-    server: Optional[str] = ServerOpt,
-    api_key: Optional[str] = KeyOpt,
-    as_json: bool = JsonOpt,
-) -> None:
-    """Convert a THUDM P-tuning-v2 checkpoint (plain or projected prefix encoder, classifier)."""
-    from adapters_store.errors import PtserveError
-    from adapters_store.thudm import read_checkpoint, thudm_to_adapter
-    from server.training.outputs import BLOB_FILE, write_outputs
-
-    try:
-        fp, head_kind, pooler = _backbone_geometry(backbone)
-        state, config_labels = read_checkpoint(checkpoint, allow_pickle)
-        adapter = thudm_to_adapter(state, fp, head_kind, _labels(labels) or config_labels, backbone, pooler)
-    except PtserveError as exc:
-        fail(f"{exc.type}: {exc.message}", 2)
-    except (OSError, ValueError) as exc:
-        fail(str(exc), 2)
-    write_outputs(adapter, out)
-    result = {
-        "out": str(out),
-        "task": adapter.config.task,
-        "num_virtual_tokens": adapter.config.num_virtual_tokens,
-        "labels": list(adapter.config.labels),
-    }
-    if upload:
-        with _client(server, api_key) as c:
-            result["uploaded"] = c.upload(upload, out / BLOB_FILE).raw
-    if as_json:
-        return _print_json(result)
-    _out().print(
-        f"imported {checkpoint} -> {out} ({result['task']}, {result['num_virtual_tokens']} virtual tokens)",
-        highlight=False,
-    )
-    if upload:
-        _out().print(f"uploaded {upload} version {result['uploaded']['version']}", highlight=False)
-
-
-def _backbone_geometry(name: str):
-    """(fingerprint, head kind, pooler weights for cls_mlp heads) of a backbone (BERT: its config alone)."""
-    from adapters_store.fingerprint import fingerprint_from_config
-    from server import hf_compat
-    from server.backbone import family_for, resolve_path
-
-    path = resolve_path(name)
-    config = hf_compat.load_config(path, local_only=True)
-    family = family_for(config)
-    pooler = None
-    if (
-        family.head_kind == "cls_mlp"
-    ):  # RoBERTa: THUDM's head sits on the pooler, which ptserve's head carries
-        from server.backbone import load_backbone
-
-        model = load_backbone(name, device="cpu", dtype="float32").model
-        pooler = {
-            "pooler.dense.weight": model.pooler.dense.weight.detach().clone(),
-            "pooler.dense.bias": model.pooler.dense.bias.detach().clone(),
-        }
-    return fingerprint_from_config(config), family.head_kind, pooler
-
-
 # --- inference ----------------------------------------------------------------------------------------------
+@app.command("classify")
 def classify(
     adapter: str = typer.Argument(..., help="Adapter id, tenant/name."),
     texts: Optional[List[str]] = typer.Argument(None, help="Texts to classify."),
@@ -318,6 +287,7 @@ def classify(
     _out().print(table)
 
 
+@app.command("generate")
 def generate(
     adapter: str = typer.Argument(..., help="Adapter id, tenant/name."),
     prompt: str = typer.Argument(..., help="The prompt."),

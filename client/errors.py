@@ -70,7 +70,7 @@ class RateLimitError(APIError):
 
     @property
     def retry_after(self) -> float | None:
-        from client._core import parse_retry_after
+        from ptserve.client._core import parse_retry_after
 
         return parse_retry_after(self.headers.get("retry-after"))
 
@@ -84,7 +84,7 @@ class ServiceUnavailableError(APIError):
 
     @property
     def retry_after(self) -> float | None:
-        from client._core import parse_retry_after
+        from ptserve.client._core import parse_retry_after
 
         return parse_retry_after(self.headers.get("retry-after"))
 

@@ -1,7 +1,7 @@
 """``Client`` (sync) and ``AsyncClient`` on httpx: every endpoint, typed results and errors, retries on
 429/503 honouring ``Retry-After``, and streaming generation as an iterator of events.
 
-    from client import Client
+    from ptserve.client import Client
     with Client("http://127.0.0.1:8000", api_key="...") as c:
         c.upload("acme/sentiment", "out/")  # a `ptserve train --out` folder, a blob or a PEFT folder
         print(c.classify("acme/sentiment", ["great!"]).predictions[0].label)
@@ -20,8 +20,8 @@ from typing import AsyncIterator, Iterator
 
 import httpx
 
-from client import calls
-from client._core import (
+from ptserve.client import calls
+from ptserve.client._core import (
     Call,
     RetryPolicy,
     aiter_events,
@@ -31,8 +31,8 @@ from client._core import (
     parse_retry_after,
     retryable_exception,
 )
-from client.errors import APIConnectionError, error_from_response
-from client.types import (
+from ptserve.client.errors import APIConnectionError, PtserveClientError, error_from_response
+from ptserve.client.types import (
     AdapterInfo,
     AdapterPage,
     ClassifyResult,
@@ -190,9 +190,7 @@ class Client(_Base):
 
     def export_peft(self, adapter_id: str, out_dir: str | os.PathLike) -> Path:
         """Download an adapter and write it as a PEFT folder (plus labels.json) that PEFT loads."""
-        from client.export import blob_to_peft_folder
-
-        return blob_to_peft_folder(self.download_adapter(adapter_id), out_dir)
+        return _peft_exporter()(self.download_adapter(adapter_id), out_dir)
 
     def delete_adapter(self, adapter_id: str) -> None:
         self._run(calls.delete_adapter(adapter_id))
@@ -335,9 +333,7 @@ class AsyncClient(_Base):
         return await self._run(calls.download_adapter(adapter_id))
 
     async def export_peft(self, adapter_id: str, out_dir: str | os.PathLike) -> Path:
-        from client.export import blob_to_peft_folder
-
-        return blob_to_peft_folder(await self.download_adapter(adapter_id), out_dir)
+        return _peft_exporter()(await self.download_adapter(adapter_id), out_dir)
 
     async def delete_adapter(self, adapter_id: str) -> None:
         await self._run(calls.delete_adapter(adapter_id))
@@ -379,3 +375,16 @@ class AsyncClient(_Base):
 
     async def metrics(self) -> str:
         return await self._run(calls.metrics())
+
+
+def _peft_exporter():
+    """The blob → PEFT folder converter; it decodes tensors with torch, so it ships with the server distribution."""
+    try:
+        from ptserve.adapters_store.peft_folder import blob_to_peft_folder
+    except ImportError as exc:
+        raise PtserveClientError(
+            "export_peft converts with torch: install the server distribution (pip install ptserve), "
+            "or save download_adapter()'s blob as is"
+        ) from exc
+    return blob_to_peft_folder
+

@@ -344,7 +344,7 @@ class Topology:
 
     def start_replica(self, i: int, wait: bool = True) -> Process:
         exe = Path(sys.executable).parent / "ptserve"
-        argv = [str(exe), "serve"] if exe.exists() else [sys.executable, "-m", "server.cli", "serve"]
+        argv = [str(exe), "serve"] if exe.exists() else [sys.executable, "-m", "ptserve.server.cli", "serve"]
         proc = self._spawn(self.replica_id(i), argv, self.replica_env(i))
         if wait:
             self.wait_replica(i)

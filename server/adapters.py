@@ -11,16 +11,16 @@ from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
-from adapters_store.cache import AdapterCache
-from adapters_store.errors import StoreUnavailable
-from adapters_store.format import Adapter
-from adapters_store.ids import AdapterId
-from adapters_store.peft_folder import peft_to_blob
-from adapters_store.store import AdapterInfo, AdapterMeta, AdapterStore, Page
-from adapters_store.validation import Limits, decode_blob
-from server.engine import Engine
-from server.logs import note
-from server.resident import ResidentAdapter
+from ptserve.adapters_store.cache import AdapterCache
+from ptserve.adapters_store.errors import StoreUnavailable
+from ptserve.adapters_store.format import Adapter
+from ptserve.adapters_store.ids import AdapterId
+from ptserve.adapters_store.peft_folder import peft_to_blob
+from ptserve.adapters_store.store import AdapterInfo, AdapterMeta, AdapterStore, Page
+from ptserve.adapters_store.validation import Limits, decode_blob
+from ptserve.server.engine import Engine
+from ptserve.server.logs import note
+from ptserve.server.resident import ResidentAdapter
 
 log = logging.getLogger(__name__)
 

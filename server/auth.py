@@ -1,5 +1,5 @@
-"""Who is calling and what they may touch: the admin key, tenant keys (``adapters_store.keys``) and the rule that
-a tenant key reaches only ``its-tenant/*``. FastAPI-free; the dependencies that use it live in ``server.api.deps``.
+"""Who is calling and what they may touch: the admin key, tenant keys (``ptserve.adapters_store.keys``) and the rule that
+a tenant key reaches only ``its-tenant/*``. FastAPI-free; the dependencies that use it live in ``ptserve.server.api.deps``.
 
 Another tenant's adapter answers exactly like a missing one (404 ``adapter_not_found``), so a key never learns
 whether a name exists elsewhere. Keys are compared as sha256 digests with ``hmac.compare_digest``.
@@ -11,10 +11,10 @@ import logging
 import time
 from dataclasses import dataclass
 
-from adapters_store.errors import AdapterNotFound, PtserveError, StoreUnavailable
-from adapters_store.ids import AdapterId
-from adapters_store.keys import KeyRecord, KeyStore, hash_key, key_id_of
-from server.logs import note
+from ptserve.adapters_store.errors import AdapterNotFound, PtserveError, StoreUnavailable
+from ptserve.adapters_store.ids import AdapterId
+from ptserve.adapters_store.keys import KeyRecord, KeyStore, hash_key, key_id_of
+from ptserve.server.logs import note
 
 log = logging.getLogger(__name__)
 

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import torch
 
-from adapters_store.fingerprint import BackboneFingerprint, fingerprint_from_config
-from adapters_store.heads import head_kind_for
-from server import hf_compat
-from server.prefix_attention import ATTENTION_NAME
+from ptserve.adapters_store.fingerprint import BackboneFingerprint, fingerprint_from_config
+from ptserve.adapters_store.heads import head_kind_for
+from ptserve.server import hf_compat
+from ptserve.server.prefix_attention import ATTENTION_NAME
 
 log = logging.getLogger(__name__)
 

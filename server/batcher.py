@@ -24,8 +24,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generic, Sequence, TypeVar
 
-from server.batch_plan import BatchPolicy, plan_batches
-from server.limits import DeadlineExceeded, QueueFull
+from ptserve.server.batch_plan import BatchPolicy, plan_batches
+from ptserve.server.limits import DeadlineExceeded, QueueFull
 
 log = logging.getLogger(__name__)
 Item = TypeVar("Item")

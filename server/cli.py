@@ -1,17 +1,29 @@
-"""The ``ptserve`` command line (typer). ``ptserve serve`` runs the server; flags mirror ``PTSERVE_*`` settings."""
+"""The server's commands of the ``ptserve`` CLI, added to the client's app (``ptserve.client.cli``) on import:
+``serve`` (flags mirror ``PTSERVE_*`` settings), ``train`` and ``adapters import-thudm``. Importing this module
+loads no torch: each command imports what it runs."""
 from __future__ import annotations
 
 import inspect
 import ipaddress
+from pathlib import Path
 from typing import Optional
 
 import typer
 from pydantic import ValidationError
 
-from server.settings import Settings
-
-app = typer.Typer(help="ptserve: serve many tenants' P-Tuning v2 prefixes on one frozen backbone.",
-                  no_args_is_help=True)
+from ptserve.client.cli import (
+    JsonOpt,
+    KeyOpt,
+    ServerOpt,
+    _client,
+    _labels,
+    _out,
+    _print_json,
+    adapters_app,
+    app,
+    fail,
+)
+from ptserve.server.settings import Settings
 
 
 def _is_loopback(host: str) -> bool:
@@ -26,9 +38,9 @@ def _is_loopback(host: str) -> bool:
 def serve(insecure: bool = False, **flags: Optional[str]) -> None:
     """Run the HTTP server. Every PTSERVE_* setting but the admin key is also a flag (--max-batch-size 32 =
     PTSERVE_MAX_BATCH_SIZE=32); flags win over the environment."""
-    from server.api.app import create_app
-    from server.logs import configure_logging
-    from server.serving import serve_app
+    from ptserve.server.api.app import create_app
+    from ptserve.server.logs import configure_logging
+    from ptserve.server.serving import serve_app
 
     try:
         settings = Settings(**{k: v for k, v in flags.items() if v is not None})
@@ -69,20 +81,82 @@ serve.__signature__ = _settings_flags()
 app.command()(serve)
 
 
-@app.command()
-def version() -> None:
-    """Print the ptserve version."""
-    from server.api.state import _version
+@adapters_app.command("import-thudm")
+def adapters_import_thudm(
+    checkpoint: Path = typer.Argument(
+        ..., help="THUDM P-tuning-v2 checkpoint: a .safetensors/.bin file or folder."
+    ),
+    out: Path = typer.Option(..., "--out", "-o", help="Write adapter.safetensors and peft/ here."),
+    backbone: str = typer.Option(
+        "minilm", help="The backbone it was trained on: 'minilm', a folder or hub id."
+    ),
+    labels: Optional[str] = typer.Option(None, help="Label names 'a,b,c' (default: config.json id2label)."),
+    allow_pickle: bool = typer.Option(
+        False, help="Read a .bin/.pt pickle with torch.load(weights_only=True)."
+    ),
+    upload: Optional[str] = typer.Option(None, help="Also upload it as this adapter id (tenant/name)."),
+    server: Optional[str] = ServerOpt,
+    api_key: Optional[str] = KeyOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Convert a THUDM P-tuning-v2 checkpoint (plain or projected prefix encoder, classifier)."""
+    from ptserve.adapters_store.errors import PtserveError
+    from ptserve.adapters_store.thudm import read_checkpoint, thudm_to_adapter
+    from ptserve.server.training.outputs import BLOB_FILE, write_outputs
 
-    typer.echo(_version())
+    try:
+        fp, head_kind, pooler = _backbone_geometry(backbone)
+        state, config_labels = read_checkpoint(checkpoint, allow_pickle)
+        adapter = thudm_to_adapter(state, fp, head_kind, _labels(labels) or config_labels, backbone, pooler)
+    except PtserveError as exc:
+        fail(f"{exc.type}: {exc.message}", 2)
+    except (OSError, ValueError) as exc:
+        fail(str(exc), 2)
+    write_outputs(adapter, out)
+    result = {
+        "out": str(out),
+        "task": adapter.config.task,
+        "num_virtual_tokens": adapter.config.num_virtual_tokens,
+        "labels": list(adapter.config.labels),
+    }
+    if upload:
+        with _client(server, api_key) as c:
+            result["uploaded"] = c.upload(upload, out / BLOB_FILE).raw
+    if as_json:
+        return _print_json(result)
+    _out().print(
+        f"imported {checkpoint} -> {out} ({result['task']}, {result['num_virtual_tokens']} virtual tokens)",
+        highlight=False,
+    )
+    if upload:
+        _out().print(f"uploaded {upload} version {result['uploaded']['version']}", highlight=False)
 
 
-# Client commands (adapters, classify, generate, keys) and the trainer register themselves; their heavy imports
-# (torch, the SDK) happen inside the commands, so `ptserve serve` starts as before.
-from client.cli import register as _register_client  # noqa: E402
-from server.training.cli import register as _register_training  # noqa: E402
+def _backbone_geometry(name: str):
+    """(fingerprint, head kind, pooler weights for cls_mlp heads) of a backbone (BERT: its config alone)."""
+    from ptserve.adapters_store.fingerprint import fingerprint_from_config
+    from ptserve.server import hf_compat
+    from ptserve.server.backbone import family_for, resolve_path
 
-_register_client(app)
+    path = resolve_path(name)
+    config = hf_compat.load_config(path, local_only=True)
+    family = family_for(config)
+    pooler = None
+    if (
+        family.head_kind == "cls_mlp"
+    ):  # RoBERTa: THUDM's head sits on the pooler, which ptserve's head carries
+        from ptserve.server.backbone import load_backbone
+
+        model = load_backbone(name, device="cpu", dtype="float32").model
+        pooler = {
+            "pooler.dense.weight": model.pooler.dense.weight.detach().clone(),
+            "pooler.dense.bias": model.pooler.dense.bias.detach().clone(),
+        }
+    return fingerprint_from_config(config), family.head_kind, pooler
+
+
+from ptserve.server.training.cli import register as _register_training  # noqa: E402
+
 _register_training(app)
 
 

@@ -10,12 +10,12 @@ from dataclasses import dataclass
 
 import torch
 
-from adapters_store.errors import InputTooLong
-from adapters_store.format import Adapter
-from server.backbone import Backbone
-from server.heads import apply_heads
-from server.prefix_attention import PrefixContext
-from server.resident import ResidentAdapter, gather_prefixes, make_resident
+from ptserve.adapters_store.errors import InputTooLong
+from ptserve.adapters_store.format import Adapter
+from ptserve.server.backbone import Backbone
+from ptserve.server.heads import apply_heads
+from ptserve.server.prefix_attention import PrefixContext
+from ptserve.server.resident import ResidentAdapter, gather_prefixes, make_resident
 
 
 @dataclass(frozen=True)

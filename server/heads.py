@@ -1,10 +1,10 @@
-"""Classification heads applied per row after the prefixed forward pass (kinds named in adapters_store.heads)."""
+"""Classification heads applied per row after the prefixed forward pass (kinds named in ptserve.adapters_store.heads)."""
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from server.resident import ResidentAdapter
+from ptserve.server.resident import ResidentAdapter
 
 
 def _pooler_linear(pooled: torch.Tensor, first: torch.Tensor, head: dict) -> torch.Tensor:

@@ -7,7 +7,7 @@ from collections import defaultdict
 from contextlib import contextmanager
 from typing import Iterator
 
-from adapters_store.errors import PtserveError
+from ptserve.adapters_store.errors import PtserveError
 
 
 class Overloaded(PtserveError):

@@ -11,14 +11,14 @@ from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from adapters_store.cache import AdapterCache
-from server.batcher import PassReport
+from ptserve.adapters_store.cache import AdapterCache
+from ptserve.server.batcher import PassReport
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 RATIO_BUCKETS = (1.0, 1.05, 1.1, 1.25, 1.5, 2, 3, 5)
 CONTENT_TYPE = CONTENT_TYPE_LATEST
-# error types (server.limits, server.auth) counted as refusals; a closed set, so the label stays bounded
+# error types (ptserve.server.limits, ptserve.server.auth) counted as refusals; a closed set, so the label stays bounded
 REJECTION_REASONS = ("queue_full", "tenant_concurrency_limit", "deadline_exceeded", "draining", "unauthorized",
                      "forbidden")
 STORE_ERROR_KINDS = ("store_unavailable", "store_integrity_error")
@@ -113,7 +113,7 @@ class Metrics:
         self.registry.register(_CacheCollector(cache))
 
     def observe_step(self, report) -> None:
-        """One generation engine step (``server.generation.runner.StepReport``; called from the engine thread)."""
+        """One generation engine step (``ptserve.server.generation.runner.StepReport``; called from the engine thread)."""
         self.generation_step.observe(report.seconds)
         self.generation_batch.observe(report.rows)
 

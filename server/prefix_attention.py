@@ -20,10 +20,10 @@ from typing import TYPE_CHECKING
 import torch
 import torch.nn.functional as F
 
-from server.hf_compat import register_attention
+from ptserve.server.hf_compat import register_attention
 
 if TYPE_CHECKING:
-    from server.generation.kv_cache import SlotKVCache
+    from ptserve.server.generation.kv_cache import SlotKVCache
 
 ATTENTION_NAME = "ptserve_prefix"
 

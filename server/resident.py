@@ -5,8 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
-from adapters_store.format import Adapter, AdapterConfig
-from adapters_store.fingerprint import BackboneFingerprint
+from ptserve.adapters_store.format import Adapter, AdapterConfig
+from ptserve.adapters_store.fingerprint import BackboneFingerprint
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ import time
 
 import uvicorn
 
-from server.api.state import ServerState
+from ptserve.server.api.state import ServerState
 
 log = logging.getLogger(__name__)
 AFTER_DRAIN_S = 5.0  # uvicorn's own graceful window once the drain ended (idle connections, stragglers)

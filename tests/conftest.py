@@ -14,7 +14,7 @@ def minilm():
     """The default backbone (all-MiniLM-L6-v2 from its PyPI package), loaded once for the session."""
     import torch
 
-    from server.backbone import load_backbone
+    from ptserve.server.backbone import load_backbone
 
     torch.set_num_threads(2)
     return load_backbone("minilm", device="cpu", dtype="float32")
@@ -22,7 +22,7 @@ def minilm():
 
 @pytest.fixture(scope="session")
 def minilm_engine(minilm):
-    from server.engine import Engine
+    from ptserve.server.engine import Engine
 
     return Engine(minilm)
 

@@ -15,9 +15,9 @@ from pathlib import Path
 import httpx
 import torch
 
-from adapters_store.fingerprint import BackboneFingerprint
-from adapters_store.format import Adapter, AdapterConfig, encode_blob
-from adapters_store.heads import head_shapes
+from ptserve.adapters_store.fingerprint import BackboneFingerprint
+from ptserve.adapters_store.format import Adapter, AdapterConfig, encode_blob
+from ptserve.adapters_store.heads import head_shapes
 
 MINILM_LABELS = ("negative", "neutral", "positive")
 

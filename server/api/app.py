@@ -7,13 +7,13 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from server.api import (
+from ptserve.server.api import (
     routes_adapters, routes_classify, routes_generate, routes_health, routes_openai, routes_tenants,
 )
-from server.api.errors import install_error_handlers
-from server.api.middleware import BodyLimitMiddleware, RequestMiddleware
-from server.api.state import ServerState
-from server.settings import Settings
+from ptserve.server.api.errors import install_error_handlers
+from ptserve.server.api.middleware import BodyLimitMiddleware, RequestMiddleware
+from ptserve.server.api.state import ServerState
+from ptserve.server.settings import Settings
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:

@@ -1,7 +1,7 @@
 """FastAPI dependencies: the parts of ``ServerState`` a route needs (or 503 while the server is not ready), and
 the caller's identity.
 
-Auth in a route, in one line each (``server.auth`` has the rules)::
+Auth in a route, in one line each (``ptserve.server.auth`` has the rules)::
 
     async def route(req: Body, principal: Principal, state: ReadyDep):
         adapter_id = authorize(principal, req.adapter)  # AdapterId; another tenant's adapter -> the same 404
@@ -16,11 +16,11 @@ from typing import Annotated
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPBearer
 
-from server.adapters import AdapterService
-from server.api.errors import NotReady
-from server.api.state import ServerState
-from server.auth import Identity, authorize, authorize_tenant, require_admin  # noqa: F401  (re-exported)
-from server.logs import note
+from ptserve.server.adapters import AdapterService
+from ptserve.server.api.errors import NotReady
+from ptserve.server.api.state import ServerState
+from ptserve.server.auth import Identity, authorize, authorize_tenant, require_admin  # noqa: F401  (re-exported)
+from ptserve.server.logs import note
 
 # Declares the scheme in OpenAPI (Swagger's "Authorize"); the header itself is read by ``Authenticator``.
 _bearer = HTTPBearer(auto_error=False, description="An admin key or a tenant key (ptk_...).")

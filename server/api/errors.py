@@ -8,7 +8,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from adapters_store.errors import PtserveError
+from ptserve.adapters_store.errors import PtserveError
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +29,7 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(PtserveError)
     async def _ptserve(request: Request, exc: PtserveError):
         request.app.state.ptserve.metrics.observe_error(exc.type)
-        # 401 carries WWW-Authenticate, 429 Retry-After, 503 draining Retry-After (see server.auth/limits)
+        # 401 carries WWW-Authenticate, 429 Retry-After, 503 draining Retry-After (see ptserve.server.auth/limits)
         return error_response(exc.status, exc.type, exc.message, getattr(exc, "headers", None))
 
     @app.exception_handler(RequestValidationError)

@@ -10,8 +10,8 @@ from typing import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.limits import Draining
-from server.logs import RequestContext, bind, log_request, unbind
+from ptserve.server.limits import Draining
+from ptserve.server.logs import RequestContext, bind, log_request, unbind
 
 
 class _TooLarge(Exception):
@@ -80,7 +80,7 @@ class RequestMiddleware:
     per-request metrics (route template and status class: bounded label values) and one JSON access-log line
     per request."""
 
-    def __init__(self, app: ASGIApp, state):  # state: server.api.state.ServerState
+    def __init__(self, app: ASGIApp, state):  # state: ptserve.server.api.state.ServerState
         self.app, self.state = app, state
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

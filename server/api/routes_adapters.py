@@ -6,13 +6,13 @@ import json
 from fastapi import APIRouter, Query, Request, Response
 from starlette.datastructures import UploadFile
 
-from adapters_store.errors import InvalidAdapter
-from adapters_store.ids import AdapterId, check_tenant
-from adapters_store.peft_folder import CONFIG_FILE, WEIGHTS_FILE
-from adapters_store.store import AdapterInfo
-from server.api.deps import AdaptersDep, Principal, authorize, authorize_tenant
-from server.api.errors import BadRequest, error_response
-from server.api.schemas import AdapterList, AdapterPublic, ErrorResponse
+from ptserve.adapters_store.errors import InvalidAdapter
+from ptserve.adapters_store.ids import AdapterId, check_tenant
+from ptserve.adapters_store.peft_folder import CONFIG_FILE, WEIGHTS_FILE
+from ptserve.adapters_store.store import AdapterInfo
+from ptserve.server.api.deps import AdaptersDep, Principal, authorize, authorize_tenant
+from ptserve.server.api.errors import BadRequest, error_response
+from ptserve.server.api.schemas import AdapterList, AdapterPublic, ErrorResponse
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 415, 422, 503)}

@@ -4,10 +4,10 @@ from __future__ import annotations
 import torch
 from fastapi import APIRouter
 
-from adapters_store.errors import InvalidInput, WrongTask
-from server.api.deps import Principal, ReadyDep, authorize, request_deadline
-from server.api.schemas import ClassifyRequest, ClassifyResponse, ErrorResponse, Prediction, Usage
-from server.engine import Row
+from ptserve.adapters_store.errors import InvalidInput, WrongTask
+from ptserve.server.api.deps import Principal, ReadyDep, authorize, request_deadline
+from ptserve.server.api.schemas import ClassifyRequest, ClassifyResponse, ErrorResponse, Prediction, Usage
+from ptserve.server.engine import Row
 
 router = APIRouter(tags=["inference"])
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429, 503, 504)}

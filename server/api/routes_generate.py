@@ -14,14 +14,14 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from adapters_store.errors import InvalidInput, WrongTask
-from server.api.deps import Principal, ReadyDep, authorize
-from server.api.schemas import ErrorResponse
-from server.api.schemas_generate import GenerateRequest, GenerateResponse, GenerateUsage
-from server.api.state import ServerState
-from server.generation.engine import StepEvent
-from server.generation.sequence import SamplingParams, Sequence
-from server.limits import DeadlineExceeded, QueueFull
+from ptserve.adapters_store.errors import InvalidInput, WrongTask
+from ptserve.server.api.deps import Principal, ReadyDep, authorize
+from ptserve.server.api.schemas import ErrorResponse
+from ptserve.server.api.schemas_generate import GenerateRequest, GenerateResponse, GenerateUsage
+from ptserve.server.api.state import ServerState
+from ptserve.server.generation.engine import StepEvent
+from ptserve.server.generation.sequence import SamplingParams, Sequence
+from ptserve.server.limits import DeadlineExceeded, QueueFull
 
 router = APIRouter(tags=["inference"])
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429, 503, 504)}

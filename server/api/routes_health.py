@@ -6,10 +6,10 @@ from urllib.parse import urlsplit, urlunsplit
 
 from fastapi import APIRouter, Response
 
-from adapters_store.errors import PtserveError
-from server.api.deps import StateDep
-from server.api.errors import error_response
-from server.metrics import CONTENT_TYPE
+from ptserve.adapters_store.errors import PtserveError
+from ptserve.server.api.deps import StateDep
+from ptserve.server.api.errors import error_response
+from ptserve.server.metrics import CONTENT_TYPE
 
 router = APIRouter(tags=["operations"])
 

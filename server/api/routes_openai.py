@@ -11,11 +11,11 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from server.api.deps import Principal, ReadyDep
-from server.api.routes_generate import ERRORS, SSE_HEADERS, Generation, _first, run_generation, until_disconnect
-from server.api.schemas_generate import CompletionRequest, ModelCard, ModelList
-from server.generation.engine import StepEvent
-from server.generation.sequence import SamplingParams
+from ptserve.server.api.deps import Principal, ReadyDep
+from ptserve.server.api.routes_generate import ERRORS, SSE_HEADERS, Generation, _first, run_generation, until_disconnect
+from ptserve.server.api.schemas_generate import CompletionRequest, ModelCard, ModelList
+from ptserve.server.generation.engine import StepEvent
+from ptserve.server.generation.sequence import SamplingParams
 
 router = APIRouter(tags=["openai"])
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 from fastapi import APIRouter, Body, Response
 from pydantic import BaseModel, ConfigDict, Field
 
-from adapters_store.errors import StoreUnavailable
-from adapters_store.ids import check_tenant
-from adapters_store.keys import KEY_ID_RE, KeyNotFound, KeyStore
-from server.api.deps import AdminPrincipal, StateDep
-from server.api.schemas import ErrorResponse
-from server.api.state import ServerState
+from ptserve.adapters_store.errors import StoreUnavailable
+from ptserve.adapters_store.ids import check_tenant
+from ptserve.adapters_store.keys import KEY_ID_RE, KeyNotFound, KeyStore
+from ptserve.server.api.deps import AdminPrincipal, StateDep
+from ptserve.server.api.schemas import ErrorResponse
+from ptserve.server.api.state import ServerState
 
 router = APIRouter(prefix="/v1/tenants", tags=["tenants"])
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 422, 503)}

@@ -7,21 +7,21 @@ from dataclasses import dataclass, field
 
 import torch
 
-from adapters_store.ids import AdapterId
-from adapters_store.keys import KeyStore, open_key_store
-from adapters_store.store import AdapterStore, open_store
-from adapters_store.validation import Limits
-from server.adapters import AdapterService
-from server.backbone import Backbone, load_backbone
-from server.batch_plan import BatchPolicy
-from server.auth import Authenticator
-from server.batcher import Batcher
-from server.engine import Engine
-from server.generation.engine import GenerationEngine, GenerationLimits
-from server.generation.runner import GenerationRunner
-from server.limits import TenantLimiter
-from server.metrics import Metrics
-from server.settings import Settings
+from ptserve.adapters_store.ids import AdapterId
+from ptserve.adapters_store.keys import KeyStore, open_key_store
+from ptserve.adapters_store.store import AdapterStore, open_store
+from ptserve.adapters_store.validation import Limits
+from ptserve.server.adapters import AdapterService
+from ptserve.server.backbone import Backbone, load_backbone
+from ptserve.server.batch_plan import BatchPolicy
+from ptserve.server.auth import Authenticator
+from ptserve.server.batcher import Batcher
+from ptserve.server.engine import Engine
+from ptserve.server.generation.engine import GenerationEngine, GenerationLimits
+from ptserve.server.generation.runner import GenerationRunner
+from ptserve.server.limits import TenantLimiter
+from ptserve.server.metrics import Metrics
+from ptserve.server.settings import Settings
 
 log = logging.getLogger(__name__)
 

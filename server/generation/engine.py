@@ -8,15 +8,15 @@ from dataclasses import dataclass
 
 import torch
 
-from adapters_store.errors import InputTooLong
-from adapters_store.format import Adapter
-from server.backbone import Backbone
-from server.generation.forward import decode_forward, decoder_forward, lm_logits
-from server.generation.kv_cache import SlotKVCache
-from server.generation.sampling import sample_next
-from server.generation.scheduler import Scheduler
-from server.generation.sequence import SamplingParams, Sequence
-from server.resident import ResidentAdapter, gather_prefixes, make_resident
+from ptserve.adapters_store.errors import InputTooLong
+from ptserve.adapters_store.format import Adapter
+from ptserve.server.backbone import Backbone
+from ptserve.server.generation.forward import decode_forward, decoder_forward, lm_logits
+from ptserve.server.generation.kv_cache import SlotKVCache
+from ptserve.server.generation.sampling import sample_next
+from ptserve.server.generation.scheduler import Scheduler
+from ptserve.server.generation.sequence import SamplingParams, Sequence
+from ptserve.server.resident import ResidentAdapter, gather_prefixes, make_resident
 
 
 @dataclass(frozen=True)

@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from server.backbone import Backbone
-from server.generation.kv_cache import SlotKVCache
-from server.hf_compat import decoder_parts
-from server.prefix_attention import CacheContext, PrefixContext
+from ptserve.server.backbone import Backbone
+from ptserve.server.generation.kv_cache import SlotKVCache
+from ptserve.server.hf_compat import decoder_parts
+from ptserve.server.prefix_attention import CacheContext, PrefixContext
 
 
 def decoder_forward(

@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
-from server.generation.engine import GenerationEngine, StepEvent
-from server.generation.sequence import Sequence
+from ptserve.server.generation.engine import GenerationEngine, StepEvent
+from ptserve.server.generation.sequence import Sequence
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from server.generation.sequence import Sequence
+from ptserve.server.generation.sequence import Sequence
 
 
 def sample_next(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:

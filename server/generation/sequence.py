@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from server.resident import ResidentAdapter
+from ptserve.server.resident import ResidentAdapter
 
 _ids = itertools.count()
 

@@ -1,3 +1,3 @@
 """P-Tuning v2 training on the serving backbone: a prefix (optionally MLP-reparameterised) and a head, trained
-through the same prefixed forward the server runs (``server.engine.encoder_forward``), saved as ptserve blob
+through the same prefixed forward the server runs (``ptserve.server.engine.encoder_forward``), saved as ptserve blob
 and PEFT folder. ``ptserve train`` (``server/training/cli.py``) is the command line."""

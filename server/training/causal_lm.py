@@ -1,7 +1,7 @@
 """Causal-LM training: a prefix on a frozen decoder, learning to continue prompts with their completions.
 
 The loss is on the completion tokens only (and the EOS after them, so the served adapter learns to stop). The
-forward is the server's prefill: ``server.generation.forward.decoder_forward`` under the prefix's K/V, then
+forward is the server's prefill: ``ptserve.server.generation.forward.decoder_forward`` under the prefix's K/V, then
 ``lm_logits``. Prompts are tokenised as the server tokenises them (``tokenizer(prompt)``) and completions
 separately, so training sees exactly the token boundary the server generates from.
 """
@@ -14,14 +14,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters_store.format import PREFIX_KEY, Adapter, AdapterConfig
-from server.backbone import Backbone
-from server.generation.forward import decoder_forward, lm_logits
-from server.resident import prefix_kv
-from server.training.classify import TrainConfig
-from server.training.data import DataError, Pair
-from server.training.loop import Callbacks, Evaluation, FitConfig, FitResult, fit
-from server.training.prefix_encoder import PrefixEncoder
+from ptserve.adapters_store.format import PREFIX_KEY, Adapter, AdapterConfig
+from ptserve.server.backbone import Backbone
+from ptserve.server.generation.forward import decoder_forward, lm_logits
+from ptserve.server.resident import prefix_kv
+from ptserve.server.training.classify import TrainConfig
+from ptserve.server.training.data import DataError, Pair
+from ptserve.server.training.loop import Callbacks, Evaluation, FitConfig, FitResult, fit
+from ptserve.server.training.prefix_encoder import PrefixEncoder
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ class LMTrainResult:
     trainable_parameters: dict[str, int] = field(default_factory=dict)
 
     def record(self) -> dict:
-        from server.training.outputs import history_record
+        from ptserve.server.training.outputs import history_record
 
         return {
             "task": "generate",

@@ -1,8 +1,8 @@
 """Classification training: a prefix and a head on the frozen backbone, through the serving forward.
 
 The logits of a batch are computed exactly as the server computes them: the prefix's flat K/V go through
-``server.resident.prefix_kv`` and ``server.engine.encoder_forward`` (the one prefixed forward), then the head
-function ``server.heads.HEADS[kind]``. Only the prefix (and its projection MLP) and the head get gradients.
+``ptserve.server.resident.prefix_kv`` and ``ptserve.server.engine.encoder_forward`` (the one prefixed forward), then the head
+function ``ptserve.server.heads.HEADS[kind]``. Only the prefix (and its projection MLP) and the head get gradients.
 """
 
 from __future__ import annotations
@@ -13,15 +13,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from adapters_store.format import PREFIX_KEY, Adapter, AdapterConfig
-from adapters_store.heads import head_shapes
-from server.backbone import Backbone
-from server.engine import encoder_forward
-from server.heads import HEADS
-from server.resident import prefix_kv
-from server.training.data import Example, label_set
-from server.training.loop import Callbacks, Evaluation, FitConfig, FitResult, fit
-from server.training.prefix_encoder import PrefixEncoder
+from ptserve.adapters_store.format import PREFIX_KEY, Adapter, AdapterConfig
+from ptserve.adapters_store.heads import head_shapes
+from ptserve.server.backbone import Backbone
+from ptserve.server.engine import encoder_forward
+from ptserve.server.heads import HEADS
+from ptserve.server.resident import prefix_kv
+from ptserve.server.training.data import Example, label_set
+from ptserve.server.training.loop import Callbacks, Evaluation, FitConfig, FitResult, fit
+from ptserve.server.training.prefix_encoder import PrefixEncoder
 
 
 @dataclass
@@ -68,7 +68,7 @@ class TrainResult:
 
     def record(self) -> dict:
         """What ``training.json`` holds."""
-        from server.training.outputs import history_record
+        from ptserve.server.training.outputs import history_record
 
         return {
             "task": "classify",

@@ -10,60 +10,10 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
-
-from server.training.loop import Callbacks, EpochStats
 
 
 def register(app: typer.Typer) -> None:
     app.command("train")(train)
-
-
-class RichProgress(Callbacks):
-    """A progress bar over all steps, with the running loss and the last eval accuracy; a line per epoch."""
-
-    def __init__(self, console: Console):
-        self.console = console
-        self.progress = Progress(
-            TextColumn("[bold]epoch {task.fields[epoch]}/{task.fields[epochs]}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"),
-            TextColumn("{task.fields[metric]}"),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            console=console,
-            transient=False,
-        )
-        self.task = None
-
-    def on_start(self, epochs: int, steps_per_epoch: int) -> None:
-        self.progress.start()
-        self.task = self.progress.add_task(
-            "train", total=epochs * steps_per_epoch, epoch=1, epochs=epochs, loss="-", metric=""
-        )
-
-    def on_step(self, epoch: int, step: int, loss: float) -> None:
-        self.progress.update(self.task, advance=1, epoch=epoch, loss=f"{loss:.4f}")
-
-    def on_epoch(self, stats: EpochStats) -> None:
-        line = f"epoch {stats.epoch}: train loss {stats.train_loss:.4f}"
-        if stats.eval is not None:
-            shown = ", ".join(f"{k.replace('_', ' ')} {v:.3f}" for k, v in stats.eval.metrics.items())
-            line += f", eval loss {stats.eval.loss:.4f}" + (f", {shown}" if shown else "")
-            self.progress.update(self.task, metric=shown)
-        line += f" ({stats.seconds:.1f}s)" + (" [green]best[/]" if stats.best else "")
-        self.progress.console.print(line, highlight=False)
-
-    def stop(self) -> None:
-        self.progress.stop()
 
 
 def train(
@@ -117,10 +67,11 @@ def train(
     completion)."""
     import torch
 
-    from server.backbone import load_backbone
-    from server.training.classify import TrainConfig
-    from server.training.data import DataError
-    from server.training.outputs import BLOB_FILE, write_outputs
+    from ptserve.server.backbone import load_backbone
+    from ptserve.server.training.classify import TrainConfig
+    from ptserve.server.training.data import DataError
+    from ptserve.server.training.outputs import BLOB_FILE, write_outputs
+    from ptserve.server.training.progress import RichProgress
 
     err = Console(stderr=True, soft_wrap=True)
 
@@ -170,8 +121,8 @@ def train(
     write_outputs(result.adapter, out, result.record())
     summary = _summary(task, result, out)
     if upload:
-        from client.errors import PtserveClientError
-        from client.sdk import Client
+        from ptserve.client.errors import PtserveClientError
+        from ptserve.client.sdk import Client
 
         try:
             with Client(server, api_key) as c:
@@ -195,7 +146,7 @@ def _resolve_task(task: str, backbone: str) -> str:
     if task == "auto":
         return "generate" if causal else "classify"
     if task not in ("classify", "generate") or (task == "generate") != causal:
-        from server.training.data import DataError
+        from ptserve.server.training.data import DataError
 
         raise DataError(
             f"--task {task} does not fit backbone {backbone!r}: "
@@ -205,7 +156,7 @@ def _resolve_task(task: str, backbone: str) -> str:
 
 
 def _load_data(task: str, data: Path, eval_data: Path | None, first: str, second: str):
-    from server.training.data import load_examples, load_pairs
+    from ptserve.server.training.data import load_examples, load_pairs
 
     load = load_examples if task == "classify" else load_pairs
     return load(data, first, second), (load(eval_data, first, second) if eval_data else None)
@@ -213,10 +164,10 @@ def _load_data(task: str, data: Path, eval_data: Path | None, first: str, second
 
 def _run(task: str, bb, train_set, eval_set, cfg, progress):
     if task == "classify":
-        from server.training.classify import train_classifier
+        from ptserve.server.training.classify import train_classifier
 
         return train_classifier(bb, train_set, eval_set, cfg, progress)
-    from server.training.causal_lm import train_causal_lm
+    from ptserve.server.training.causal_lm import train_causal_lm
 
     return train_causal_lm(bb, train_set, eval_set, cfg, progress)
 
@@ -248,7 +199,7 @@ def _shown(summary: dict) -> str:
 
 def _is_causal(backbone: str) -> bool:
     """Whether a backbone is a decoder LM, from its config alone (before loading the weights)."""
-    from server import hf_compat
-    from server.backbone import family_for, resolve_path
+    from ptserve.server import hf_compat
+    from ptserve.server.backbone import family_for, resolve_path
 
     return family_for(hf_compat.load_config(resolve_path(backbone), local_only=True)).causal

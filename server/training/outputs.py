@@ -1,25 +1,14 @@
-"""What ``ptserve train --out DIR`` writes:
-
-DIR/adapter.safetensors   the ptserve blob (prefix K/V, head, labels, backbone fingerprint): upload as is
-DIR/peft/                 the same adapter as a PEFT PREFIX_TUNING folder (adapter_config.json +
-                          adapter_model.safetensors; PEFT loads it) plus labels.json, which PEFT ignores
-DIR/training.json         hyper-parameters, per-epoch history, step losses, evaluation accuracy and
-                          predictions
-"""
+"""Writes what ``ptserve train --out DIR`` leaves (the layout is ``ptserve.client.wire``'s, which uploads read)."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from adapters_store.format import Adapter, encode_blob
-from adapters_store.peft_folder import write_peft_folder
-from server.training.loop import FitResult
-
-BLOB_FILE = "adapter.safetensors"
-PEFT_DIR = "peft"
-LABELS_FILE = "labels.json"
-RECORD_FILE = "training.json"
+from ptserve.adapters_store.format import Adapter, encode_blob
+from ptserve.adapters_store.peft_folder import write_peft_folder
+from ptserve.client.wire import BLOB_FILE, LABELS_FILE, PEFT_DIR, RECORD_FILE
+from ptserve.server.training.loop import FitResult
 
 
 def write_outputs(adapter: Adapter, out_dir: str | Path, record: dict | None = None) -> Path:

@@ -1,7 +1,7 @@
 """The trainable prefix: THUDM/PEFT ``PrefixEncoder``, optionally reparameterised by an MLP.
 
 Its state dict uses THUDM's names (``embedding.weight``, ``trans.0.*``, ``trans.2.*``) and its forward is
-``adapters_store.thudm.prefix_from_encoder``, the formula the THUDM importer materialises with.
+``ptserve.adapters_store.thudm.prefix_from_encoder``, the formula the THUDM importer materialises with.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from adapters_store.thudm import prefix_from_encoder
+from ptserve.adapters_store.thudm import prefix_from_encoder
 
 
 class PrefixEncoder(nn.Module):

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from adapters_store.cache import AdapterCache
+from ptserve.adapters_store.cache import AdapterCache
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,8 @@ import uuid
 
 import pytest
 
-from adapters_store.errors import InvalidAdapterId
-from adapters_store.keys import KeyNotFound, hash_key, key_id_of, open_key_store
+from ptserve.adapters_store.errors import InvalidAdapterId
+from ptserve.adapters_store.keys import KeyNotFound, hash_key, key_id_of, open_key_store
 
 
 @pytest.fixture(params=["file", "redis"])

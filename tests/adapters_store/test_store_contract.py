@@ -12,10 +12,10 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from adapters_store.errors import AdapterNotFound, IntegrityError, InvalidAdapterId, StoreUnavailable
-from adapters_store.ids import AdapterId
-from adapters_store.local import LocalDirStore
-from adapters_store.store import AdapterMeta, AdapterStore, open_store
+from ptserve.adapters_store.errors import AdapterNotFound, IntegrityError, InvalidAdapterId, StoreUnavailable
+from ptserve.adapters_store.ids import AdapterId
+from ptserve.adapters_store.local import LocalDirStore
+from ptserve.adapters_store.store import AdapterMeta, AdapterStore, open_store
 
 META = AdapterMeta(task="classification", num_virtual_tokens=16, labels=("neg", "pos"))
 ID = AdapterId.of("acme", "sentiment")

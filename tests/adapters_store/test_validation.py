@@ -11,16 +11,16 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
-from adapters_store.errors import BackboneMismatch, InvalidAdapter, PayloadTooLarge
-from adapters_store.format import PREFIX_KEY, Adapter, AdapterConfig, encode_blob
-from adapters_store.peft_folder import (
+from ptserve.adapters_store.errors import BackboneMismatch, InvalidAdapter, PayloadTooLarge
+from ptserve.adapters_store.format import PREFIX_KEY, Adapter, AdapterConfig, encode_blob
+from ptserve.adapters_store.peft_folder import (
     CONFIG_FILE,
     WEIGHTS_FILE,
     peft_to_blob,
     read_peft_folder,
     write_peft_folder,
 )
-from adapters_store.validation import Limits, decode_blob
+from ptserve.adapters_store.validation import Limits, decode_blob
 from tests.factories import MINILM_LABELS, make_adapter, make_blob
 
 

@@ -28,10 +28,10 @@ def server(tmp_path_factory):
 @pytest.fixture(scope="session")
 def gen_server(tmp_path_factory):
     """(url, adapter id) of a tiny GPT-2 server holding one generate adapter."""
-    from adapters_store.fingerprint import fingerprint_from_config
-    from adapters_store.format import encode_blob
-    from client import Client
-    from server import hf_compat
+    from ptserve.adapters_store.fingerprint import fingerprint_from_config
+    from ptserve.adapters_store.format import encode_blob
+    from ptserve.client import Client
+    from ptserve.server import hf_compat
 
     folder = save_tiny_decoder("gpt2", tmp_path_factory.mktemp("gpt2"))
     fp = fingerprint_from_config(hf_compat.load_config(str(folder), True))

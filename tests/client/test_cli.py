@@ -8,10 +8,10 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from adapters_store.format import encode_blob
-from adapters_store.validation import decode_blob
-from server.cli import app
-from server.training.outputs import write_outputs
+from ptserve.adapters_store.format import encode_blob
+from ptserve.adapters_store.validation import decode_blob
+from ptserve.server.cli import app
+from ptserve.server.training.outputs import write_outputs
 from tests.client.conftest import ADMIN
 from tests.factories import free_port, make_adapter
 

@@ -14,9 +14,9 @@ import httpx
 import pytest
 import torch
 
-from adapters_store.format import encode_blob
-from client import calls
-from client import (
+from ptserve.adapters_store.format import encode_blob
+from ptserve.client import calls
+from ptserve.client import (
     APIConnectionError,
     AsyncClient,
     AuthenticationError,
@@ -30,9 +30,9 @@ from client import (
     StreamError,
     UnprocessableEntityError,
 )
-from client._core import SSEDecoder, iter_events, parse_retry_after
-from client.export import blob_to_adapter
-from client.types import AdapterInfo, ClassifyResult, Completion, CreatedKey, GenerateResult, KeyInfo, Model
+from ptserve.client._core import SSEDecoder, iter_events, parse_retry_after
+from ptserve.adapters_store.peft_folder import blob_to_adapter
+from ptserve.client.types import AdapterInfo, ClassifyResult, Completion, CreatedKey, GenerateResult, KeyInfo, Model
 from tests.client.conftest import ADMIN, CUT_SHORT, error_body
 from tests.factories import free_port, make_adapter
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from server.api.app import create_app
-from server.serving import AFTER_DRAIN_S
-from server.settings import Settings
+from ptserve.server.api.app import create_app
+from ptserve.server.serving import AFTER_DRAIN_S
+from ptserve.server.settings import Settings
 from tests.deploy.test_nginx_proxy import INFERENCE_PATHS
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -18,8 +18,8 @@ import httpx
 import pytest
 import uvicorn
 
-from server.api.app import create_app
-from server.settings import Settings
+from ptserve.server.api.app import create_app
+from ptserve.server.settings import Settings
 from tests.deploy.nginx_conf import Directive, parse
 
 INFERENCE_PATHS = {"/v1/classify", "/v1/generate", "/v1/completions"}

@@ -9,8 +9,8 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from server.api.app import create_app
-from server.settings import Settings
+from ptserve.server.api.app import create_app
+from ptserve.server.settings import Settings
 
 
 async def test_every_response_carries_the_replica_id(tmp_path):

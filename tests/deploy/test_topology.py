@@ -20,7 +20,7 @@ import httpx
 import pytest
 import yaml
 
-from adapters_store.format import encode_blob
+from ptserve.adapters_store.format import encode_blob
 from tests.deploy import dashboard
 from tests.deploy.conftest import need_binary
 from tests.factories import make_adapter, make_blob, save_tiny_decoder
@@ -178,7 +178,7 @@ def _traffic(client: httpx.Client, decoder_url: str, adapters: list[str]) -> Non
 
 @pytest.fixture(scope="module")
 def decoder_adapter(stack, llama_dir):
-    from server.backbone import load_backbone
+    from ptserve.server.backbone import load_backbone
 
     _, decoder_url = stack
     fp = load_backbone(str(llama_dir), device="cpu", dtype="float32").fingerprint

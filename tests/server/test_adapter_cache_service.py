@@ -10,13 +10,13 @@ from collections import Counter
 import pytest
 import torch
 
-from adapters_store.ids import AdapterId
-from adapters_store.local import LocalDirStore
-from adapters_store.redis_store import RedisStore
-from adapters_store.store import AdapterMeta
-from adapters_store.validation import Limits, decode_blob
-from server.adapters import AdapterService
-from server.engine import Row
+from ptserve.adapters_store.ids import AdapterId
+from ptserve.adapters_store.local import LocalDirStore
+from ptserve.adapters_store.redis_store import RedisStore
+from ptserve.adapters_store.store import AdapterMeta
+from ptserve.adapters_store.validation import Limits, decode_blob
+from ptserve.server.adapters import AdapterService
+from ptserve.server.engine import Row
 from tests.factories import MINILM_LABELS, make_blob
 
 

@@ -19,9 +19,9 @@ import pytest
 import torch
 from safetensors.torch import save as st_save
 
-from adapters_store.format import PREFIX_KEY, AdapterConfig
-from adapters_store.peft_folder import CONFIG_FILE, WEIGHTS_FILE, read_peft_folder, write_peft_folder
-from adapters_store.validation import decode_blob
+from ptserve.adapters_store.format import PREFIX_KEY, AdapterConfig
+from ptserve.adapters_store.peft_folder import CONFIG_FILE, WEIGHTS_FILE, read_peft_folder, write_peft_folder
+from ptserve.adapters_store.validation import decode_blob
 from tests.factories import MINILM_LABELS, make_adapter, make_blob, running_server
 
 MAX_ADAPTER_BYTES = 2_000_000

@@ -233,7 +233,7 @@ class FlakyKeys:
         self.records, self.calls, self.down = dict(records), 0, False
 
     async def get(self, key_id):
-        from adapters_store.errors import StoreUnavailable
+        from ptserve.adapters_store.errors import StoreUnavailable
 
         self.calls += 1
         if self.down:
@@ -242,8 +242,8 @@ class FlakyKeys:
 
 
 async def test_authenticator_caches_for_its_ttl_then_sees_revocation():
-    from adapters_store.keys import new_key
-    from server.auth import Authenticator, Unauthorized
+    from ptserve.adapters_store.keys import new_key
+    from ptserve.server.auth import Authenticator, Unauthorized
 
     key, record = new_key("acme")
     keys = FlakyKeys({record.key_id: record})
@@ -260,9 +260,9 @@ async def test_authenticator_caches_for_its_ttl_then_sees_revocation():
 
 
 async def test_authenticator_keeps_known_keys_through_a_store_outage_only():
-    from adapters_store.errors import StoreUnavailable
-    from adapters_store.keys import new_key
-    from server.auth import Authenticator
+    from ptserve.adapters_store.errors import StoreUnavailable
+    from ptserve.adapters_store.keys import new_key
+    from ptserve.server.auth import Authenticator
 
     known, record = new_key("acme")
     unseen, other = new_key("acme")
@@ -276,8 +276,8 @@ async def test_authenticator_keeps_known_keys_through_a_store_outage_only():
 
 
 async def test_open_server_lets_everyone_in_and_authorize_hides_other_tenants():
-    from adapters_store.errors import AdapterNotFound
-    from server.auth import Authenticator, Forbidden, Identity, authorize, authorize_tenant
+    from ptserve.adapters_store.errors import AdapterNotFound
+    from ptserve.server.auth import Authenticator, Forbidden, Identity, authorize, authorize_tenant
 
     assert (await Authenticator(None, None).authenticate(None)).is_admin
     alpha = Identity("tenant", "alpha", "0123456789abcdef")
@@ -291,7 +291,7 @@ async def test_open_server_lets_everyone_in_and_authorize_hides_other_tenants():
 # --- generation routes on a decoder backbone ---------------------------------------------------------------------
 @pytest.mark.slow
 def test_isolation_on_generation_routes(tmp_path_factory):
-    from server.backbone import load_backbone
+    from ptserve.server.backbone import load_backbone
     from tests.factories import save_tiny_decoder
 
     model = save_tiny_decoder("gpt2", tmp_path_factory.mktemp("gpt2-auth"))

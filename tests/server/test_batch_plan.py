@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from server.batch_plan import BatchPolicy, plan_batches
+from ptserve.server.batch_plan import BatchPolicy, plan_batches
 
 SEEDS = range(300)
 

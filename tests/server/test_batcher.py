@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from server.batch_plan import BatchPolicy
-from server.batcher import Batcher, PassReport
+from ptserve.server.batch_plan import BatchPolicy
+from ptserve.server.batcher import Batcher, PassReport
 
 
 class Runner:

@@ -6,8 +6,8 @@ import inspect
 
 from typer.testing import CliRunner
 
-from server.cli import ENV_ONLY, app, serve
-from server.settings import Settings
+from ptserve.server.cli import ENV_ONLY, app, serve
+from ptserve.server.settings import Settings
 
 
 def test_every_setting_is_a_serve_flag():

@@ -9,8 +9,8 @@ import httpx
 import pytest
 import torch
 
-from adapters_store.format import encode_blob
-from server.engine import Row
+from ptserve.adapters_store.format import encode_blob
+from ptserve.server.engine import Row
 from tests.factories import make_adapter, running_server
 
 WORDS = "great awful fine terrible lovely slow quick broken perfect meh the a service product".split()

@@ -15,8 +15,8 @@ import random
 import pytest
 import torch
 
-from server.backbone import load_backbone
-from server.engine import Engine, Row
+from ptserve.server.backbone import load_backbone
+from ptserve.server.engine import Engine, Row
 from tests.factories import make_adapter, save_tiny_encoder
 
 TOL = 1e-5

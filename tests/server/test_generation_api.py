@@ -11,11 +11,11 @@ import httpx
 import openai
 import pytest
 
-from adapters_store.format import encode_blob
-from adapters_store.peft_folder import CONFIG_FILE, WEIGHTS_FILE, write_peft_folder
-from server.backbone import load_backbone
-from server.generation.engine import GenerationEngine, GenerationLimits
-from server.generation.sequence import SamplingParams
+from ptserve.adapters_store.format import encode_blob
+from ptserve.adapters_store.peft_folder import CONFIG_FILE, WEIGHTS_FILE, write_peft_folder
+from ptserve.server.backbone import load_backbone
+from ptserve.server.generation.engine import GenerationEngine, GenerationLimits
+from ptserve.server.generation.sequence import SamplingParams
 from tests.factories import make_adapter, running_server, save_tiny_decoder
 
 PROMPTS = ["hello world the fox", "the lazy dog", "many tenants share one frozen backbone", "prefix"]

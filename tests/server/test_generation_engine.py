@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapters_store.peft_folder import write_peft_folder
-from server.backbone import load_backbone
-from server.generation.engine import GenerationEngine, GenerationLimits
-from server.generation.sequence import SamplingParams
+from ptserve.adapters_store.peft_folder import write_peft_folder
+from ptserve.server.backbone import load_backbone
+from ptserve.server.generation.engine import GenerationEngine, GenerationLimits
+from ptserve.server.generation.sequence import SamplingParams
 from tests.factories import make_adapter, save_tiny_decoder
 
 PROMPTS = ["hello world the fox", "the lazy dog", "prefix tuning adds virtual tokens to every layer", "many"]
@@ -127,7 +127,7 @@ def test_seeded_sampling_is_reproducible_whatever_the_batch(decoder):
 
 
 def test_prompt_too_long_for_prefix_and_max_new_tokens(decoder):
-    from adapters_store.errors import InputTooLong
+    from ptserve.adapters_store.errors import InputTooLong
 
     bb, adapters = decoder
     engine = _engine(bb)

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from server.generation.scheduler import Move, Scheduler
+from ptserve.server.generation.scheduler import Move, Scheduler
 
 _ids = itertools.count()
 

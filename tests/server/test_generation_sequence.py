@@ -8,10 +8,10 @@ import random
 import pytest
 import torch
 
-from server.backbone import load_backbone
-from server.generation.sampling import sample_next
-from server.generation.sequence import SamplingParams, Sequence
-from server.resident import make_resident
+from ptserve.server.backbone import load_backbone
+from ptserve.server.generation.sampling import sample_next
+from ptserve.server.generation.sequence import SamplingParams, Sequence
+from ptserve.server.resident import make_resident
 from tests.factories import make_adapter, save_tiny_decoder
 
 P = 4  # virtual tokens of the adapter every sequence here runs under

@@ -6,8 +6,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from server.generation.kv_cache import SlotKVCache
-from server.prefix_attention import CacheContext, prefix_attention
+from ptserve.server.generation.kv_cache import SlotKVCache
+from ptserve.server.prefix_attention import CacheContext, prefix_attention
 
 LAYERS, SLOTS, KV_HEADS, HEADS, HEAD_DIM, CAP, MAX_TOKENS = 2, 4, 2, 4, 8, 6, 10
 

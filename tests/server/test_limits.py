@@ -9,9 +9,9 @@ import time
 import httpx
 import pytest
 
-from server.batch_plan import BatchPolicy
-from server.batcher import Batcher
-from server.limits import DeadlineExceeded, QueueFull, TenantBusy, TenantLimiter
+from ptserve.server.batch_plan import BatchPolicy
+from ptserve.server.batcher import Batcher
+from ptserve.server.limits import DeadlineExceeded, QueueFull, TenantBusy, TenantLimiter
 from tests.factories import make_blob, running_server, save_tiny_decoder
 
 

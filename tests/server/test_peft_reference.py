@@ -16,9 +16,9 @@ import httpx
 import pytest
 import torch
 
-from adapters_store.peft_folder import CONFIG_FILE, WEIGHTS_FILE, write_peft_folder
-from adapters_store.validation import decode_blob
-from server.engine import Row
+from ptserve.adapters_store.peft_folder import CONFIG_FILE, WEIGHTS_FILE, write_peft_folder
+from ptserve.adapters_store.validation import decode_blob
+from ptserve.server.engine import Row
 from tests.factories import make_adapter, running_server
 
 TEXTS = [
@@ -106,7 +106,7 @@ def test_peft_seq_cls_folder_served_with_peft_logits(minilm, server, texts_file,
 @pytest.mark.peft_ref
 def test_exported_peft_folder_loads_in_peft_with_same_logits(minilm, server, texts_file, tmp_path):
     blob = make_adapter(minilm.fingerprint, 12, seed=7)
-    from adapters_store.format import encode_blob
+    from ptserve.adapters_store.format import encode_blob
 
     up = httpx.put(f"{server}/v1/adapters/acme/native", content=encode_blob(blob),
                    headers={"content-type": "application/octet-stream"}, timeout=30)

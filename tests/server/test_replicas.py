@@ -12,8 +12,8 @@ import httpx
 import pytest
 import torch
 
-from adapters_store.validation import Limits, decode_blob
-from server.engine import Row
+from ptserve.adapters_store.validation import Limits, decode_blob
+from ptserve.server.engine import Row
 from tests.factories import make_blob, running_server
 
 pytestmark = pytest.mark.slow

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from server.training.data import DataError, Example, label_set, load_examples
+from ptserve.server.training.data import DataError, Example, label_set, load_examples
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "sentiment"
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from server.training.loop import Callbacks, Evaluation, FitConfig, fit
+from ptserve.server.training.loop import Callbacks, Evaluation, FitConfig, fit
 
 
 class Recorder(Callbacks):

@@ -18,12 +18,12 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from adapters_store.errors import BackboneMismatch, InvalidAdapter
-from adapters_store.format import encode_blob
-from adapters_store.thudm import read_checkpoint, thudm_to_adapter
-from adapters_store.validation import decode_blob
-from server.cli import app
-from server.engine import Engine, Row
+from ptserve.adapters_store.errors import BackboneMismatch, InvalidAdapter
+from ptserve.adapters_store.format import encode_blob
+from ptserve.adapters_store.thudm import read_checkpoint, thudm_to_adapter
+from ptserve.adapters_store.validation import decode_blob
+from ptserve.server.cli import app
+from ptserve.server.engine import Engine, Row
 from tests.factories import save_tiny_encoder
 
 TEXTS = [
@@ -135,7 +135,7 @@ def test_minilm_thudm_checkpoint_gives_thudm_logits(minilm, minilm_engine, proje
 
 def test_roberta_thudm_head_becomes_cls_mlp_on_the_pooler(minilm, tmp_path):
     """RoBERTa's THUDM classifier sits on the pooler (dense + tanh on <s>): imported as ptserve's cls_mlp."""
-    from server.backbone import load_backbone
+    from ptserve.server.backbone import load_backbone
 
     path = save_tiny_encoder("roberta", tmp_path / "roberta", minilm.path, seed=3)
     bb = load_backbone(str(path), device="cpu", dtype="float32")

@@ -14,13 +14,13 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from client import Client
-from server.backbone import load_backbone
-from server.cli import app
-from server.training.causal_lm import PrefixLM, eos_ids, tokenise_pairs, train_causal_lm
-from server.training.classify import TrainConfig
-from server.training.data import DataError, Pair
-from server.training.outputs import BLOB_FILE, PEFT_DIR, write_outputs
+from ptserve.client import Client
+from ptserve.server.backbone import load_backbone
+from ptserve.server.cli import app
+from ptserve.server.training.causal_lm import PrefixLM, eos_ids, tokenise_pairs, train_causal_lm
+from ptserve.server.training.classify import TrainConfig
+from ptserve.server.training.data import DataError, Pair
+from ptserve.server.training.outputs import BLOB_FILE, PEFT_DIR, write_outputs
 from tests.factories import running_server, save_tiny_decoder
 
 ROOT = Path(__file__).resolve().parents[2]

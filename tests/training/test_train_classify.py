@@ -17,14 +17,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from adapters_store.format import PREFIX_KEY
-from adapters_store.validation import decode_blob
-from client import Client
-from server.engine import Row
-from server.training.classify import PrefixClassifier, TrainConfig, tokenize, train_classifier
-from server.training.data import load_examples
-from server.training.outputs import BLOB_FILE, PEFT_DIR, RECORD_FILE, write_outputs
-from server.training.prefix_encoder import PrefixEncoder
+from ptserve.adapters_store.format import PREFIX_KEY
+from ptserve.adapters_store.validation import decode_blob
+from ptserve.client import Client
+from ptserve.server.engine import Row
+from ptserve.server.training.classify import PrefixClassifier, TrainConfig, tokenize, train_classifier
+from ptserve.server.training.data import load_examples
+from ptserve.server.training.outputs import BLOB_FILE, PEFT_DIR, RECORD_FILE, write_outputs
+from ptserve.server.training.prefix_encoder import PrefixEncoder
 from tests.factories import running_server
 
 ROOT = Path(__file__).resolve().parents[2]

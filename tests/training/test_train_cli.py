@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from client import Client
-from server.cli import app
-from server.training.data import load_examples
+from ptserve.client import Client
+from ptserve.server.cli import app
+from ptserve.server.training.data import load_examples
 from tests.factories import free_port, running_server
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "sentiment"
