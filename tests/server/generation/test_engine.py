@@ -107,7 +107,7 @@ def test_greedy_tokens_equal_peft_generate_on_its_working_transformers(decoder, 
         proc = subprocess.run(
             [os.environ["PTSERVE_REF_PYTHON"], "scripts/peft_reference.py", "generate", "--model", bb.path,
              "--adapter", str(folder), "--prompts", str(prompts), "--max-new", str(max_new), "--result", str(result)],
-            capture_output=True, text=True, cwd=Path(__file__).resolve().parents[2], timeout=300,
+            capture_output=True, text=True, cwd=Path(__file__).resolve().parents[3], timeout=300,
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
         reference = json.loads(result.read_text())["tokens"]

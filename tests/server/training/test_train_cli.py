@@ -15,7 +15,7 @@ from ptserve.server.cli import app
 from ptserve.server.training.data import load_examples
 from tests.factories import free_port, running_server
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "sentiment"
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples" / "sentiment"
 runner = CliRunner()
 
 

@@ -27,7 +27,7 @@ from ptserve.server.training.outputs import BLOB_FILE, PEFT_DIR, RECORD_FILE, wr
 from ptserve.server.training.prefix_encoder import PrefixEncoder
 from tests.factories import running_server
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 EXAMPLES = ROOT / "examples" / "sentiment"
 REF_PYTHON = os.environ.get("PTSERVE_REF_PYTHON")
 # The stated bar for the shipped example task (3 balanced classes: chance is 1/3). The full defaults reach

@@ -10,7 +10,7 @@ import pytest
 
 from ptserve.server.training.data import DataError, Example, label_set, load_examples
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "sentiment"
+EXAMPLES = Path(__file__).resolve().parents[3] / "examples" / "sentiment"
 
 
 def test_jsonl_json_csv_tsv_give_the_same_examples(tmp_path):

@@ -23,7 +23,7 @@ from ptserve.server.training.data import DataError, Pair
 from ptserve.server.training.outputs import BLOB_FILE, PEFT_DIR, write_outputs
 from tests.factories import running_server, save_tiny_decoder
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 REF_PYTHON = os.environ.get("PTSERVE_REF_PYTHON")
 PAIRS = [
     Pair("the quick brown", " fox jumps"),
