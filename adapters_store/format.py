@@ -16,14 +16,22 @@ from dataclasses import dataclass, field
 import torch
 from safetensors.torch import save as st_save
 
+from ptserve.adapters_store import untrusted_json
 from ptserve.adapters_store.errors import InvalidAdapter
 from ptserve.adapters_store.fingerprint import BackboneFingerprint
+from ptserve.adapters_store.untrusted_json import JSONRejected
 
 FORMAT = "ptserve.adapter"
 FORMAT_VERSION = 1
 TASKS = ("classify", "generate")
 PEFT_TASK_TYPE = {"classify": "SEQ_CLS", "generate": "CAUSAL_LM"}
 PREFIX_KEY = "prompt_embeddings"
+
+
+def _show(value: object) -> str:
+    """A value read from an upload, for an error message: repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 @dataclass(frozen=True)
@@ -57,34 +65,38 @@ class AdapterConfig:
                 "(upload a PEFT folder as multipart with adapter_config.json + adapter_model.safetensors)"
             )
         try:
-            body = json.loads(metadata["ptserve"])
-            if body.get("format") != FORMAT:
-                raise InvalidAdapter(f"metadata format is {body.get('format')!r}, expected {FORMAT!r}")
-            if body.get("format_version") != FORMAT_VERSION:
-                raise InvalidAdapter(
-                    f"format_version {body.get('format_version')!r} is not supported (expected {FORMAT_VERSION})"
-                )
-            task = body["task"]
-            if task not in TASKS:
-                raise InvalidAdapter(f"task {task!r} is not one of {TASKS}")
-            labels = body.get("labels") or []
-            if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
-                raise InvalidAdapter("labels must be a list of strings")
-            p = body["num_virtual_tokens"]
-            if not isinstance(p, int) or isinstance(p, bool):
-                raise InvalidAdapter("num_virtual_tokens must be an integer")
-            return cls(
-                task=task,
-                num_virtual_tokens=p,
-                backbone=BackboneFingerprint.from_dict(body["backbone"]),
-                labels=tuple(labels),
-                head=body.get("head"),
-                base_model_name_or_path=str(body.get("base_model_name_or_path") or ""),
+            body = untrusted_json.loads(metadata["ptserve"])
+        except JSONRejected as exc:
+            raise InvalidAdapter(f"malformed ptserve metadata: it {exc.message}") from None
+        if not isinstance(body, dict):
+            raise InvalidAdapter(f"malformed ptserve metadata: a JSON object expected, got {type(body).__name__}")
+        if body.get("format") != FORMAT:
+            raise InvalidAdapter(f"metadata format is {_show(body.get('format'))}, expected {FORMAT!r}")
+        if body.get("format_version") != FORMAT_VERSION:
+            raise InvalidAdapter(
+                f"format_version {_show(body.get('format_version'))} is not supported (expected {FORMAT_VERSION})"
             )
-        except InvalidAdapter:
-            raise
-        except (ValueError, KeyError, TypeError) as exc:
-            raise InvalidAdapter(f"malformed ptserve metadata: {type(exc).__name__}: {exc}") from None
+        task = body.get("task")
+        if not isinstance(task, str) or task not in TASKS:
+            raise InvalidAdapter(f"task {_show(task)} is not one of {TASKS}")
+        labels = body.get("labels") or []
+        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+            raise InvalidAdapter("labels must be a list of strings")
+        p = body.get("num_virtual_tokens")
+        if not isinstance(p, int) or isinstance(p, bool):
+            raise InvalidAdapter("num_virtual_tokens must be an integer")
+        head = body.get("head")
+        if head is not None and not isinstance(head, str):
+            raise InvalidAdapter("head must be a string or null")
+        base = body.get("base_model_name_or_path")
+        if base is not None and not isinstance(base, str):
+            raise InvalidAdapter("base_model_name_or_path must be a string or null")
+        try:
+            backbone = BackboneFingerprint.from_dict(body.get("backbone"))
+        except ValueError as exc:
+            raise InvalidAdapter(f"malformed ptserve metadata: backbone {exc}") from None
+        return cls(task=task, num_virtual_tokens=p, backbone=backbone, labels=tuple(labels), head=head,
+                   base_model_name_or_path=base or "")
 
     def peft_config(self) -> dict:
         """``adapter_config.json`` of the equivalent PEFT PREFIX_TUNING adapter."""
