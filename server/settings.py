@@ -74,6 +74,14 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(30.0, ge=0, description="On SIGTERM, how long in-flight and queued work may finish.")
     log_format: Literal["json", "text"] = Field("json", description="json = one JSON object per log line.")
 
+    # --- HTTP connections (issue 10; server/http_protocol.py) ---
+    max_header_bytes: int = Field(64 * 2**10, ge=1024, le=16 * 2**20,
+                                  description="Largest request head (request line + headers): 431 past it.")
+    header_timeout_s: float = Field(10.0, gt=0, le=600, description="Time a client has to send a request head, "
+                                    "from connecting or from the previous response: 408 and close past it.")
+    keep_alive_timeout_s: float = Field(5.0, gt=0, le=600,
+                                        description="How long an idle keep-alive connection stays open.")
+
     @field_validator("preload", mode="before")
     @classmethod
     def _split_ids(cls, v):
