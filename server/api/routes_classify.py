@@ -6,10 +6,11 @@ from fastapi import APIRouter
 
 from ptserve.adapters_store.errors import InvalidInput, WrongTask
 from ptserve.server.api.deps import Principal, ReadyDep, authorize, request_deadline
+from ptserve.server.api.json_body import JSONBodyRoute
 from ptserve.server.api.schemas import ClassifyRequest, ClassifyResponse, ErrorResponse, Prediction, Usage
 from ptserve.server.engine import Row
 
-router = APIRouter(tags=["inference"])
+router = APIRouter(tags=["inference"], route_class=JSONBodyRoute)
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429, 503, 504)}
 
 

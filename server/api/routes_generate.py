@@ -16,6 +16,7 @@ from fastapi.responses import StreamingResponse
 
 from ptserve.adapters_store.errors import InvalidInput, WrongTask
 from ptserve.server.api.deps import Principal, ReadyDep, authorize
+from ptserve.server.api.json_body import JSONBodyRoute
 from ptserve.server.api.schemas import ErrorResponse
 from ptserve.server.api.schemas_generate import GenerateRequest, GenerateResponse, GenerateUsage
 from ptserve.server.api.state import ServerState
@@ -23,7 +24,7 @@ from ptserve.server.generation.engine import StepEvent
 from ptserve.server.generation.sequence import SamplingParams, Sequence
 from ptserve.server.limits import DeadlineExceeded, QueueFull
 
-router = APIRouter(tags=["inference"])
+router = APIRouter(tags=["inference"], route_class=JSONBodyRoute)
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429, 503, 504)}
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 

@@ -12,12 +12,13 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from ptserve.server.api.deps import Principal, ReadyDep
+from ptserve.server.api.json_body import JSONBodyRoute
 from ptserve.server.api.routes_generate import ERRORS, SSE_HEADERS, Generation, _first, run_generation, until_disconnect
 from ptserve.server.api.schemas_generate import CompletionRequest, ModelCard, ModelList
 from ptserve.server.generation.engine import StepEvent
 from ptserve.server.generation.sequence import SamplingParams
 
-router = APIRouter(tags=["openai"])
+router = APIRouter(tags=["openai"], route_class=JSONBodyRoute)
 
 
 def _params(req: CompletionRequest) -> SamplingParams:
