@@ -26,9 +26,9 @@ from ptserve.adapters_store.errors import PtserveError, StoreUnavailable
 from ptserve.adapters_store.ids import check_tenant
 
 KEY_PREFIX = "ptk_"
-KEY_ID_RE = re.compile(r"^[0-9a-f]{16}$")
+KEY_ID_RE = re.compile(r"[0-9a-f]{16}")  # always fullmatch: "$" also matches before a final "\n"
 _STORE_OPTIONS = ("prefix", "timeout_s", "gc_grace_s", "health_check_interval")  # RedisStore's, not redis-py's
-_KEY_RE = re.compile(r"^ptk_([0-9a-f]{16})_[A-Za-z0-9_-]{20,100}$")
+_KEY_RE = re.compile(r"ptk_([0-9a-f]{16})_[A-Za-z0-9_-]{20,100}")
 
 
 class KeyNotFound(PtserveError):
@@ -54,7 +54,7 @@ def hash_key(key: str) -> str:
 
 def key_id_of(key: str) -> str | None:
     """The key id a presented key names, or None when it does not look like a tenant key."""
-    m = _KEY_RE.match(key)
+    m = _KEY_RE.fullmatch(key)
     return m[1] if m else None
 
 
@@ -100,7 +100,7 @@ class LocalKeyStore(KeyStore):
         await self._call(self._write, record)
 
     async def get(self, key_id: str) -> KeyRecord | None:
-        if not KEY_ID_RE.match(key_id):
+        if not KEY_ID_RE.fullmatch(key_id):
             return None
         return await self._call(self._read, self.dir / f"{key_id}.json")
 
@@ -183,7 +183,7 @@ class RedisKeyStore(KeyStore):
         await self._call(self._redis.hset(self.hash, record.key_id, json.dumps(asdict(record))))
 
     async def get(self, key_id: str) -> KeyRecord | None:
-        if not KEY_ID_RE.match(key_id):
+        if not KEY_ID_RE.fullmatch(key_id):
             return None
         raw = await self._call(self._redis.hget(self.hash, key_id))
         return None if raw is None else KeyRecord(**json.loads(raw))

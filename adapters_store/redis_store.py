@@ -44,7 +44,7 @@ EVENTS = ":events"  # after "<prefix>": the change-feed channel
 IDX, IDX_READY = ":idx:", ":idx-ready"  # after "<prefix>": a tenant's index (then "{<tenant>}"), its marker
 DEFAULTS = {"prefix": "ptserve", "timeout_s": 1.0, "gc_grace_s": 60.0, "health_check_interval": 10.0}
 BACKOFF_MIN_S, BACKOFF_MAX_S = 0.1, 2.0
-_PREFIX_RE = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")  # no glob specials and no braces (they'd break hash tags)
+_PREFIX_RE = re.compile(r"[A-Za-z0-9_.:-]{1,64}")  # no glob specials and no braces (they'd break hash tags)
 _BIG = 1 << 20  # hash blobs above this size off the event loop
 
 # Publish one version. KEYS: cur, next, versions. ARGV: key base, blob, info JSON lacking its opening '{'
@@ -135,7 +135,7 @@ class RedisStore(AdapterStore):
         given.update((k, v) for k, v in options.items() if v is not None)
         opts = {k: type(d)(given.get(k, d)) for k, d in DEFAULTS.items()}  # kwargs win over the query
         self.prefix, self.timeout_s, self.gc_grace_s, self.health_check_interval = opts.values()
-        if not _PREFIX_RE.match(self.prefix):
+        if not _PREFIX_RE.fullmatch(self.prefix):
             raise ValueError(f"store key prefix {self.prefix!r} must match {_PREFIX_RE.pattern}")
         if self.timeout_s <= 0 or self.gc_grace_s < 0 or self.health_check_interval <= 0:
             raise ValueError(f"store options must be positive: {opts}")
@@ -262,7 +262,7 @@ class RedisStore(AdapterStore):
 
     # --- the tenant index -----------------------------------------------------------------------------------
     async def _list_tenant(self, tenant: str, cursor: str | None, limit: int) -> Page:
-        if cursor is not None and not NAME_RE.match(cursor):
+        if cursor is not None and not NAME_RE.fullmatch(cursor):
             raise InvalidInput(f"invalid list cursor {cursor!r}")
         await self._ensure_index()
         names = await self._redis.zrange(self._index(tenant), f"({cursor}" if cursor else "-", "+",
