@@ -114,15 +114,17 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         return 431, "header_too_large", f"the request head exceeds {self.head_limits.max_bytes} bytes"
 
     def send_400_response(self, msg: str) -> None:
-        if self._refusal is None:
-            return super().send_400_response(msg)
+        """uvicorn's answer to a parser error (ours among them): the API's error body instead of plain text."""
+        if self._refusal is None:  # uvicorn has logged it
+            return self._refuse(400, "invalid_http", msg, logged=True)
         self._refuse(*self._refusal)
 
-    def _refuse(self, status: int, type_: str, message: str) -> None:
+    def _refuse(self, status: int, type_: str, message: str, logged: bool = False) -> None:
         """Answer with the API's error body and close: the connection cannot carry another request."""
         self._cancel_head_timer()
-        client = "%s:%d" % self.client if self.client else "-"
-        log.warning("refused connection from %s: %s", client, message)
+        if not logged:
+            client = "%s:%d" % self.client if self.client else "-"
+            log.warning("refused connection from %s: %s", client, message)
         body = json.dumps({"error": {"type": type_, "message": message}}).encode()
         self.transport.write(b"".join([
             STATUS_LINE[status], b"content-type: application/json\r\n",

@@ -168,3 +168,11 @@ def test_httpx_clients_keep_alive_across_requests(server):
         for _ in range(5):
             assert c.get("/healthz").status_code == 200
             time.sleep(0.05)
+
+
+def test_a_request_that_is_not_http_gets_the_apis_error_body(server):
+    with connect(server.url) as s:
+        s.sendall(b"GARBAGE \x01\x02 NOT HTTP\r\n\r\n")
+        response = read_response(s)
+    assert status_of(response) == 400 and b'"type": "invalid_http"' in response
+    assert_healthy(server.url)
