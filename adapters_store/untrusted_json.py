@@ -29,8 +29,8 @@ def loads(raw: bytes | str, *, max_bytes: int | None = None, max_depth: int = MA
     if max_bytes is not None and len(raw) > max_bytes:
         raise JSONRejected(f"is {len(raw)} bytes; at most {max_bytes} allowed")
     if isinstance(raw, (bytes, bytearray, memoryview)):
-        try:
-            raw = bytes(raw).decode("utf-8")
+        try:  # UTF-8 only (RFC 8259 8.1), a byte order mark ignored as it allows; json.loads would guess UTF-16/32
+            raw = bytes(raw).decode("utf-8-sig")
         except UnicodeDecodeError as exc:
             raise JSONRejected(f"is not valid JSON: not UTF-8 (byte {exc.start})") from None
     try:

@@ -49,6 +49,10 @@ def test_json_that_would_crash_or_mislead_is_refused_with_a_reason(raw, needle):
     assert needle in refused.value.message, refused.value.message
 
 
+def test_a_utf8_byte_order_mark_is_ignored_as_rfc_8259_allows():
+    assert loads(b'\xef\xbb\xbf{"a": ["\xc3\xa9"]}') == {"a": ["é"]}
+
+
 def test_a_size_bound_is_checked_before_parsing():
     with pytest.raises(JSONRejected, match="is 11 bytes; at most 10"):
         loads(b'["x" , "y"]', max_bytes=10)
