@@ -3,12 +3,12 @@ Prometheus) — skipped where missing on a developer machine, a failure in CI (.
 from __future__ import annotations
 
 import importlib.util
-import os
-import shutil
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.components import need_binary
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -22,15 +22,6 @@ def load_topology():
         sys.modules[name] = module  # dataclasses look their module up while the class is being built
         spec.loader.exec_module(module)
     return sys.modules[name]
-
-
-def need_binary(name: str) -> str:
-    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin")
-    if found:
-        return found
-    if os.environ.get("CI"):
-        pytest.fail(f"{name} is missing: .ci/run installs it (apt-get install -y {name})")
-    pytest.skip(f"{name} is not installed (apt-get install -y {name})")
 
 
 @pytest.fixture(scope="session")
