@@ -2,10 +2,11 @@
 
 uvicorn with httptools buffers a request head of any size (an 8 MB header, 100k headers) and never times out a
 connection that has not finished one (slowloris: it times out only idle keep-alive connections, and any byte
-resets that). ``GuardedHttpToolsProtocol`` refuses a head past ``max_bytes`` with 431 and closes a connection
-whose head is not complete ``timeout_s`` after it opened (or after its previous response) with 408, so no client
-holds memory or a descriptor indefinitely without sending a request. h11 can bound the size but not the time,
-and parses in pure Python; this keeps httptools' speed. Bodies are bounded by ``BodyLimitMiddleware``.
+resets that), nor one whose body stops arriving. ``GuardedHttpToolsProtocol`` refuses a head past ``max_bytes``
+with 431, and answers 408 and closes a connection whose head is not complete ``timeout_s`` after it opened (or
+after its previous response), or whose body sends nothing for ``body_timeout_s``: no client holds memory or a
+descriptor indefinitely without sending a request. h11 can bound the head's size but neither time, and parses in
+pure Python; this keeps httptools' speed. A body's size is bounded by ``BodyLimitMiddleware``.
 """
 from __future__ import annotations
 
@@ -24,6 +25,7 @@ log = logging.getLogger(__name__)
 class HeadLimits:
     max_bytes: int = 64 << 10  # request line + headers
     timeout_s: float = 10.0  # for the whole head, from the connection's start or the previous response
+    body_timeout_s: float = 30.0  # longest silence while a body arrives (not while the app has reading paused)
 
 
 class _HeadRefused(Exception):
@@ -38,6 +40,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_raw = 0  # bytes received while reading this head (bounds a header still in progress)
         self._head_size = 0  # bytes of this head's request line and headers parsed so far (exact)
         self._head_timer: asyncio.TimerHandle | None = None
+        self._body_timer: asyncio.TimerHandle | None = None
         self._refusal: tuple[int, str, str] | None = None
 
     @classmethod
@@ -52,6 +55,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc) -> None:
         self._cancel_head_timer()
+        self._cancel_body_timer()
         super().connection_lost(exc)
 
     def on_response_complete(self) -> None:
@@ -98,11 +102,39 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._reading_head = False
         self._cancel_head_timer()
+        self._arm_body_timer()  # cancelled at once by on_message_complete when there is no body
         super().on_headers_complete()
 
+    def on_body(self, body: bytes) -> None:
+        self._arm_body_timer()
+        super().on_body(body)
+
     def on_message_complete(self) -> None:
+        self._cancel_body_timer()
         super().on_message_complete()
         self._reading_head, self._head_raw = True, 0
+
+    # --- the body's progress -------------------------------------------------------------------------------
+    def _arm_body_timer(self) -> None:
+        self._cancel_body_timer()
+        self._body_timer = self.loop.call_later(self.head_limits.body_timeout_s, self._body_timed_out)
+
+    def _cancel_body_timer(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _body_timed_out(self) -> None:
+        self._body_timer = None
+        if self.transport.is_closing():
+            return
+        if self.flow.read_paused:  # we stopped reading (the app has not taken what came): not the client's delay
+            return self._arm_body_timer()
+        if self.cycle is not None and self.cycle.response_started:  # too late for a status: just hang up
+            log.warning("closed connection: its request body stopped arriving")
+            return self.transport.close()
+        self._refuse(408, "request_timeout",
+                     f"the request body sent nothing for {self.head_limits.body_timeout_s:g} s")
 
     def _count(self, n: int) -> None:
         self._head_size += n

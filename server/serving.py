@@ -51,7 +51,8 @@ class DrainingServer(uvicorn.Server):
 
 def serve_app(app, state: ServerState, host: str, port: int, log_level: str, drain_timeout_s: float) -> None:
     s = state.settings
-    head_limits = HeadLimits(max_bytes=s.max_header_bytes, timeout_s=s.header_timeout_s)
+    head_limits = HeadLimits(max_bytes=s.max_header_bytes, timeout_s=s.header_timeout_s,
+                             body_timeout_s=s.body_timeout_s)
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, log_config=None, access_log=False,  # ptserve logs requests
         timeout_graceful_shutdown=AFTER_DRAIN_S, timeout_keep_alive=s.keep_alive_timeout_s,

@@ -79,6 +79,8 @@ class Settings(BaseSettings):
                                   description="Largest request head (request line + headers): 431 past it.")
     header_timeout_s: float = Field(10.0, gt=0, le=600, description="Time a client has to send a request head, "
                                     "from connecting or from the previous response: 408 and close past it.")
+    body_timeout_s: float = Field(30.0, gt=0, le=3600, description="Longest silence while a request body "
+                                  "arrives: 408 and close past it.")
     keep_alive_timeout_s: float = Field(5.0, gt=0, le=600,
                                         description="How long an idle keep-alive connection stays open.")
 

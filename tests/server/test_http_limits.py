@@ -14,13 +14,14 @@ from tests.factories import server_process
 
 MAX_HEADER_BYTES = 16384
 HEADER_TIMEOUT_S = 1.0
+BODY_TIMEOUT_S = 3.0
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     env = {"PTSERVE_STORE": f"file://{tmp_path_factory.mktemp('http-limits')}",
            "PTSERVE_MAX_HEADER_BYTES": str(MAX_HEADER_BYTES), "PTSERVE_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
-           "PTSERVE_KEEP_ALIVE_TIMEOUT_S": "30"}  # longer than the head timeout: the head timer must act alone
+           "PTSERVE_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S), "PTSERVE_KEEP_ALIVE_TIMEOUT_S": "30"}  # longer than the head timeout: the head timer must act alone
     with server_process(env) as srv:
         yield srv
 
@@ -151,16 +152,29 @@ def test_a_kept_alive_connection_gets_the_head_timeout_again_after_each_response
     assert waited < HEADER_TIMEOUT_S + 2.0 and status_of(reply) == 408
 
 
-def test_a_slow_request_is_not_cut_by_the_head_timeout(server):
-    """The head timer covers the head only: a client waiting longer than it for an answer, or sending its body
-    slowly, is not cut (the body is bounded by its size limit and the request deadline instead)."""
+def test_a_slow_body_is_not_cut_by_the_head_timeout(server):
+    """The head timer covers the head only: a body pausing longer than it (but under the body timeout) is
+    answered."""
     with connect(server.url) as s:
         s.sendall(b"POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: 2\r\nConnection: close\r\n\r\n{")
-        time.sleep(HEADER_TIMEOUT_S * 1.5)
-        s.sendall(b"}")
+                  b"Content-Length: 3\r\nConnection: close\r\n\r\n{")
+        for part in (b" ", b"}"):  # each pause longer than the head timeout, shorter than the body timeout
+            time.sleep(HEADER_TIMEOUT_S * 1.5)
+            s.sendall(part)
         reply = read_response(s)
     assert status_of(reply) == 422  # the body arrived whole and was answered (it lacks its fields)
+
+
+def test_a_body_that_stops_arriving_is_closed_after_the_body_timeout(server):
+    with connect(server.url) as s:
+        s.sendall(b"PUT /v1/adapters/acme/slow HTTP/1.1\r\nHost: x\r\nContent-Type: application/octet-stream\r\n"
+                  b"Content-Length: 1000\r\n\r\n" + b"\0" * 10)
+        start = time.monotonic()
+        reply = read_response(s)  # the other 990 bytes never come
+        waited = time.monotonic() - start
+    assert BODY_TIMEOUT_S * 0.9 <= waited < BODY_TIMEOUT_S + 3.0, waited
+    assert status_of(reply) == 408 and b'"type": "request_timeout"' in reply
+    assert_healthy(server.url)
 
 
 def test_httpx_clients_keep_alive_across_requests(server):
