@@ -72,7 +72,8 @@ class AdapterConfig:
             raise InvalidAdapter(f"malformed ptserve metadata: a JSON object expected, got {type(body).__name__}")
         if body.get("format") != FORMAT:
             raise InvalidAdapter(f"metadata format is {_show(body.get('format'))}, expected {FORMAT!r}")
-        if body.get("format_version") != FORMAT_VERSION:
+        version = body.get("format_version")
+        if not isinstance(version, int) or isinstance(version, bool) or version != FORMAT_VERSION:
             raise InvalidAdapter(
                 f"format_version {_show(body.get('format_version'))} is not supported (expected {FORMAT_VERSION})"
             )

@@ -57,7 +57,8 @@ def read_header(data: bytes, what: str = "adapter") -> tuple[dict[str, str], dic
         raise InvalidAdapter(f"{what} is not a safetensors file (header is not JSON ptserve accepts: it {exc.message})") from None
     if not isinstance(header, dict):
         raise InvalidAdapter(f"{what} safetensors header must be a JSON object")
-    metadata = header.pop("__metadata__", None) or {}
+    metadata = header.pop("__metadata__", None)
+    metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
         raise InvalidAdapter(f"{what} safetensors __metadata__ must map strings to strings")
     body = len(data) - 8 - n

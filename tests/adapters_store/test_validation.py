@@ -467,6 +467,8 @@ def with_header(header: bytes, body: bytes = b"") -> bytes:
     (b'{"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "__metadata__": {"ptserve": 5}}',
      "__metadata__ must map strings to strings"),
     (b'{"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "__metadata__": "x"}', "__metadata__"),
+    (b'{"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "__metadata__": []}', "__metadata__"),
+    (b'{"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "__metadata__": 0}', "__metadata__"),
     (b'{"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 1e999]}}', "out of the range"),
     (b'{"t": {"dtype": "F32", "shape": [NaN], "data_offsets": [0, 4]}}', "NaN is not a JSON number"),
     (b'{"t\\ud800": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}', "lone surrogate"),
@@ -497,6 +499,8 @@ def test_hostile_ptserve_metadata_is_refused_with_a_reason(fp, head, ptserve_met
     ({"backbone": ["bert"]}, "fingerprint must be an object"),
     ({"backbone": "bert"}, "fingerprint must be an object"),
     ({"num_virtual_tokens": 2.0}, "num_virtual_tokens must be an integer"),
+    ({"format_version": True}, "format_version True is not supported"),
+    ({"format_version": 1.0}, "format_version 1.0 is not supported"),
 ])
 def test_ptserve_metadata_of_the_wrong_types_is_refused(fp, head, change, needle):
     adapter = make_adapter(fp, 2)
