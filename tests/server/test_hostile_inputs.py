@@ -392,3 +392,17 @@ def test_after_the_table_the_servers_answer_as_before_and_logged_no_server_error
         errors = [x for x in lines if x.get("level") in ("error", "critical")
                   or x.get("status", 0) >= 500 and x.get("path") != "/readyz"]  # 503 while the backbone loaded
         assert not errors, errors[:3]
+
+
+def test_every_route_reads_its_json_body_through_untrusted_json(tmp_path):
+    """One place for every route that takes text: a router added without ``JSONBodyRoute`` would parse bodies
+    with plain ``json.loads`` again (lone surrogates, NaN, 100k-deep nesting)."""
+    from fastapi.routing import APIRoute
+
+    from ptserve.server.api.app import create_app
+    from ptserve.server.api.json_body import JSONBodyRoute
+    from ptserve.server.settings import Settings
+
+    routes = [r for r in create_app(Settings(store=f"file://{tmp_path}")).routes if isinstance(r, APIRoute)]
+    assert len(routes) >= 12 and all(isinstance(r, JSONBodyRoute) for r in routes), \
+        [r.path for r in routes if not isinstance(r, JSONBodyRoute)]
