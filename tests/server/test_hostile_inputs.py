@@ -394,15 +394,20 @@ def test_after_the_table_the_servers_answer_as_before_and_logged_no_server_error
         assert not errors, errors[:3]
 
 
-def test_every_route_reads_its_json_body_through_untrusted_json(tmp_path):
-    """One place for every route that takes text: a router added without ``JSONBodyRoute`` would parse bodies
-    with plain ``json.loads`` again (lone surrogates, NaN, 100k-deep nesting)."""
-    from fastapi.routing import APIRoute
-
+async def test_every_json_operation_reads_its_body_through_untrusted_json(tmp_path):
+    """One place for every route that takes text: each operation of the OpenAPI spec with a JSON body refuses a
+    lone surrogate with the reader's message (a router added without ``JSONBodyRoute`` would parse it with plain
+    ``json.loads`` and let it through to the tokenizer). In process: the body is read before the backbone is
+    needed."""
     from ptserve.server.api.app import create_app
-    from ptserve.server.api.json_body import JSONBodyRoute
     from ptserve.server.settings import Settings
 
-    routes = [r for r in create_app(Settings(store=f"file://{tmp_path}")).routes if isinstance(r, APIRoute)]
-    assert len(routes) >= 12 and all(isinstance(r, JSONBodyRoute) for r in routes), \
-        [r.path for r in routes if not isinstance(r, JSONBodyRoute)]
+    app = create_app(Settings(store=f"file://{tmp_path}"))
+    operations = [(method, path) for path, ops in app.openapi()["paths"].items() for method, op in ops.items()
+                  if "application/json" in op.get("requestBody", {}).get("content", {})]
+    assert len(operations) >= 4, operations  # classify, generate, completions, tenant keys
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://x") as client:
+        for method, path in operations:
+            url = path.replace("{tenant}", "acme").replace("{name}", "x").replace("{key_id}", "0" * 16)
+            r = await client.request(method.upper(), url, content=b'{"a": "\\ud800"}', headers=JSON_CT)
+            assert r.status_code == 422 and "lone surrogate" in r.json()["error"]["message"], (path, r.text)
