@@ -22,17 +22,14 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import parse_qsl, urlencode, urlparse, urlsplit
 
-from ptserve.adapters_store.errors import PtserveError, StoreUnavailable
+from ptserve.adapters_store.errors import StoreUnavailable
 from ptserve.adapters_store.ids import check_tenant
+from ptserve.client.wire.errors import KeyNotFound  # noqa: F401
 
 KEY_PREFIX = "ptk_"
 KEY_ID_RE = re.compile(r"^[0-9a-f]{16}$")
 _STORE_OPTIONS = ("prefix", "timeout_s", "gc_grace_s", "health_check_interval")  # RedisStore's, not redis-py's
 _KEY_RE = re.compile(r"^ptk_([0-9a-f]{16})_[A-Za-z0-9_-]{20,100}$")
-
-
-class KeyNotFound(PtserveError):
-    status, type = 404, "key_not_found"
 
 
 @dataclass(frozen=True)
