@@ -1,7 +1,7 @@
 """Scale-out through nginx (issue 7): two replicas behind the consistent-hash proxy vs one replica direct, and
 the adapter cache hit ratio with consistent hashing vs round robin.
 
-Everything runs on this machine through ``scripts/topology.py`` (redis-server, ``ptserve serve`` replicas on
+Everything runs on this machine through ``scripts.topology`` (redis-server, ``ptserve serve`` replicas on
 the Redis store, nginx from docker/nginx/ptserve.conf.template):
 
 1. **Throughput and latency**: a closed loop of ``--concurrency`` clients sends one-text classify requests
@@ -19,7 +19,7 @@ the Redis store, nginx from docker/nginx/ptserve.conf.template):
 Prints tables of the ratios; writes its section of ``RESULTS.md`` (between markers) and ``scaleout.png``
 unless ``--no-write``.
 
-    python benchmarks/bench_scaleout.py [--duration 20] [--concurrency 16] [--adapters 512] [--requests 3072]
+    python -m benchmarks.bench_scaleout [--duration 20] [--concurrency 16] [--adapters 512] [--requests 3072]
 """
 from __future__ import annotations
 
@@ -35,18 +35,14 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere
-sys.path.insert(0, str(ROOT / "scripts"))
+import httpx
+from prometheus_client.parser import text_string_to_metric_families
 
-import httpx  # noqa: E402
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
-
-import topology  # noqa: E402  (scripts/topology.py)
-from benchmarks._report import machine_info, write_section  # noqa: E402
-from ptserve.adapters_store.fingerprint import BackboneFingerprint  # noqa: E402
-from ptserve.adapters_store.format import encode_blob  # noqa: E402
-from tests.factories import make_adapter  # noqa: E402  (random classify adapters, the tests' recipe)
+from benchmarks._report import machine_info, write_section
+from ptserve.adapters_store.fingerprint import BackboneFingerprint
+from ptserve.adapters_store.format import encode_blob
+from scripts import topology
+from tests.factories import make_adapter  # random classify adapters, the tests' recipe
 
 SECTION = "## Scale-out through nginx (issue 7)"
 VIRTUAL_TOKENS = 16
@@ -364,7 +360,7 @@ async def main_async(args) -> int:
     load_after = uptime()
 
     info = machine_info(**tool_versions())
-    command = shlex.join(["python", "benchmarks/bench_scaleout.py", *sys.argv[1:]])
+    command = shlex.join(["python", "-m", "benchmarks.bench_scaleout", *sys.argv[1:]])
     t1, t2, t3 = throughput_table(runs), hit_table(hits, capacity), hit_latency_table(hits)
     ch, rr = hits
     summary = (f"consistent hashing ÷ round robin hit ratio: {ch.ratio:.3f} ÷ {rr.ratio:.3f} = "
@@ -377,7 +373,7 @@ async def main_async(args) -> int:
 Machine: {info['cpu']}; {info['versions']}. Date: {info['date']}.
 Command: `{command}`. Load (`uptime`) before: `{load_before}`; after: `{load_after}`.
 
-Topology from `scripts/topology.py` (redis-server, `ptserve serve` replicas on the Redis store, nginx from
+Topology from `scripts.topology` (redis-server, `ptserve serve` replicas on the Redis store, nginx from
 `docker/nginx/ptserve.conf.template`), MiniLM on CPU, one-text classify requests,
 {VIRTUAL_TOKENS}-token adapters, {args.concurrency} closed-loop clients in one asyncio process on the same
 machine. The single replica uses `PTSERVE_THREADS={args.cores}`; each of the two uses `{half}`: on one machine
