@@ -24,7 +24,7 @@ class RedisKeyStore(KeyStore):
 
     @translated
     async def get(self, key_id: str) -> KeyRecord | None:
-        if not KEY_ID_RE.match(key_id):
+        if not KEY_ID_RE.fullmatch(key_id):
             return None
         raw = await self._redis.hget(self.hash, key_id)
         return None if raw is None else KeyRecord(**json.loads(raw))

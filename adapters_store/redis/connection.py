@@ -50,7 +50,7 @@ class RedisOptions:
         given = dict((k, v) for k, v in query if k in DEFAULTS)
         given.update((k, v) for k, v in options.items() if v is not None)
         opts = {k: type(d)(given.get(k, d)) for k, d in DEFAULTS.items()}
-        if not _PREFIX_RE.match(opts["prefix"]):
+        if not _PREFIX_RE.fullmatch(opts["prefix"]):
             raise ValueError(f"store key prefix {opts['prefix']!r} must match {_PREFIX_RE.pattern}")
         if opts["timeout_s"] <= 0 or opts["gc_grace_s"] < 0 or opts["health_check_interval"] <= 0:
             raise ValueError(f"store options must be positive: {opts}")

@@ -41,7 +41,7 @@ class TenantIndex:
 
     async def page(self, tenant: str, cursor: str | None, limit: int) -> Page:
         """One page of the tenant's live adapters in id order (``next_cursor``: the page's last name)."""
-        if cursor is not None and not NAME_RE.match(cursor):
+        if cursor is not None and not NAME_RE.fullmatch(cursor):
             raise InvalidInput(f"invalid list cursor {cursor!r}")
         await self._ensure()
         names = await self._redis.zrange(index_key(self.prefix, tenant), f"({cursor}" if cursor else "-", "+",
