@@ -159,8 +159,8 @@ def connection_error(exc: Exception, call: Call, base_url: str) -> APIConnection
 def drive(steps: Steps, perform: Callable[[Effect], Any]):
     """Run ``steps`` to its return value, performing each effect with ``perform``. The one loop of both
     executors: an awaitable that ``perform`` returns (``AsyncClient``'s) is awaited in place, so
-    ``await drive(...)`` runs under asyncio, and ``result(drive(...))`` runs a blocking ``perform`` to the
-    end."""
+    ``await drive(...)`` runs under asyncio, and ``result(drive(...))`` runs a blocking ``perform`` to
+    the end."""
     value, failure = None, None
     while True:
         try:

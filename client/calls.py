@@ -1,7 +1,7 @@
 """Every endpoint of DESIGN's API contract as a ``Call`` (request + parser), shared by both clients: the
-paths,
-the bodies the client builds (the caller's generation parameters pass through, so a newer server's work from
-an older client) and what each answer parses into. Sans-IO: reading an upload's files is the only I/O."""
+paths, the bodies the client builds (the caller's generation parameters pass through, so a newer server's
+work from an older client) and what each answer parses into. Sans-IO: reading an upload's files is the only
+I/O."""
 
 from __future__ import annotations
 
@@ -23,8 +23,7 @@ def _json(cls):
 
 
 def adapter_path(adapter_id: str, suffix: str = "") -> str:
-    # Only the shape is checked here; the server answers 400 invalid_adapter_id, naming the rule, for the
-    # rest.
+    # Only the shape is checked here: for the rest the server answers 400 invalid_adapter_id, naming the rule.
     tenant, sep, name = adapter_id.partition("/")
     if not sep or not tenant or not name:
         raise ValueError(f"adapter id {adapter_id!r} must be 'tenant/name'")
@@ -94,8 +93,7 @@ def export_peft(adapter_id: str, out_dir: str | os.PathLike) -> Call:
 
 
 def _peft_exporter():
-    """The blob → PEFT folder converter; it decodes tensors with torch, so it ships with the server
-    distribution."""
+    """The blob → PEFT folder converter: it decodes tensors with torch, so it comes with the server."""
     try:
         from ptserve.adapters_store.peft_folder import blob_to_peft_folder
     except ImportError as exc:

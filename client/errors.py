@@ -1,8 +1,8 @@
 """Typed client errors. An ``APIError`` carries the server's status, error ``type`` and ``message`` (the body
 ``{"error": {"type", "message"}}`` every ptserve error has). The classes are the wire's
 (``ptserve.client.wire.errors``), the same the server raises: a 404 ``adapter_not_found`` arrives as
-``AdapterNotFound``, a ``NotFoundError``; an answer of a type this client does not know gets its status
-class."""
+``AdapterNotFound``, a ``NotFoundError``; an answer of a type this client does not know gets its
+status class."""
 
 from __future__ import annotations
 

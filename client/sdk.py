@@ -105,8 +105,7 @@ class Endpoints:
     @_one_answer
     def export_peft(self, adapter_id: str, out_dir: str | os.PathLike) -> Path:
         """Download an adapter and write it as a PEFT folder (plus labels.json) that PEFT loads (needs the
-        server
-        distribution, which converts with torch)."""
+        server distribution, which converts with torch)."""
         return self._run(calls.export_peft(adapter_id, out_dir))
 
     @_one_answer
@@ -219,8 +218,7 @@ class _Base(Endpoints):
 
 class Client(_Base):
     """Sync client; ``base_url`` defaults to ``$PTSERVE_URL``, ``api_key`` to ``$PTSERVE_API_KEY``;
-    ``transport``
-    is an ``httpx.BaseTransport`` (e.g. ``httpx.MockTransport`` for offline tests)."""
+    ``transport`` is an ``httpx.BaseTransport`` (e.g. ``httpx.MockTransport`` for offline tests)."""
 
     def close(self) -> None:
         self._http.close()
@@ -310,8 +308,7 @@ class AsyncClient(_Base):
 
 def _awaited(method):
     """``method`` (which returns ``self._run(...)``, an awaitable here) as a coroutine function, same
-    signature
-    and docstring."""
+    signature and docstring."""
 
     @functools.wraps(method)
     async def coroutine(self, *args, **kwargs):

@@ -90,8 +90,8 @@ root_callback.__signature__ = inspect.Signature([_CTX, *_parameters(read_env=Tru
 
 def connected(command: Callable) -> Callable:
     """A command that talks to a server: typer sees it with the connection options added, and it is called
-    with
-    ``conn``, the ``Connection`` they make (the root's, overridden by those given after the subcommand)."""
+    with ``conn``, the ``Connection`` they make (the root's, overridden by those given after the
+    subcommand)."""
     own = [p for p in inspect.signature(command, eval_str=True).parameters.values() if p.name != "conn"]
 
     @functools.wraps(command)

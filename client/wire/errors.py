@@ -4,8 +4,8 @@ same class when a server answers with that type.
 
 Two levels: a *status class* per HTTP status the API uses (``NotFoundError`` = 404, ...), the client's
 categories, and below them one class per API error ``type`` (``AdapterNotFound`` = 404 ``adapter_not_found``),
-which the server raises. So ``except NotFoundError`` catches every 404 and ``except AdapterNotFound`` just
-that.
+which the server raises. So ``except NotFoundError`` catches every 404, ``except AdapterNotFound`` just
+that one.
 """
 
 from __future__ import annotations
@@ -21,9 +21,8 @@ class PtserveError(Exception):
 
 
 class APIError(PtserveError):
-    """An error answer of the HTTP API: ``status``, its machine-readable ``type``, a ``message`` for humans
-    and
-    the answer's ``headers`` (``Retry-After``, ``WWW-Authenticate``, ``X-Request-ID`` ...)."""
+    """An error answer of the HTTP API: ``status``, its machine-readable ``type``, a ``message`` for
+    humans and the answer's ``headers`` (``Retry-After``, ``WWW-Authenticate``, ``X-Request-ID`` ...)."""
 
     status: int = 500
     type: str = "http_error"
@@ -181,10 +180,14 @@ class GatewayTimeoutError(APIError):
 
 # --- the API's error types ----------------------------------------------------------------------------------
 class BadRequest(BadRequestError):
+    """A request the server cannot read (e.g. a multipart upload without the PEFT files)."""
+
     type = "bad_request"
 
 
 class InvalidAdapterId(BadRequestError):
+    """An adapter id or tenant that breaks the syntax (``ptserve.client.wire.ids``)."""
+
     type = "invalid_adapter_id"
 
 
@@ -199,14 +202,20 @@ class Unauthorized(AuthenticationError):
 
 
 class Forbidden(PermissionDeniedError):
+    """A tenant key acting on another tenant's space, or on an admin route."""
+
     type = "forbidden"
 
 
 class AdapterNotFound(NotFoundError):
+    """No such adapter, or one of another tenant (the answer is the same)."""
+
     type = "adapter_not_found"
 
 
 class KeyNotFound(NotFoundError):
+    """The tenant has no key of that id."""
+
     type = "key_not_found"
 
 
@@ -217,14 +226,20 @@ class RouteNotFound(NotFoundError):
 
 
 class MethodNotAllowed(MethodNotAllowedError):
+    """The route does not take this method."""
+
     type = "method_not_allowed"
 
 
 class PayloadTooLarge(PayloadTooLargeError):
+    """A body, an uploaded blob or a PEFT file over its limit (answered while the body streams)."""
+
     type = "payload_too_large"
 
 
 class UnsupportedMediaType(UnsupportedMediaTypeError):
+    """An upload that is neither ``application/octet-stream`` nor ``multipart/form-data``."""
+
     type = "unsupported_media_type"
 
 
@@ -241,18 +256,26 @@ class InvalidAdapter(UnprocessableEntityError):
 
 
 class BackboneMismatch(InvalidAdapter):
+    """An adapter made for another backbone; the message says which fields differ."""
+
     type = "backbone_mismatch"
 
 
 class InvalidInput(UnprocessableEntityError):
+    """Inputs the endpoint cannot take (too many, ``max_new_tokens`` over the limit, ...)."""
+
     type = "invalid_input"
 
 
 class InputTooLong(InvalidInput):
+    """Prefix plus input tokens past the model's positions (``truncate`` cuts them instead)."""
+
     type = "input_too_long"
 
 
 class WrongTask(InvalidInput):
+    """An adapter of the other task (a generation adapter asked to classify, ...)."""
+
     type = "wrong_task"
 
 
@@ -266,14 +289,20 @@ class Overloaded(RateLimitError):
 
 
 class QueueFull(Overloaded):
+    """The queue, or this tenant's share of it, is full."""
+
     type = "queue_full"
 
 
 class TenantBusy(Overloaded):
+    """The tenant already has its limit of requests in flight."""
+
     type = "tenant_concurrency_limit"
 
 
 class InternalError(InternalServerError):
+    """An unexpected failure inside the server (its log has the traceback)."""
+
     type = "internal_error"
 
 
@@ -284,10 +313,14 @@ class IntegrityError(InternalServerError):
 
 
 class StoreUnavailable(ServiceUnavailableError):
+    """The adapter store cannot be reached and the adapter is not resident."""
+
     type = "store_unavailable"
 
 
 class NotReady(ServiceUnavailableError):
+    """The backbone is still loading, or failed to load."""
+
     type = "not_ready"
 
 
@@ -299,4 +332,6 @@ class Draining(ServiceUnavailableError):
 
 
 class DeadlineExceeded(GatewayTimeoutError):
+    """The request was not served within ``PTSERVE_REQUEST_TIMEOUT_S``."""
+
     type = "deadline_exceeded"

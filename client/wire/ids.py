@@ -1,7 +1,6 @@
 """Adapter ids (``tenant/name``) and tenant names: the syntax the server enforces, so that an id can never
-name
-a path outside its tenant's space. (The client checks only the ``tenant/name`` shape and leaves the rest to
-the server, whose 400 ``invalid_adapter_id`` names the rule.)"""
+name a path outside its tenant's space. (The client checks only the ``tenant/name`` shape and leaves the
+rest to the server, whose 400 ``invalid_adapter_id`` names the rule.)"""
 
 from __future__ import annotations
 

@@ -1,5 +1,4 @@
-"""The folder layout that ``ptserve train --out`` writes and uploads read, and the PEFT folder's file
-names."""
+"""The folder layout that ``ptserve train --out`` writes and uploads read; the PEFT folder's file names."""
 
 from __future__ import annotations
 

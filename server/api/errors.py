@@ -1,6 +1,5 @@
-"""Every error leaves as ``{"error": {"type", "message"}}`` with the status its type carries. The types are
-the
-wire's (``ptserve.client.wire.errors``): a client raises the same class for the same answer."""
+"""Every error leaves as ``{"error": {"type", "message"}}`` with the status its type carries. The types
+are the wire's (``ptserve.client.wire.errors``): a client raises the same class for the same answer."""
 from __future__ import annotations
 
 import logging
