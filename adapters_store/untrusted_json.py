@@ -61,7 +61,7 @@ def _bounded_int(text: str) -> int:
 
 
 def _check_tree(value: Any, max_depth: int) -> None:
-    """Nesting within ``max_depth`` and every string (keys too) valid Unicode; iterative, so depth costs no stack."""
+    """Nesting within ``max_depth``, every string (keys too) valid Unicode; iterative: depth costs no stack."""
     stack = [(value, 0)]
     while stack:
         node, depth = stack.pop()

@@ -54,7 +54,9 @@ def read_header(data: bytes, what: str = "adapter") -> tuple[dict[str, str], dic
     try:
         header = untrusted_json.loads(data[8 : 8 + n])
     except JSONRejected as exc:
-        raise InvalidAdapter(f"{what} is not a safetensors file (header is not JSON ptserve accepts: it {exc.message})") from None
+        raise InvalidAdapter(
+            f"{what} is not a safetensors file (header is not JSON ptserve accepts: it {exc.message})"
+        ) from None
     if not isinstance(header, dict):
         raise InvalidAdapter(f"{what} safetensors header must be a JSON object")
     metadata = header.pop("__metadata__", None)

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 from uvicorn.protocols.http.httptools_impl import STATUS_LINE, HttpToolsProtocol
 
+from ptserve.client.wire.errors import APIError, HeaderTooLarge, InvalidHTTP, RequestTimeout
+
 log = logging.getLogger(__name__)
 
 
@@ -41,7 +43,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_size = 0  # bytes of this head's request line and headers parsed so far (exact)
         self._head_timer: asyncio.TimerHandle | None = None
         self._body_timer: asyncio.TimerHandle | None = None
-        self._refusal: tuple[int, str, str] | None = None
+        self._refusal: APIError | None = None
 
     @classmethod
     def factory(cls, head_limits: HeadLimits):
@@ -76,8 +78,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_timer = None
         busy = self.cycle is not None and not self.cycle.response_complete  # answering: the client waits on us
         if self._reading_head and not busy and not self.transport.is_closing():
-            self._refuse(408, "request_timeout",
-                         f"the request head did not arrive within {self.head_limits.timeout_s:g} s")
+            timeout = self.head_limits.timeout_s
+            self._refuse(RequestTimeout(f"the request head did not arrive within {timeout:g} s"))
 
     # --- the head's size ---------------------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
@@ -85,7 +87,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._head_raw += len(data)
         super().data_received(data)  # answers our _HeadRefused through send_400_response, like a parser error
         if self._reading_head and self._head_raw > self.head_limits.max_bytes and not self.transport.is_closing():
-            self._refuse(*self._too_large())  # one header still arriving, already past the limit
+            self._refuse(self._too_large())  # one header still arriving, already past the limit
 
     def on_message_begin(self) -> None:
         super().on_message_begin()
@@ -133,8 +135,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.cycle is not None and self.cycle.response_started:  # too late for a status: just hang up
             log.warning("closed connection: its request body stopped arriving")
             return self.transport.close()
-        self._refuse(408, "request_timeout",
-                     f"the request body sent nothing for {self.head_limits.body_timeout_s:g} s")
+        timeout = self.head_limits.body_timeout_s
+        self._refuse(RequestTimeout(f"the request body sent nothing for {timeout:g} s"))
 
     def _count(self, n: int) -> None:
         self._head_size += n
@@ -142,24 +144,24 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._refusal = self._too_large()
             raise _HeadRefused()
 
-    def _too_large(self) -> tuple[int, str, str]:
-        return 431, "header_too_large", f"the request head exceeds {self.head_limits.max_bytes} bytes"
+    def _too_large(self) -> HeaderTooLarge:
+        return HeaderTooLarge(f"the request head exceeds {self.head_limits.max_bytes} bytes")
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to a parser error (ours among them): the API's error body instead of plain text."""
         if self._refusal is None:  # uvicorn has logged it
-            return self._refuse(400, "invalid_http", msg, logged=True)
-        self._refuse(*self._refusal)
+            return self._refuse(InvalidHTTP(msg), logged=True)
+        self._refuse(self._refusal)
 
-    def _refuse(self, status: int, type_: str, message: str, logged: bool = False) -> None:
+    def _refuse(self, error: APIError, logged: bool = False) -> None:
         """Answer with the API's error body and close: the connection cannot carry another request."""
         self._cancel_head_timer()
         if not logged:
             client = "%s:%d" % self.client if self.client else "-"
-            log.warning("refused connection from %s: %s", client, message)
-        body = json.dumps({"error": {"type": type_, "message": message}}).encode()
+            log.warning("refused connection from %s: %s", client, error.message)
+        body = json.dumps({"error": {"type": error.type, "message": error.message}}).encode()
         self.transport.write(b"".join([
-            STATUS_LINE[status], b"content-type: application/json\r\n",
+            STATUS_LINE[error.status], b"content-type: application/json\r\n",
             b"content-length: %d\r\n" % len(body), b"connection: close\r\n\r\n", body,
         ]))
         self.transport.close()
