@@ -1,9 +1,9 @@
-"""The HTTP/1.1 connection: uvicorn's httptools protocol plus the two limits it lacks on a request's head.
+"""The HTTP/1.1 connection: uvicorn's httptools protocol plus the limits it lacks (a head's size and time, a body's silence).
 
 uvicorn with httptools buffers a request head of any size (an 8 MB header, 100k headers) and never times out a
 connection that has not finished one (slowloris: it times out only idle keep-alive connections, and any byte
-resets that), nor one whose body stops arriving. ``GuardedHttpToolsProtocol`` refuses a head past ``max_bytes``
-with 431, and answers 408 and closes a connection whose head is not complete ``timeout_s`` after it opened (or
+resets that), nor one whose body stops arriving. ``GuardedHttpToolsProtocol`` refuses a head past ``head_bytes``
+with 431, and answers 408 and closes a connection whose head is not complete ``head_timeout_s`` after it opened (or
 after its previous response), or whose body sends nothing for ``body_timeout_s``: no client holds memory or a
 descriptor indefinitely without sending a request. h11 can bound the head's size but neither time, and parses in
 pure Python; this keeps httptools' speed. A body's size is bounded by ``BodyLimitMiddleware``.
@@ -24,9 +24,9 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class HeadLimits:
-    max_bytes: int = 64 << 10  # request line + headers
-    timeout_s: float = 10.0  # for the whole head, from the connection's start or the previous response
+class ConnectionLimits:
+    head_bytes: int = 64 << 10  # request line + headers
+    head_timeout_s: float = 10.0  # for the whole head, from the connection's start or the previous response
     body_timeout_s: float = 30.0  # longest silence while a body arrives (not while the app has reading paused)
 
 
@@ -35,9 +35,9 @@ class _HeadRefused(Exception):
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
-    def __init__(self, *args, head_limits: HeadLimits, **kwargs):
+    def __init__(self, *args, limits: ConnectionLimits, **kwargs):
         super().__init__(*args, **kwargs)
-        self.head_limits = head_limits
+        self.limits = limits
         self._reading_head = True  # from the start, and from the end of a request to the end of the next head
         self._head_raw = 0  # bytes received while reading this head (bounds a header still in progress)
         self._head_size = 0  # bytes of this head's request line and headers parsed so far (exact)
@@ -46,9 +46,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._refusal: APIError | None = None
 
     @classmethod
-    def factory(cls, head_limits: HeadLimits):
+    def factory(cls, limits: ConnectionLimits):
         """What ``uvicorn.Config(http=...)`` takes: it calls it with uvicorn's own arguments."""
-        return functools.partial(cls, head_limits=head_limits)
+        return functools.partial(cls, limits=limits)
 
     # --- the head's time ---------------------------------------------------------------------------------------
     def connection_made(self, transport) -> None:
@@ -67,7 +67,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def _arm_head_timer(self) -> None:
         self._cancel_head_timer()
-        self._head_timer = self.loop.call_later(self.head_limits.timeout_s, self._head_timed_out)
+        self._head_timer = self.loop.call_later(self.limits.head_timeout_s, self._head_timed_out)
 
     def _cancel_head_timer(self) -> None:
         if self._head_timer is not None:
@@ -78,7 +78,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_timer = None
         busy = self.cycle is not None and not self.cycle.response_complete  # answering: the client waits on us
         if self._reading_head and not busy and not self.transport.is_closing():
-            timeout = self.head_limits.timeout_s
+            timeout = self.limits.head_timeout_s
             self._refuse(RequestTimeout(f"the request head did not arrive within {timeout:g} s"))
 
     # --- the head's size ---------------------------------------------------------------------------------------
@@ -86,7 +86,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self._reading_head:
             self._head_raw += len(data)
         super().data_received(data)  # answers our _HeadRefused through send_400_response, like a parser error
-        if self._reading_head and self._head_raw > self.head_limits.max_bytes and not self.transport.is_closing():
+        if self._reading_head and self._head_raw > self.limits.head_bytes and not self.transport.is_closing():
             self._refuse(self._too_large())  # one header still arriving, already past the limit
 
     def on_message_begin(self) -> None:
@@ -119,7 +119,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     # --- the body's progress -------------------------------------------------------------------------------
     def _arm_body_timer(self) -> None:
         self._cancel_body_timer()
-        self._body_timer = self.loop.call_later(self.head_limits.body_timeout_s, self._body_timed_out)
+        self._body_timer = self.loop.call_later(self.limits.body_timeout_s, self._body_timed_out)
 
     def _cancel_body_timer(self) -> None:
         if self._body_timer is not None:
@@ -135,17 +135,17 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         if self.cycle is not None and self.cycle.response_started:  # too late for a status: just hang up
             log.warning("closed connection: its request body stopped arriving")
             return self.transport.close()
-        timeout = self.head_limits.body_timeout_s
+        timeout = self.limits.body_timeout_s
         self._refuse(RequestTimeout(f"the request body sent nothing for {timeout:g} s"))
 
     def _count(self, n: int) -> None:
         self._head_size += n
-        if self._head_size > self.head_limits.max_bytes:
+        if self._head_size > self.limits.head_bytes:
             self._refusal = self._too_large()
             raise _HeadRefused()
 
     def _too_large(self) -> HeaderTooLarge:
-        return HeaderTooLarge(f"the request head exceeds {self.head_limits.max_bytes} bytes")
+        return HeaderTooLarge(f"the request head exceeds {self.limits.head_bytes} bytes")
 
     def send_400_response(self, msg: str) -> None:
         """uvicorn's answer to a parser error (ours among them): the API's error body instead of plain text."""
