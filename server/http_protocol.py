@@ -1,4 +1,4 @@
-"""The HTTP/1.1 connection: uvicorn's httptools protocol plus the limits it lacks (a head's size and time, a body's silence).
+"""The HTTP/1.1 connection: uvicorn's httptools protocol plus the limits it lacks on heads and bodies.
 
 uvicorn with httptools buffers a request head of any size (an 8 MB header, 100k headers) and never times out a
 connection that has not finished one (slowloris: it times out only idle keep-alive connections, and any byte
