@@ -57,3 +57,16 @@ class InputTooLong(InvalidInput):
 
 class WrongTask(InvalidInput):
     type = "wrong_task"
+
+
+class NonFiniteLogits(InvalidInput):
+    """One sequence's logits overflowed (e.g. an adapter whose finite but huge prefix values overflow the
+    backbone's arithmetic): that sequence stops, the others in its batch carry on."""
+
+    type = "non_finite_logits"
+
+
+class GenerationFailed(PtserveError):
+    """Computing one sequence failed for a reason of the server's own; the others in its batch carry on."""
+
+    status, type = 500, "generation_failed"
