@@ -21,6 +21,13 @@ class BadRequest(PtserveError):
     status, type = 400, "bad_request"
 
 
+class ClientDisconnected(PtserveError):
+    """The client went away before its answer was ready (its generation is cancelled). Answered, to nobody, as
+    499 (nginx's "client closed request"), so metrics and access logs count a client's disconnect, not a 5xx."""
+
+    status, type = 499, "client_closed_request"
+
+
 def error_response(status: int, type_: str, message: str, headers: dict | None = None) -> JSONResponse:
     return JSONResponse({"error": {"type": type_, "message": message}}, status_code=status, headers=headers)
 
