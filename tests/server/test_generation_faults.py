@@ -214,7 +214,6 @@ def test_poisoned_requests_of_one_tenant_do_not_end_cut_or_slow_another_tenants_
             return await asyncio.gather(*bs), poisoned, overlapped
 
     (events_g, events_c), poisoned, overlapped = asyncio.run(scenario())
-    assert overlapped, "B finished before A's requests did: lengthen B's streams for this test to mean anything"
 
     # B: not cut, not ended, exactly the tokens it gets alone
     assert events_g[-1] == "[DONE]" and events_c[-1] == "[DONE]"
@@ -223,6 +222,7 @@ def test_poisoned_requests_of_one_tenant_do_not_end_cut_or_slow_another_tenants_
     assert [c["token"] for c in chunks_g] == ref_g[0] and chunks_g[-1]["finish_reason"] == "length"
     assert "".join(c["choices"][0]["text"] for c in chunks_c) == ref_c[1]
     assert chunks_c[-1]["choices"][0]["finish_reason"] == "length"
+    assert overlapped, "B finished before A's requests did: lengthen B's streams for this test to mean anything"
     # ... in one engine step per token: A's failures cost B no step
     for rid in ("bravo-g", "bravo-c"):
         gen = _access(server, rid)["generation"]
