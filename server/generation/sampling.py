@@ -19,8 +19,10 @@ MIN_TEMPERATURE = 1e-2  # smaller temperatures (but not 0 = greedy) are clamped 
 
 def finite_rows(logits: torch.Tensor) -> list[bool]:
     """logits: [B, vocab]. A row can be sampled when it has no NaN, no +inf, and some finite score."""
-    bad = logits.isnan().any(dim=-1) | logits.isposinf().any(dim=-1) | logits.isneginf().all(dim=-1)
-    return (~bad).tolist()
+    ok = logits.isfinite().all(dim=-1)  # [B]; one pass over the logits in the common case
+    if not ok.all():  # -inf entries are allowed (masked tokens) as long as something is finite
+        ok = ~(logits.isnan().any(dim=-1) | logits.isposinf().any(dim=-1) | logits.isneginf().all(dim=-1))
+    return ok.tolist()
 
 
 def sample_next(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:

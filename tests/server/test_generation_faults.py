@@ -241,6 +241,34 @@ def test_poisoned_requests_of_one_tenant_do_not_end_cut_or_slow_another_tenants_
     assert again["text"] == ref_g[1]
 
 
+def test_an_adapter_replaced_or_deleted_mid_stream_finishes_the_stream_on_the_version_it_started(server, gpt2):
+    """The request's lease holds the version it started with: a new version (or a delete) published while it
+    streams changes nothing for it, and the next request sees the change."""
+    bb, _ = gpt2
+    v1, v2 = (make_adapter(bb.fingerprint, 6, seed=s, task="generate") for s in (61, 62))
+    body = {"prompt": B_PROMPTS[0], "max_new_tokens": 120, "temperature": 0, "stream": True}
+    for aid, change in (("bravo/swap", "replace"), ("bravo/gone", "delete")):
+        _upload(server.url, {aid: v1})
+        with httpx.stream("POST", f"{server.url}/v1/generate", json={"adapter": aid, **body}, timeout=60) as r:
+            lines = r.iter_lines()
+            events = [next(line for line in lines if line.startswith("data: "))[6:]]
+            if change == "replace":
+                _upload(server.url, {aid: v2})
+            else:
+                assert httpx.delete(f"{server.url}/v1/adapters/{aid}").status_code == 204
+            events += _events(lines)
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        assert [c["token"] for c in chunks] == _alone(bb, v1, B_PROMPTS[0], max_new_tokens=120, temperature=0)[0]
+        assert chunks[-1]["version"] == 1
+        after = httpx.post(f"{server.url}/v1/generate", json={"adapter": aid, **body, "stream": False}, timeout=60)
+        if change == "replace":
+            assert after.json()["version"] == 2
+            assert after.json()["text"] == _alone(bb, v2, B_PROMPTS[0], max_new_tokens=120, temperature=0)[1]
+        else:
+            assert after.status_code == 404
+
+
 # --- streams that fail ------------------------------------------------------------------------------------------
 def test_a_stream_that_fails_midway_ends_with_an_error_event(server, gpt2):
     bb, adapters = gpt2
