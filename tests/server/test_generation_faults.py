@@ -304,10 +304,11 @@ def test_a_request_that_fails_at_its_first_token_answers_422(server, path, field
 @pytest.fixture(scope="module")
 def one_slot_server(tmp_path_factory):
     """One generation slot, held by a stream that could run 4,000 tokens: a request queued behind it is still
-    waiting when its client leaves, on any machine."""
+    waiting when its client leaves (or its 3 s deadline passes), on any machine."""
     folder = save_tiny_decoder("gpt2", tmp_path_factory.mktemp("gpt2-long"), max_positions=4096)
     bb = load_backbone(str(folder), device="cpu", dtype="float32")
-    with _start(bb, tmp_path_factory.mktemp("store1"), PTSERVE_MAX_RUNNING="1", PTSERVE_MAX_SEQ_TOKENS="4096") as srv:
+    with _start(bb, tmp_path_factory.mktemp("store1"), PTSERVE_MAX_RUNNING="1", PTSERVE_MAX_SEQ_TOKENS="4096",
+                PTSERVE_REQUEST_TIMEOUT_S="3") as srv:
         _upload(srv.url, {"bravo/gen": make_adapter(bb.fingerprint, 5, seed=5, task="generate")})
         yield srv
 
@@ -351,3 +352,31 @@ def test_a_non_streaming_client_that_disconnects_counts_as_499_not_5xx(one_slot_
         assert time.monotonic() < deadline, "a disconnected request still holds a row"
         time.sleep(0.1)
     assert re.search(r"^ptserve_waiting_requests 0\.0$", httpx.get(f"{srv.url}/metrics").text, re.M)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_whose_deadline_passes_while_it_waits_is_504_and_never_runs(one_slot_server, stream):
+    srv = one_slot_server
+    hog = {"adapter": "bravo/gen", "prompt": "hello", "max_new_tokens": 4000, "temperature": 0, "stream": True}
+    rid = f"late-{stream}"
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=srv.url, timeout=120) as client:
+            async with client.stream("POST", "/v1/generate", json=hog) as held:
+                lines = held.aiter_lines()
+                while not (await anext(lines)).startswith("data: "):
+                    pass
+                late = await client.post("/v1/generate", headers={"x-request-id": rid}, json={
+                    "adapter": "bravo/gen", "prompt": "hi", "max_new_tokens": 5, "stream": stream})
+                gauges = await client.get("/metrics")  # the hog still runs; the late one no longer waits
+                deadline = time.monotonic() + 10
+                while not re.search(r"^ptserve_waiting_requests 0\.0$", gauges.text, re.M):
+                    assert time.monotonic() < deadline, "the late request is still queued"
+                    await asyncio.sleep(0.1)
+                    gauges = await client.get("/metrics")
+                return late, gauges.text
+
+    late, gauges = asyncio.run(scenario())
+    assert late.status_code == 504 and late.json()["error"]["type"] == "deadline_exceeded"
+    assert re.search(r"^ptserve_running_requests 1\.0$", gauges, re.M)  # read while the hog held the slot
+    assert _wait_for_access(srv, rid)["generation"]["completion_tokens"] == 0
