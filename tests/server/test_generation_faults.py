@@ -8,7 +8,8 @@ overflows to NaN under an adapter with huge (finite, so uploadable) prefix value
   normally with exactly the tokens B gets alone, and take one engine step per token (the access log's
   ``engine_steps``: structural, not timed); no request answers 5xx.
 - A stream that fails after it started ends with one ``{"error": {...}}`` event (the ``openai`` client raises
-  ``APIError``), never a cut connection; one that fails before its first token answers a plain 422.
+  ``APIError``, the SDK ``StreamError``), never a cut connection; one that fails before its first token answers a
+  plain 422.
 - A non-streaming client that disconnects is counted as 499 (a client's disconnect), logs no traceback, and
   frees its row.
 """
@@ -24,6 +25,8 @@ import openai
 import pytest
 
 from ptserve.adapters_store.format import encode_blob
+from ptserve.client import Client
+from ptserve.client.errors import StreamError
 from ptserve.server.backbone import load_backbone
 from ptserve.server.generation.engine import GenerationEngine, GenerationLimits
 from ptserve.server.generation.sequence import SamplingParams
@@ -290,6 +293,10 @@ def test_a_stream_that_fails_midway_ends_with_an_error_event(server, gpt2):
         for chunk in stream:
             received += chunk.choices[0].text
     assert text.startswith(received)
+
+    with Client(server.url) as sdk, pytest.raises(StreamError, match="non_finite_logits"):
+        for _ in sdk.generate_stream("alpha/late", "hello world", **MIDSTREAM_PARAMS):
+            pass
 
 
 @pytest.mark.parametrize("path,field", [("/v1/generate", "adapter"), ("/v1/completions", "model")])
