@@ -18,9 +18,9 @@ from typing import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
-from ptserve.adapters_store.errors import InvalidInput, PtserveError, WrongTask
+from ptserve.adapters_store.errors import InvalidInput, WrongTask
+from ptserve.client.wire.errors import APIError, ClientDisconnected, InternalError
 from ptserve.server.api.deps import Principal, ReadyDep, authorize
-from ptserve.server.api.errors import ClientDisconnected
 from ptserve.server.api.schemas import ErrorResponse
 from ptserve.server.api.schemas_generate import GenerateRequest, GenerateResponse, GenerateUsage
 from ptserve.server.api.state import ServerState
@@ -128,9 +128,9 @@ async def until_disconnect(request: Request, events: AsyncIterator[StepEvent]) -
 
 def sse_error(exc: BaseException) -> str:
     """The last event of a stream that failed after it started (the status line has gone: 200)."""
-    if not isinstance(exc, PtserveError):
+    if not isinstance(exc, APIError):
         log.error("generation stream failed", exc_info=exc)
-        exc = PtserveError("internal server error")
+        exc = InternalError("internal server error")
     ctx = current()
     note(generation={**((ctx and ctx.generation) or {}), "error": exc.type})
     return f"data: {json.dumps({'error': {'type': exc.type, 'message': exc.message}})}\n\n"

@@ -15,14 +15,13 @@ from typing import Callable
 
 import torch
 
-from ptserve.adapters_store.errors import (GenerationFailed, InputTooLong, InvalidInput, NonFiniteLogits,
-                                           PtserveError)
+from ptserve.adapters_store.errors import APIError, GenerationFailed, InputTooLong, InvalidInput, NonFiniteLogits
 from ptserve.adapters_store.format import Adapter
 from ptserve.server.backbone import Backbone
 from ptserve.server.generation.forward import decode_forward, decoder_forward, lm_logits
 from ptserve.server.generation.kv_cache import SlotKVCache
 from ptserve.server.generation.sampling import finite_rows, sample_next
-from ptserve.server.generation.scheduler import Scheduler
+from ptserve.server.generation.scheduler import AdmissionPolicy, Scheduler, TenantFair
 from ptserve.server.generation.sequence import SamplingParams, Sequence
 from ptserve.server.resident import ResidentAdapter, gather_prefixes, make_resident
 
@@ -36,7 +35,7 @@ class StepEvent:
     text: str  # newly released text (may be empty)
     token: int | None  # the token generated this step (None if the sequence was cancelled or failed)
     done: bool
-    error: PtserveError | None = None  # the sequence failed (done is True); no other sequence is affected
+    error: APIError | None = None  # the sequence failed (done is True); no other sequence is affected
 
 
 @dataclass(frozen=True)
@@ -48,14 +47,18 @@ class GenerationLimits:
 
 
 class GenerationEngine:
-    def __init__(self, backbone: Backbone, limits: GenerationLimits = GenerationLimits()):
+    def __init__(self, backbone: Backbone, limits: GenerationLimits = GenerationLimits(),
+                 admission: AdmissionPolicy | None = None):
+        """``admission``: who joins next when a slot frees (``scheduler.ADMISSION_POLICIES``; tenant-fair by
+        default)."""
         self.backbone, self.fp, self.limits = backbone, backbone.fingerprint, limits
         max_tokens = min(limits.max_seq_tokens, backbone.max_positions)
         self.cache = SlotKVCache(
             self.fp.num_layers, limits.max_running, self.fp.num_kv_heads, self.fp.head_dim,
             min(limits.prefix_cap, backbone.max_positions - 1), max_tokens, backbone.device, backbone.dtype,
         )
-        self.scheduler = Scheduler(limits.max_running, limits.max_batch_tokens)
+        self.scheduler = Scheduler(limits.max_running, limits.max_batch_tokens,
+                                   admission=admission if admission is not None else TenantFair())
         self.steps = 0  # steps taken so far (a sequence records the steps it joined and finished at)
         self.vocab_size = backbone.model.get_input_embeddings().num_embeddings
         tok = backbone.tokenizer
@@ -200,7 +203,7 @@ class GenerationEngine:
         return events
 
     def _failed(self, seq: Sequence, exc: Exception) -> StepEvent:
-        if isinstance(exc, PtserveError):
+        if isinstance(exc, APIError):
             log.warning("sequence %d (%s) failed: %s", seq.id, seq.adapter.id, exc.message)
             error = exc
         else:
