@@ -106,6 +106,18 @@ def _access(srv, request_id: str) -> dict:
     raise AssertionError(f"no access-log line for {request_id}")
 
 
+def _wait_for_access(srv, request_id: str, timeout: float = 60) -> dict:
+    """The request's access-log line, which the server writes just after the answer's last byte."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return _access(srv, request_id)
+        except AssertionError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.1)
+
+
 def _events(lines) -> list:
     return [line[6:] for line in lines if line.startswith("data: ")]
 
@@ -228,7 +240,7 @@ def test_poisoned_requests_of_one_tenant_do_not_end_cut_or_slow_another_tenants_
     assert overlapped, "B finished before A's requests did: lengthen B's streams for this test to mean anything"
     # ... in one engine step per token: A's failures cost B no step
     for rid in ("bravo-g", "bravo-c"):
-        gen = _access(server, rid)["generation"]
+        gen = _wait_for_access(server, rid)["generation"]  # written just after the body's last byte
         assert gen["completion_tokens"] == B_TOKENS and gen["engine_steps"] <= B_TOKENS + 1, gen
 
     # A: answered, never a 5xx; a stream either completes or ends with one error event
@@ -318,17 +330,6 @@ def one_slot_server(tmp_path_factory):
                 PTSERVE_REQUEST_TIMEOUT_S="3") as srv:
         _upload(srv.url, {"bravo/gen": make_adapter(bb.fingerprint, 5, seed=5, task="generate")})
         yield srv
-
-
-def _wait_for_access(srv, request_id: str, timeout: float = 60) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return _access(srv, request_id)
-        except AssertionError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
 
 
 @pytest.mark.parametrize("path,field,n", [("/v1/generate", "adapter", "max_new_tokens"),
