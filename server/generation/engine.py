@@ -211,7 +211,7 @@ class GenerationEngine:
             error = GenerationFailed(
                 f"generating this sequence failed ({type(exc).__name__}); nothing else was affected")
         seq.finish_reason = "error"
-        return StepEvent(seq, "", None, True, error)
+        return StepEvent(seq, "", None, True, error=error)
 
     def _leave(self, seq: Sequence) -> None:
         """Take a sequence out of its slot; its columns are zeroed (kv_cache's invariant), and the last running
