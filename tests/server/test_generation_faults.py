@@ -320,12 +320,28 @@ def test_a_request_that_fails_at_its_first_token_answers_422(server, path, field
 
 
 # --- finding 6 -------------------------------------------------------------------------------------------------
+def _never_ending(folder):
+    """Make EOS an id past the model's vocabulary: the model can never choose it, so a generation runs until its
+    max_new_tokens or until its client leaves."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.add_special_tokens({"eos_token": "<|never|>"})
+    tok.save_pretrained(folder)
+    for config in (AutoConfig.from_pretrained(folder), GenerationConfig.from_pretrained(folder)):
+        config.eos_token_id = tok.eos_token_id
+        config.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="module")
 def one_slot_server(tmp_path_factory):
-    """One generation slot, held by a stream that could run 4,000 tokens: a request queued behind it is still
-    waiting when its client leaves (or its 3 s deadline passes), on any machine."""
-    folder = save_tiny_decoder("gpt2", tmp_path_factory.mktemp("gpt2-long"), max_positions=4096)
+    """One generation slot, held by a stream of 4,000 tokens that no EOS can end: a request queued behind it is
+    still waiting when its client leaves (or its 3 s deadline passes), on any machine."""
+    folder = _never_ending(save_tiny_decoder("gpt2", tmp_path_factory.mktemp("gpt2-long"), max_positions=4096))
     bb = load_backbone(str(folder), device="cpu", dtype="float32")
+    engine = GenerationEngine(bb, GenerationLimits(max_running=1))
+    assert min(engine.eos_ids) >= engine.vocab_size  # nothing the model samples ends a generation
     with _start(bb, tmp_path_factory.mktemp("store1"), PTSERVE_MAX_RUNNING="1", PTSERVE_MAX_SEQ_TOKENS="4096",
                 PTSERVE_REQUEST_TIMEOUT_S="3") as srv:
         _upload(srv.url, {"bravo/gen": make_adapter(bb.fingerprint, 5, seed=5, task="generate")})
