@@ -78,7 +78,8 @@ JSON_LEVEL = {"nan": "NaN", "inf": "Infinity", "-inf": "-Infinity", "1e400": "1e
               "lone-high": '"\\ud800"', "lone-low": '"\\udfff x"', "high-then-text": '"\\ud83dx"'}
 # valid JSON, extreme: 4xx for fields that are not numbers; for numbers the schema decides (never a 5xx)
 EXTREME_NUMBERS = {"1e308": "1e308", "-1e308": "-1e308", "-0": "-0", "-0.0": "-0.0", "2^64": str(2**64),
-                   "-2^63": str(-2**63), "10^99": "1" + "0" * 99}
+                   "-2^63": str(-2**63), "10^99": "1" + "0" * 99, "5e-324": "5e-324", "1e-300": "1e-300",
+                   "1e-40": "1e-40"}  # the tiny ones: sampling's temperature and top-p (issue 10 finding 1)
 WRONG = {  # kind -> {case: raw JSON}: values that kind never takes
     "id": {"null": "null", "int": "1", "bool": "true", "list": '["acme/clf"]', "obj": "{}", "nl": '"acme/x\\n"',
            "nul": '"acme/x\\u0000"', "esc": '"acme\\u001b/x"', "ls": '"acme/x\\u2028"', "bom": '"\\ufeffacme/x"',
