@@ -1,9 +1,9 @@
 """Build the help-desk retrieval data set from ``articles.jsonl`` (16 hand-written help articles of a made-up
-bike-sharing service) and ``queries.csv`` (144 hand-written customer questions, 9 per article, worded unlike
+bike-sharing service) and ``queries.csv`` (240 hand-written customer questions, 15 per article, worded unlike
 their article on purpose).
 
-``train.jsonl``: 6 questions per article as ``{"query", "positive", "negative"}`` (the positive is the article's
-text, the negative the text of an article it is easily confused with); ``eval.jsonl``: the other 3 per article as
+``train.jsonl``: 10 questions per article as ``{"query", "positive", "negative"}`` (the positive is the article's
+text, the negative the text of an article it is easily confused with); ``eval.jsonl``: the other 5 per article as
 ``{"query", "positive"}``. The retrieval task: find each question's article among all 16. Split by article with a
 fixed seed, so ``python examples/helpdesk/make_splits.py`` rewrites both files identically.
 """
@@ -16,7 +16,7 @@ import random
 from pathlib import Path
 
 HERE = Path(__file__).parent
-EVAL_PER_ARTICLE = 3
+EVAL_PER_ARTICLE = 5
 SEED = 0
 # The article a question is most easily mistaken for: the hard negative of its training pairs.
 CONFUSED_WITH = {
