@@ -269,9 +269,23 @@ def test_a_tenant_key_uses_only_its_own_adapters_and_the_backbone(server, admin,
     assert_error(unauthorised, 401, "unauthorized")
 
 
-def test_classify_refuses_an_embed_adapter(admin, adapters):
+def test_classify_refuses_an_embed_adapter_and_embeddings_a_generate_one(admin, adapters, minilm):
     r = admin.post("/v1/classify", json={"adapter": "alpha/e", "inputs": ["hi"]})
     assert_error(r, 422, "wrong_task", "/v1/embeddings")
+    generate = make_adapter(minilm.fingerprint, 4, seed=9, task="generate")
+    assert admin.put("/v1/adapters/alpha/g", content=encode_blob(generate), headers=OCTET).status_code == 201
+    r = admin.post("/v1/embeddings", json={"model": "alpha/g", "input": "hi"})
+    assert_error(r, 422, "wrong_task", "'generate' adapter", "embed or classify")
+
+
+def test_a_decoder_backbone_answers_422(tmp_path):
+    from tests.factories import save_tiny_decoder
+
+    decoder = save_tiny_decoder("gpt2", tmp_path / "gpt2")
+    env = {"PTSERVE_STORE": f"file://{tmp_path / 'store'}", "PTSERVE_BACKBONE": str(decoder)}
+    with running_server(env) as url:
+        r = httpx.post(f"{url}/v1/embeddings", json={"model": str(decoder), "input": "hi"}, timeout=30)
+        assert_error(r, 422, "wrong_task", "needs an encoder")
 
 
 def test_usage_is_counted_in_metrics_without_tenant_labels(admin, adapters, minilm):
