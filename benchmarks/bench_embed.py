@@ -12,7 +12,7 @@ The prefix trains for a fixed number of epochs with no early stopping (the held-
 held-out numbers are not optimistic. recall@1: the first result is relevant; MRR: mean of 1 / rank of the first
 relevant result.
 
-    .venv/bin/python benchmarks/bench_embed.py [--epochs 3] [--seeds 0] [--threads 2] [--data helpdesk sentiment]
+    .venv/bin/python -m benchmarks.bench_embed [--epochs 3] [--seeds 0] [--threads 2] [--data helpdesk sentiment]
 """
 
 from __future__ import annotations
@@ -25,16 +25,14 @@ from pathlib import Path
 
 import torch
 
+from benchmarks._report import machine_info, write_section
+from ptserve.server.backbone import load_backbone
+from ptserve.server.engine import EMBEDDING, Engine, Row
+from ptserve.server.training.data import load_examples, load_text_pairs
+from ptserve.server.training.embed import EmbedConfig, train_embedder
+from ptserve.server.training.retrieval import evaluate_retrieval, retrieval_set
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks._report import machine_info, write_section  # noqa: E402
-from ptserve.server.backbone import load_backbone  # noqa: E402
-from ptserve.server.engine import EMBEDDING, Engine, Row  # noqa: E402
-from ptserve.server.training.data import load_examples, load_text_pairs  # noqa: E402
-from ptserve.server.training.embed import EmbedConfig, train_embedder  # noqa: E402
-from ptserve.server.training.retrieval import evaluate_retrieval, retrieval_set  # noqa: E402
-
 SECTION = "## Embeddings: bare backbone vs a trained embedding prefix, held-out retrieval (issue 15)"
 DATA = {
     "helpdesk": ("pairs", lambda split: load_text_pairs(ROOT / "examples" / "helpdesk" / f"{split}.jsonl")),
@@ -120,7 +118,7 @@ def main(argv=None) -> None:
         f"- machine: {info['cpu']}; {info['versions']}; torch threads {args.threads}",
         f"- load average (1 min) before / after: {load_before[0]:.2f} / {load_after[0]:.2f}; whole run "
         f"{time.perf_counter() - started:.0f} s",
-        f"- command: `{' '.join(['python', 'benchmarks/bench_embed.py', *(argv or sys.argv[1:])])}`",
+        f"- command: `{' '.join(['python -m benchmarks.bench_embed', *(argv or sys.argv[1:])])}`",
         f"- training: {args.virtual_tokens} virtual tokens, lr {cfg.prefix_lr}, batch {args.batch_size}, "
         f"{args.epochs} epochs, no early stopping, in-batch negatives (+ the hard negatives given) at temperature "
         f"{cfg.temperature}; both rows embedded by the engine as served",
