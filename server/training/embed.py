@@ -21,7 +21,7 @@ from torch import nn
 
 from ptserve.adapters_store.format import PREFIX_KEY, Adapter, AdapterConfig
 from ptserve.server.backbone import Backbone
-from ptserve.server.engine import encoder_forward
+from ptserve.server.engine import EMBEDDING, Engine, Row, encoder_forward
 from ptserve.server.pooling import mean_pool
 from ptserve.server.resident import prefix_kv
 from ptserve.server.training.classify import tokenize
@@ -159,12 +159,9 @@ def train_embedder(
     p = cfg.virtual_tokens
     rs = retrieval_set(held_out) if held_out else None
 
-    def embed(texts: list[str], prefixed: bool = True) -> torch.Tensor:
-        ids = tokenize(bb, texts, p if prefixed else 0, cfg.max_length)
-        chunks = range(0, len(ids), cfg.batch_size * 2)
-        if prefixed:
-            return torch.cat([model(ids[i:i + cfg.batch_size * 2]).cpu() for i in chunks])
-        return torch.cat([_bare(bb, ids[i:i + cfg.batch_size * 2]).cpu() for i in chunks])
+    def embed(texts: list[str]) -> torch.Tensor:
+        ids, n = tokenize(bb, texts, p, cfg.max_length), cfg.batch_size * 2
+        return torch.cat([model(ids[i:i + n]).cpu() for i in range(0, len(ids), n)])
 
     def batch_loss(batch: list) -> torch.Tensor:
         b = make_batch(batch)
@@ -182,7 +179,7 @@ def train_embedder(
                  FitConfig(cfg.epochs, cfg.batch_size, cfg.seed, cfg.patience, cfg.warmup_ratio), callbacks)
     with torch.no_grad():
         final = evaluate_retrieval(embed, rs, cfg.temperature) if rs else None
-        baseline = evaluate_retrieval(lambda t: embed(t, prefixed=False), rs, cfg.temperature) if rs else None
+        baseline = evaluate_retrieval(_served_bare(bb, cfg), rs, cfg.temperature) if rs else None
     counts = {"prefix": sum(t.numel() for t in model.prefix.parameters()),
               "served_prefix": p * bb.fingerprint.prefix_width}
     return EmbedTrainResult(model.to_adapter(), cfg, result, final, baseline, counts)
@@ -204,9 +201,12 @@ def _batches(train: list[TextPair] | list[Example], seed: int):
     return (lambda batch: labelled_batch(batch, by_label, rng)), anchors
 
 
-def _bare(bb: Backbone, token_ids: list[tuple[int, ...]]) -> torch.Tensor:
-    """The bare backbone's embeddings (a prefix of length 0), for the baseline."""
-    fp, b = bb.fingerprint, len(token_ids)
-    kv = torch.zeros(fp.num_layers, 2, b, fp.num_kv_heads, 0, fp.head_dim, device=bb.device, dtype=bb.dtype)
-    hidden, _ = encoder_forward(bb, token_ids, kv, [0] * b)
-    return mean_pool(hidden, [len(t) for t in token_ids])
+def _served_bare(bb: Backbone, cfg: EmbedConfig):
+    """texts -> the bare backbone's embeddings as the server answers them (``Engine.bare``), for the baseline."""
+    engine, n = Engine(bb), cfg.batch_size * 2
+
+    def embed(texts: list[str]) -> torch.Tensor:
+        rows = [Row(engine.bare, ids, EMBEDDING) for ids in tokenize(bb, texts, 0, cfg.max_length)]
+        return torch.cat([torch.stack(engine.run(rows[i:i + n])[0]) for i in range(0, len(rows), n)])
+
+    return embed
