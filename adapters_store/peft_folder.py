@@ -2,6 +2,8 @@
 
 A PEFT folder is ``adapter_config.json`` + ``adapter_model.safetensors`` holding ``prompt_embeddings``
 [P, layers * 2 * kv_heads * head_dim] and, for ``SEQ_CLS``, the head saved as ``base_model.classifier.*``.
+Task types map to ptserve tasks: ``SEQ_CLS`` -> classify, ``CAUSAL_LM`` -> generate, ``FEATURE_EXTRACTION`` ->
+embed (a prefix only: the embedding is the mean-pooled hidden state under it).
 PEFT records no backbone fingerprint: a folder is accepted when its geometry fits the loaded backbone,
 whatever its ``base_model_name_or_path`` says (DESIGN decision 4); a differing name becomes a note.
 """
@@ -9,6 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Collection
 
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -16,7 +19,7 @@ from safetensors.torch import save as st_save
 from ptserve.adapters_store import untrusted_json
 from ptserve.adapters_store.errors import BackboneMismatch, InvalidAdapter, PayloadTooLarge
 from ptserve.adapters_store.fingerprint import BackboneFingerprint
-from ptserve.adapters_store.format import PREFIX_KEY, Adapter, AdapterConfig, encode_blob
+from ptserve.adapters_store.format import PEFT_TASK_TYPE, PREFIX_KEY, Adapter, AdapterConfig, encode_blob
 from ptserve.adapters_store.untrusted_json import JSONRejected
 from ptserve.adapters_store.validation import Limits, check_finite, decode_blob, read_header
 from ptserve.client.wire import LABELS_FILE
@@ -24,7 +27,7 @@ from ptserve.client.wire import PEFT_CONFIG_FILE as CONFIG_FILE
 from ptserve.client.wire import PEFT_WEIGHTS_FILE as WEIGHTS_FILE
 
 MAX_CONFIG_BYTES = 64 << 10
-_TASKS = {"SEQ_CLS": "classify", "CAUSAL_LM": "generate"}
+_TASKS = {peft: task for task, peft in PEFT_TASK_TYPE.items()}  # SEQ_CLS, CAUSAL_LM, FEATURE_EXTRACTION
 _PEFT_HEAD_PREFIXES = ("base_model.model.", "base_model.")
 
 
@@ -88,10 +91,10 @@ def peft_to_blob(
     head_kind: str | None,
     labels: list[str] | None = None,
     limits: Limits = Limits(),
-    serves: str | None = None,
+    serves: Collection[str] | None = None,
 ) -> tuple[bytes, Adapter, list[str]]:
     """Convert an uploaded PEFT folder to a validated ptserve blob: (blob, adapter, notes for the answer).
-    ``serves`` is the task the server serves (``decode_blob``)."""
+    ``serves``: the tasks the server serves (``decode_blob``)."""
     if len(weights_raw) > limits.max_bytes:
         raise PayloadTooLarge(f"{WEIGHTS_FILE} is {len(weights_raw)} bytes; at most {limits.max_bytes}")
     cfg = parse_peft_config(config_raw)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import math
 import struct
 from dataclasses import dataclass
+from typing import Collection
 
 import torch
 from safetensors.torch import load as st_load
@@ -102,17 +103,18 @@ def _tensor_entry(name: str, spec: object, body: int, what: str) -> TensorEntry:
 
 def check_config(
     config: AdapterConfig, server: BackboneFingerprint, head_kind: str | None, limits: Limits,
-    serves: str | None = None,
+    serves: Collection[str] | None = None,
 ) -> None:
     diffs = server.differences(config.backbone)
     if diffs:
         raise BackboneMismatch("adapter was made for another backbone: " + "; ".join(diffs))
-    if serves is not None and config.task != serves:
+    if serves is not None and config.task not in serves:
         # stored, it would answer 422 on every use: refuse it now, with the reason
+        tasks = sorted(serves)
         raise InvalidAdapter(
             f"a {config.task!r} adapter (PEFT task_type {PEFT_TASK_TYPE[config.task]}) cannot be served here: "
-            f"backbone {server.model_type!r} serves only {serves!r} adapters "
-            f"(PEFT task_type {PEFT_TASK_TYPE[serves]})"
+            f"backbone {server.model_type!r} serves only {' and '.join(map(repr, tasks))} adapters "
+            f"(PEFT task_type {', '.join(PEFT_TASK_TYPE[t] for t in tasks)})"
         )
     if not 1 <= config.num_virtual_tokens <= limits.max_virtual_tokens:
         raise InvalidAdapter(f"num_virtual_tokens={config.num_virtual_tokens}; allowed 1..{limits.max_virtual_tokens}")
@@ -133,7 +135,7 @@ def check_config(
         ):
             raise InvalidAdapter(f"labels must be unique non-empty strings of at most {MAX_LABEL_CHARS} chars")
     elif config.head is not None or config.labels:
-        raise InvalidAdapter("a generate adapter carries no head and no labels")
+        raise InvalidAdapter(f"an adapter of task {config.task!r} carries no head and no labels")
 
 
 def expected_shapes(config: AdapterConfig) -> dict[str, tuple[int, ...]]:
@@ -161,12 +163,12 @@ def check_finite(tensors: dict[str, torch.Tensor]) -> None:
 
 def decode_blob(
     data: bytes, server: BackboneFingerprint, head_kind: str | None, limits: Limits = Limits(),
-    serves: str | None = None,
+    serves: Collection[str] | None = None,
 ) -> Adapter:
     """Validate ``data`` against the loaded backbone and return the adapter; raise a 4xx error otherwise.
 
-    ``serves``: the one task the backbone serves ('classify' for encoders, 'generate' for decoders); an adapter
-    of the other task is refused. None (offline tools that only convert) accepts either."""
+    ``serves``: the tasks the backbone serves (encoders 'classify' and 'embed', decoders 'generate'); an adapter
+    of another task is refused. None (offline tools that only convert) accepts any."""
     if len(data) > limits.max_bytes:
         raise PayloadTooLarge(f"adapter is {len(data)} bytes; at most {limits.max_bytes} allowed")
     metadata, entries = read_header(data)

@@ -36,8 +36,7 @@ class AdapterService:
         self.store, self.engine, self.limits = store, engine, limits
         self.fp = engine.fp
         self.head_kind = engine.backbone.family.head_kind
-        # the one task this backbone serves: an upload of the other could never be used, so it is refused
-        self.serves = "generate" if engine.backbone.family.causal else "classify"
+        self.serves = engine.backbone.family.tasks  # an upload of another task could never be used: refused
         self.cache: AdapterCache[ResidentAdapter] = AdapterCache(cache_bytes, self._load)
         self._tasks: set[asyncio.Task] = set()
 
