@@ -14,6 +14,7 @@ from fastapi import APIRouter
 from ptserve.adapters_store.errors import AdapterNotFound, InvalidInput, WrongTask
 from ptserve.adapters_store.ids import AdapterId
 from ptserve.server.api.deps import Principal, ReadyDep, authorize, request_deadline
+from ptserve.server.api.json_body import JSONBodyRoute
 from ptserve.server.api.schemas import ErrorResponse
 from ptserve.server.api.schemas_embeddings import Embedding, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
 from ptserve.server.api.state import ServerState
@@ -22,7 +23,7 @@ from ptserve.server.engine import EMBEDDING, Row
 from ptserve.server.logs import note
 from ptserve.server.resident import ResidentAdapter
 
-router = APIRouter(tags=["openai"])
+router = APIRouter(tags=["openai"], route_class=JSONBodyRoute)
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429, 503, 504)}
 # Adapters whose prefix may embed: embed adapters, and classify adapters (their prefix applies, the head is unused).
 EMBEDDING_TASKS = ("embed", "classify")

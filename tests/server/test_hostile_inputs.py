@@ -70,6 +70,9 @@ ROUTES = {
                           "top_p": "float?", "n": "int?", "stream": "bool?", "stop": "text?|texts0",
                           "seed": "int?", "echo": "bool?", "best_of": "int?", "user": "text?"}),
     "tenant-keys": Route("encoder", "/v1/tenants/acme/keys", {"name": "ci"}, {"name": "text"}),
+    "embeddings": Route("encoder", "/v1/embeddings",
+                        {"model": "acme/clf", "input": ["good"], "encoding_format": "float", "truncate": False},
+                        {"model": "id", "input": "text|texts", "encoding_format": "enum", "truncate": "bool"}),
 }
 
 # refused by the JSON reader whatever the field: must be 4xx everywhere
@@ -93,6 +96,8 @@ WRONG = {  # kind -> {case: raw JSON}: values that kind never takes
     "int": {"null": "null", "str": '"abc"', "float": "1.5", "list": "[1]", "obj": "{}"},
     "float": {"null": "null", "str": '"abc"', "list": "[0.5]", "obj": "{}"},
 }
+WRONG["text|texts"] = {k: v for k, v in WRONG["texts"].items() if k != "str"}
+WRONG["enum"] = {"null": "null", "other": '"hex"', "int": "1", "list": '["float"]', "upper": '"FLOAT"'}
 WRONG["text?"] = {k: v for k, v in WRONG["text"].items() if k != "null"}
 WRONG["int?"] = {k: v for k, v in WRONG["int"].items() if k != "null"}
 WRONG["float?"] = {k: v for k, v in WRONG["float"].items() if k != "null"}
@@ -296,6 +301,8 @@ def test_hostile_input_is_refused_and_the_server_stays_healthy(servers, case):
     ("decoder", "/v1/completions", {"model": "acme/gen", "prompt": "x\ud800", "max_tokens": 2}),
     ("decoder", "/v1/completions", {"model": "acme/gen", "prompt": "x", "stop": "\ud800"}),
     ("encoder", "/v1/tenants/acme/keys", {"name": "\ud800"}),
+    ("encoder", "/v1/embeddings", {"model": "acme/clf", "input": "\ud800"}),
+    ("encoder", "/v1/embeddings", {"model": "minilm", "input": ["ok", "\udbff"]}),
 ])
 def test_a_lone_surrogate_is_refused_the_same_way_on_every_route(servers, target, path, body):
     """Finding 3: classify answered 500 (the tokenizer cannot encode it) where generate answered 422."""
