@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
@@ -45,11 +46,16 @@ class Settings(BaseSettings):
     # generation (decoder backbones)
     max_running: int = Field(32, ge=1, le=1024, description="Sequences decoding together (KV cache slots).")
     max_seq_tokens: int = Field(1024, ge=16, description="Prompt + generated tokens per sequence (KV cache columns).")
+    chat_template: str | None = Field(
+        None, description="Jinja chat template file for /v1/chat/completions (default: the tokenizer's own).",
+    )
 
     # limits
     max_adapter_bytes: int = Field(64 * 2**20, ge=1024, description="Largest adapter upload.")
     max_virtual_tokens: int = Field(256, ge=1, description="Largest prefix an adapter may carry.")
-    max_inputs_per_request: int = Field(256, ge=1, description="Texts per classify request.")
+    max_inputs_per_request: int = Field(
+        256, ge=1, description="Texts per classify request; choices (prompts x n) per completion request.",
+    )
     max_body_bytes: int = Field(1 * 2**20, ge=1024, description="Largest JSON request body.")
 
     # adapter cache
@@ -79,6 +85,15 @@ class Settings(BaseSettings):
     def _split_ids(cls, v):
         if isinstance(v, str):
             return [x.strip() for x in v.split(",") if x.strip()]
+        return v
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_file(cls, v: str | None) -> str | None:
+        if not v:
+            return None
+        if not Path(v).expanduser().is_file():
+            raise ValueError(f"chat template file {v!r} does not exist")
         return v
 
     @field_validator("store")

@@ -8,11 +8,12 @@ from dataclasses import dataclass
 
 import torch
 
-from ptserve.adapters_store.errors import InputTooLong
+from ptserve.adapters_store.errors import InputTooLong, InvalidInput
 from ptserve.adapters_store.format import Adapter
 from ptserve.server.backbone import Backbone
 from ptserve.server.generation.forward import decode_forward, decoder_forward, lm_logits
 from ptserve.server.generation.kv_cache import SlotKVCache
+from ptserve.server.generation.logprobs import TokenLogprob, log_probs, prompt_logprobs, score, temperature_of
 from ptserve.server.generation.sampling import sample_next
 from ptserve.server.generation.scheduler import Scheduler
 from ptserve.server.generation.sequence import SamplingParams, Sequence
@@ -25,6 +26,8 @@ class StepEvent:
     text: str  # newly released text (may be empty)
     token: int | None  # the token generated this step (None if the sequence was cancelled)
     done: bool
+    logprob: TokenLogprob | None = None  # the token's, when asked for and the token is part of the output
+    text_offset: int = 0  # characters of the output text before this token's
 
 
 @dataclass(frozen=True)
@@ -53,13 +56,26 @@ class GenerationEngine:
         return make_resident(adapter, adapter_id, version, self.fp, self.backbone.device, self.backbone.dtype)
 
     # --- admission ------------------------------------------------------------------------------------------
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        """A prompt's token ids (token-id prompts are checked against the vocabulary; ``InvalidInput``)."""
+        if isinstance(prompt, list):
+            vocab = self.backbone.model.get_input_embeddings().num_embeddings
+            if any(not 0 <= t < vocab for t in prompt):
+                raise InvalidInput(f"a prompt token id is outside the vocabulary [0, {vocab})")
+            ids = list(prompt)
+        else:
+            ids = self.backbone.tokenizer(prompt)["input_ids"]
+        return ids or [self.backbone.tokenizer.bos_token_id or next(iter(self.eos_ids))]
+
+    def room(self, adapter: ResidentAdapter) -> int:
+        """Prompt + generated tokens that fit in one row beside the adapter's prefix."""
+        return min(self.backbone.max_positions - adapter.num_virtual_tokens, self.cache.max_tokens)
+
     def new_sequence(self, adapter: ResidentAdapter, prompt: str | list[int], params: SamplingParams) -> Sequence:
         """Tokenise and check that prefix + prompt + max_new_tokens fit; ``InputTooLong`` otherwise."""
-        ids = list(prompt) if isinstance(prompt, list) else self.backbone.tokenizer(prompt)["input_ids"]
-        if not ids:
-            ids = [self.backbone.tokenizer.bos_token_id or next(iter(self.eos_ids))]
+        ids = self.tokenize(prompt)
         p, n, new = adapter.num_virtual_tokens, len(ids), params.max_new_tokens
-        room = min(self.backbone.max_positions - p, self.cache.max_tokens)
+        room = self.room(adapter)
         if p > self.cache.prefix_cap:
             raise InputTooLong(f"adapter has {p} virtual tokens; this server holds at most {self.cache.prefix_cap}")
         if n + new > room:
@@ -102,8 +118,11 @@ class GenerationEngine:
         )
         last = torch.tensor([len(s.prompt_ids) - 1 for s in seqs], device=hidden.device)
         logits = lm_logits(self.backbone, hidden[torch.arange(len(seqs), device=hidden.device), last])
-        for s in seqs:
+        for i, s in enumerate(seqs):
             s.cached = len(s.prompt_ids)
+            if s.params.prompt_logprobs is not None:
+                s.prompt_logprobs = prompt_logprobs(lambda a, b, h=hidden[i]: lm_logits(self.backbone, h[a:b]),
+                                                    s.prompt_ids, s.params.prompt_logprobs, s.params.temperature)
         return self._emit(seqs, logits)
 
     def _decode(self, seqs: list[Sequence]) -> list[StepEvent]:
@@ -116,11 +135,27 @@ class GenerationEngine:
         return self._emit(seqs, lm_logits(self.backbone, hidden))
 
     def _emit(self, seqs: list[Sequence], logits: torch.Tensor) -> list[StepEvent]:
+        """logits [B, vocab] float32: sample each row's token, score it when asked, append it."""
+        tokens = sample_next(logits, seqs)
+        scored = self._score(seqs, logits, tokens)
         events = []
-        for seq, token in zip(seqs, sample_next(logits, seqs)):
+        for seq, token in zip(seqs, tokens):
+            offset, before = len(seq.text), len(seq.output_ids)
             text = seq.append(token)
-            events.append(StepEvent(seq, text, token, seq.finish_reason is not None))
+            kept = scored.get(seq.id) if len(seq.output_ids) > before else None  # an EOS is not output
+            events.append(StepEvent(seq, text, token, seq.finish_reason is not None, kept, offset))
         return events
+
+    @staticmethod
+    def _score(seqs: list[Sequence], logits: torch.Tensor, tokens: list[int]) -> dict[int, TokenLogprob]:
+        """The chosen tokens' logprobs (and top-k) of the rows that asked, by sequence id."""
+        rows = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
+        if not rows:
+            return {}
+        temps = torch.tensor([temperature_of(seqs[i].params.temperature) for i in rows])
+        lp = log_probs(logits[rows], temps)
+        found = score(lp, [tokens[i] for i in rows], [seqs[i].params.logprobs for i in rows])
+        return {seqs[i].id: entry for i, entry in zip(rows, found)}
 
     def _leave(self, seq: Sequence) -> None:
         move = self.scheduler.remove(seq)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ptserve.server.generation.logprobs import TokenLogprob
 from ptserve.server.resident import ResidentAdapter
 
 _ids = itertools.count()
@@ -19,12 +20,14 @@ _ids = itertools.count()
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_new_tokens: int = 64
+    max_new_tokens: int = 64  # (the API resolves its "as many as fit", None, before a Sequence is made)
     temperature: float = 1.0  # 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # None = off; k = each generated token's logprob and its k most likely rivals
+    prompt_logprobs: int | None = None  # the same for every prompt token (OpenAI echo), computed at prefill
 
     @property
     def greedy(self) -> bool:
@@ -44,7 +47,9 @@ class Sequence:
     cached: int = 0  # tokens whose K/V are in this row's cache slot
     sent: int = 0  # characters of the output text already released
     finish_reason: str | None = None
+    matched_stop: str | None = None  # the stop string that ended the text, if one did
     text: str = ""
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt token, when params.prompt_logprobs
     cancelled: threading.Event = field(default_factory=threading.Event)
     _prefix_offset: int = 0  # output_ids[_prefix_offset:_read_offset] decode to the tail of ``text`` ...
     _read_offset: int = 0  # ... and output_ids[_read_offset:] are not in ``text`` yet
@@ -104,10 +109,11 @@ class Sequence:
     def _cut_at_stop(self, searched_before: int) -> bool:
         longest = max((len(stop) for stop in self.params.stop), default=0)
         start = max(0, searched_before - longest + 1)  # a stop string may straddle the old end
-        hits = [at for at in (self.text.find(stop, start) for stop in self.params.stop) if at != -1]
+        hits = [(at, stop) for stop in self.params.stop if (at := self.text.find(stop, start)) != -1]
         if not hits:
             return False
-        self.text, self.finish_reason = self.text[: min(hits)], "stop"
+        at, self.matched_stop = min(hits)
+        self.text, self.finish_reason = self.text[:at], "stop"
         return True
 
     def _release(self, final: bool) -> str:
