@@ -27,7 +27,9 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, princip
     cid, created, tok = f"chatcmpl-{secrets.token_hex(12)}", int(time.time()), state.backbone.tokenizer
     k = (req.top_logprobs or 0) if req.logprobs else None
     gen = Generation(req.model, 0, n=req.n or 1)
-    events = run_generation(state, principal, req.model, [prompt], choice_params(req, req.max_new_tokens, k), gen)
+    asked = req.max_new_tokens  # None: as many as fit (OpenAI's default), up to PTSERVE_MAX_NEW_TOKENS_LIMIT
+    params = choice_params(req, asked or state.settings.max_new_tokens_limit, k)
+    events = run_generation(state, principal, req.model, [prompt], params, gen, fill=asked is None)
 
     def logprobs(scored) -> dict | None:
         return chat_logprobs(tok, scored) if k is not None else None

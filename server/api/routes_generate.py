@@ -51,17 +51,17 @@ class Generation:
 
 async def run_generation(
     state: ServerState, principal, adapter: str, prompts: list[str | list[int]], params: list[SamplingParams],
-    gen: Generation,
+    gen: Generation, fill: bool = False,
 ) -> AsyncIterator[StepEvent]:
-    """Events of every choice of one request: ``params[k]`` for choice ``k`` of ``prompts[k // gen.n]``; a
-    ``max_new_tokens=None`` means as many as fit beside the prompt (up to ``PTSERVE_MAX_NEW_TOKENS_LIMIT``)."""
+    """Events of every choice of one request: ``params[k]`` for choice ``k`` of ``prompts[k // gen.n]``. With
+    ``fill``, ``max_new_tokens`` is only a bound: each choice gets as many as fit beside its prompt and prefix."""
     runner = state.generator
     if runner is None:
         raise WrongTask(f"backbone {state.settings.backbone!r} is an encoder: it serves /v1/classify, not generation")
     limit, most = state.settings.max_new_tokens_limit, state.settings.max_inputs_per_request
     if len(params) > most:
         raise InvalidInput(f"{len(params)} choices (prompts x n); at most {most} per request")
-    asked = max((p.max_new_tokens for p in params if p.max_new_tokens is not None), default=0)
+    asked = max((p.max_new_tokens for p in params), default=0)
     if asked > limit:
         raise InvalidInput(f"max_new_tokens={asked}; at most {limit}")
     if runner.waiting + len(params) > state.settings.max_queue_rows:
@@ -76,8 +76,8 @@ async def run_generation(
             for i, prompt in enumerate(prompts):
                 ids = engine.tokenize(prompt)
                 for p in params[i * gen.n: (i + 1) * gen.n]:
-                    if p.max_new_tokens is None:  # until the row is full
-                        p = replace(p, max_new_tokens=max(1, min(limit, engine.room(resident) - len(ids))))
+                    if fill:  # as many as fit (one at least: a prompt with no room left is refused as too long)
+                        p = replace(p, max_new_tokens=max(1, min(p.max_new_tokens, engine.room(resident) - len(ids))))
                     gen.seqs.append(engine.new_sequence(resident, ids, p))
                 state.metrics.prompt_tokens.inc(len(ids))
             async for event in _observed(state, runner.generate(gen.seqs)):

@@ -28,7 +28,7 @@ router = APIRouter(tags=["openai"])
 STREAM_RESPONSES = {**ERRORS, 200: {"content": {"text/event-stream": {}}}}
 
 
-def choice_params(req, max_new_tokens: int | None, logprobs: int | None, prompt_logprobs: int | None = None,
+def choice_params(req, max_new_tokens: int, logprobs: int | None, prompt_logprobs: int | None = None,
                   ) -> list[SamplingParams]:
     """One ``SamplingParams`` per choice of one prompt (the seeds differ, see ``choice_seed``)."""
     return [SamplingParams(

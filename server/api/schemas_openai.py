@@ -148,9 +148,9 @@ class ChatMessage(_Strict):
     @classmethod
     def _text_parts_only(cls, v):
         if isinstance(v, list):
-            kinds = {p.get("type") for p in v if isinstance(p, dict)} - {"text"}
+            kinds = sorted({str(p.get("type")) for p in v if isinstance(p, dict) and p.get("type") != "text"})
             if kinds:
-                raise ValueError(f"content parts of type {sorted(map(str, kinds))} are not supported: text only")
+                raise ValueError(f"content parts of type {kinds} are not supported: text only")
         return v
 
     def for_template(self) -> dict:

@@ -20,7 +20,7 @@ _ids = itertools.count()
 
 @dataclass(frozen=True)
 class SamplingParams:
-    max_new_tokens: int = 64  # (the API resolves its "as many as fit", None, before a Sequence is made)
+    max_new_tokens: int = 64
     temperature: float = 1.0  # 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0  # 1 = off
