@@ -2,8 +2,9 @@
 unchanged (``base_url=http://host:port/v1``). Prompt lists and ``n`` make several choices, generated together in
 the continuous batch; ``logprobs``, ``echo`` and ``stream_options.include_usage`` follow OpenAI's format.
 
-``answer`` and ``stream_sse`` are shared with ``/v1/chat/completions``: they turn a request's events into a plain
-answer or server-sent chunks, each route giving only its own chunk format.
+``choice_params`` and ``stream_sse`` are shared with ``/v1/chat/completions``: the sampling settings of a
+prompt's choices, and the loop that turns a request's events into server-sent chunks (each route gives only its
+own chunk format); plain answers come from ``openai_choices.collect``.
 """
 from __future__ import annotations
 
