@@ -18,7 +18,7 @@ BACKBONE_OWNER = "ptserve"
 @router.get("/v1/models", response_model=ModelList, responses=ERRORS)
 async def models(principal: Principal, state: ReadyDep) -> ModelList:
     """The models this caller may name: a tenant key sees its own tenant's adapters (and the bare backbone)."""
-    backbone = state.settings.backbone
+    backbone = state.backbone.name  # what the server was started with (e.g. "minilm"), as /v1/embeddings names it
     kind = backbone_kind(state.backbone.family.causal)
     tasks = served_tasks(kind)
     cards = []
