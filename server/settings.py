@@ -46,6 +46,10 @@ class Settings(BaseSettings):
     # generation (decoder backbones)
     max_running: int = Field(32, ge=1, le=1024, description="Sequences decoding together (KV cache slots).")
     max_seq_tokens: int = Field(1024, ge=16, description="Prompt + generated tokens per sequence (KV cache columns).")
+    admission: Literal["fair", "fifo"] = Field(
+        "fair", description="Who takes a free KV cache slot: fair = the oldest request of the least-served tenant, "
+        "fifo = the oldest request."
+    )
     chat_template: str | None = Field(
         None, description="Jinja chat template file for /v1/chat/completions (default: the tokenizer's own).",
     )

@@ -21,6 +21,7 @@ from ptserve.server.chat_template import ChatTemplate
 from ptserve.server.engine import Engine
 from ptserve.server.generation.engine import GenerationEngine, GenerationLimits
 from ptserve.server.generation.runner import GenerationRunner
+from ptserve.server.generation.scheduler import ADMISSION_POLICIES
 from ptserve.server.limits import TenantLimiter
 from ptserve.server.metrics import Metrics
 from ptserve.server.settings import Settings
@@ -75,7 +76,9 @@ class ServerState:
                 torch.set_num_threads(s.threads)
             self.backbone = await asyncio.to_thread(load_backbone, s.backbone, s.device, s.dtype, s.allow_download)
             causal = self.backbone.family.causal
-            self.engine = GenerationEngine(self.backbone, generation_limits(s)) if causal else Engine(self.backbone)
+            admission = ADMISSION_POLICIES[s.admission]()
+            self.engine = GenerationEngine(self.backbone, generation_limits(s), admission) if causal \
+                else Engine(self.backbone)
             self.store = open_store(s.store)
             limits = Limits(max_bytes=s.max_adapter_bytes, max_virtual_tokens=s.max_virtual_tokens)
             self.adapters = AdapterService(self.store, self.engine, s.cache_bytes, limits)
