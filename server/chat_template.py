@@ -11,12 +11,8 @@ from pathlib import Path
 
 import jinja2
 
-from ptserve.adapters_store.errors import InvalidInput
+from ptserve.client.wire.errors import InvalidInput, NoChatTemplate
 from ptserve.server import hf_compat
-
-
-class NoChatTemplate(InvalidInput):
-    type = "no_chat_template"
 
 
 class ChatTemplate:
