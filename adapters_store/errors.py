@@ -15,6 +15,8 @@ from ptserve.client.wire.errors import (  # noqa: F401
     InvalidAdapter,
     InvalidAdapterId,
     InvalidInput,
+    GenerationFailed,
+    NonFiniteLogits,
     PayloadTooLarge,
     PtserveError,
     StoreUnavailable,

@@ -279,6 +279,20 @@ class WrongTask(InvalidInput):
     type = "wrong_task"
 
 
+class NonFiniteLogits(InvalidInput):
+    """A generation's logits overflowed (e.g. an adapter whose finite but huge prefix values overflow the
+    backbone's arithmetic): that sequence stops; the others in its batch carry on."""
+
+    type = "non_finite_logits"
+
+
+class ClientDisconnected(APIError):
+    """499: the client went away before its answer was ready and its generation was cancelled. Nobody receives
+    it; it keeps a client's disconnect out of the 5xx counts (nginx's "client closed request")."""
+
+    status, type = 499, "client_closed_request"
+
+
 class NoChatTemplate(InvalidInput):
     """A chat request to a decoder with no chat template (neither the tokenizer's nor PTSERVE_CHAT_TEMPLATE)."""
 
@@ -310,6 +324,12 @@ class InternalError(InternalServerError):
     """An unexpected failure inside the server (its log has the traceback)."""
 
     type = "internal_error"
+
+
+class GenerationFailed(InternalServerError):
+    """Computing one generation failed for a reason of the server's own; the others in its batch carry on."""
+
+    type = "generation_failed"
 
 
 class IntegrityError(InternalServerError):

@@ -56,9 +56,7 @@ async def chat_completions(req: ChatCompletionRequest, request: Request, princip
 
         usage = (lambda: chunk([], usage=gen.usage.model_dump())) if req.include_usage else None
         return stream_sse(first, events, gen, on_delta, usage)
-    collected = await until_disconnect(request, events)
-    if not gen.seqs or any(s.finish_reason is None for s in gen.seqs):
-        return None  # the client went away
+    collected = await until_disconnect(request, events)  # ClientDisconnected (499) if the client went away
     choices = [{"index": r.index, "message": {"role": "assistant", "content": r.text},
                 "logprobs": logprobs(r.scored), "finish_reason": r.finish_reason} for r in collect(gen, collected)]
     return {"id": cid, "object": "chat.completion", "created": created, "model": gen.adapter_id,

@@ -20,7 +20,9 @@ from ptserve.server.api.deps import Principal, ReadyDep
 from ptserve.server.api.openai_choices import (
     ChoiceDelta, ChoiceTracker, Scored, choice_seed, collect, completion_logprobs, prompt_scored,
 )
-from ptserve.server.api.routes_generate import ERRORS, SSE_HEADERS, Generation, _first, run_generation, until_disconnect
+from ptserve.server.api.routes_generate import (
+    ERRORS, SSE_HEADERS, Generation, _first, run_generation, sse_error, until_disconnect,
+)
 from ptserve.server.api.schemas_openai import Completion, CompletionRequest
 from ptserve.server.generation.engine import StepEvent
 from ptserve.server.generation.sequence import SamplingParams
@@ -79,9 +81,7 @@ async def completions(req: CompletionRequest, request: Request, principal: Princ
 
         usage = (lambda: body([], usage=gen.usage.model_dump())) if req.include_usage else None
         return stream_sse(first, events, gen, on_delta, usage)
-    collected = await until_disconnect(request, events)
-    if not gen.seqs or any(s.finish_reason is None for s in gen.seqs):
-        return None  # the client went away
+    collected = await until_disconnect(request, events)  # ClientDisconnected (499) if the client went away
     choices = []
     for r in collect(gen, collected):
         text, scored = echoed(r.index)
@@ -113,6 +113,8 @@ def stream_sse(
             if usage_chunk is not None:
                 yield _sse(usage_chunk())
             yield "data: [DONE]\n\n"
+        except Exception as exc:  # a failure after the first chunk: one error event (the openai client raises it)
+            yield sse_error(exc)
         finally:
             await events.aclose()
 

@@ -10,7 +10,7 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from ptserve.server.api.schemas_generate import GenerateUsage, _check_stops
+from ptserve.server.api.schemas_generate import TEMPERATURE_HELP, TOP_P_HELP, GenerateUsage, _check_stops
 
 MAX_PROMPT_CHARS, MAX_TOP_LOGPROBS, MAX_N = 100_000, 20, 128
 ADAPTER_EXAMPLE = "acme/support-bot"
@@ -45,8 +45,8 @@ class _Sampling(_Strict):
     """Fields both OpenAI generation routes share."""
 
     model: str = Field(..., description="Adapter id, 'tenant/name'.", examples=[ADAPTER_EXAMPLE])
-    temperature: float | None = Field(1.0, ge=0, le=2, description="0 = greedy.")
-    top_p: float | None = Field(1.0, gt=0, le=1)
+    temperature: float | None = Field(1.0, ge=0, le=2, description=TEMPERATURE_HELP)
+    top_p: float | None = Field(1.0, gt=0, le=1, description=TOP_P_HELP)
     n: int | None = Field(1, ge=1, le=MAX_N, description="Choices per prompt.")
     stream: bool | None = False
     stream_options: StreamOptions | None = None

@@ -47,8 +47,9 @@ def decode_forward(
     last_tokens: list[int],  # B: each running row's newest token (not yet in the cache)
     cached: list[int],  # B: tokens already in each row's slot = the token column to write next
     prefix_lens: list[int],  # B
+    first_slot: int = 0,  # the rows own slots [first_slot, first_slot + B)
 ) -> torch.Tensor:
-    """Hidden state [B, hidden] of one new token per running row (rows own slots [0, B))."""
+    """Hidden state [B, hidden] of one new token per running row."""
     dev, b = bb.device, len(last_tokens)
     p_max, t_end = max(prefix_lens), max(cached) + 1
     cached_t, p_lens = torch.tensor(cached), torch.tensor(prefix_lens)
@@ -57,7 +58,7 @@ def decode_forward(
     mask = torch.cat([prefix_ok, token_ok], dim=1)[:, None, None, :].to(dev)  # [B, 1, 1, P_max + T_end]
     cap = cache.prefix_cap
     ctx = CacheContext(
-        cache=cache, slots=slice(0, b), write_pos=cached_t[:, None].to(dev),
+        cache=cache, slots=slice(first_slot, first_slot + b), write_pos=cached_t[:, None].to(dev),
         window=slice(cap - p_max, cap + t_end), mask=mask,
     )
     base, _ = decoder_parts(bb.model)

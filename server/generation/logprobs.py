@@ -2,8 +2,9 @@
 step that chose it, and of each prompt token given the tokens before it (OpenAI ``echo`` + ``logprobs``).
 
 The distribution is the one the engine samples from, *after temperature* (OpenAI's definition) and before any
-top-k / top-p cut: ``log_softmax(logits / T)`` in float32, with ``T`` the request's temperature, or ``T = 1`` for
-greedy requests (``temperature = 0``, where there is nothing to divide by). A value too small for float32
+top-k / top-p cut: ``log_softmax(logits / T)`` in float32, with ``T`` the temperature sampling uses (the request's,
+raised to ``sampling.MIN_TEMPERATURE`` when below it), or ``T = 1`` for greedy requests (``temperature = 0``, where
+there is nothing to divide by). A value too small for float32
 (``-inf``) is reported as ``LOGPROB_FLOOR`` so that answers stay valid JSON.
 """
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+
+from ptserve.server.generation.sampling import MIN_TEMPERATURE
 
 LOGPROB_FLOOR = -9999.0  # what -inf is reported as (vLLM reports the same)
 PROMPT_CHUNK = 64  # prompt positions scored per LM-head call: bounds the [chunk, vocab] float32 buffer
@@ -24,8 +27,8 @@ class TokenLogprob:
 
 
 def temperature_of(temperature: float) -> float:
-    """The temperature a request's logprobs are computed at: its own, or 1 for greedy."""
-    return temperature if temperature > 0 else 1.0
+    """The temperature a request's logprobs are computed at: the one it samples at, or 1 for greedy."""
+    return max(temperature, MIN_TEMPERATURE) if temperature > 0 else 1.0
 
 
 def log_probs(logits: torch.Tensor, temperatures: torch.Tensor) -> torch.Tensor:

@@ -191,7 +191,7 @@ def test_bad_completion_bodies_answer_422_naming_the_field(server, body, needle)
 
 
 @pytest.mark.parametrize("body,kind,needle", [
-    ({"prompt": [[5, 10 ** 6]]}, "invalid_input", "vocabulary"),
+    ({"prompt": [[5, 10 ** 6]]}, "invalid_input", "token ids"),
     ({"prompt": PROMPTS * 2, "n": 3}, "invalid_input", f"at most {MAX_CHOICES}"),
     ({"prompt": "hello " * 300}, "input_too_long", "tokens"),
 ])

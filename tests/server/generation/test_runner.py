@@ -1,36 +1,85 @@
-"""``GenerationRunner.generate`` with several sequences (one OpenAI request's choices): they reach the engine
-together and join the same step, their events arrive interleaved on one stream, and leaving early frees them all."""
+"""The generation runner (engine thread + per-request event delivery) on a tiny GPT-2: a sequence's failure
+reaches its own caller as its own error while the others stream on, a caller whose event loop died cannot stop
+the engine thread for everyone else, and one request's several sequences join one step and leave together."""
 from __future__ import annotations
 
 import asyncio
 
 import pytest
 
+from ptserve.adapters_store.errors import NonFiniteLogits
 from ptserve.server.backbone import load_backbone
 from ptserve.server.generation.engine import GenerationEngine, GenerationLimits
 from ptserve.server.generation.runner import GenerationRunner
 from ptserve.server.generation.sequence import SamplingParams
 from tests.factories import make_adapter, save_tiny_decoder
 
+GREEDY = SamplingParams(max_new_tokens=12, temperature=0)
+
 
 @pytest.fixture(scope="module")
-def engine_parts(tmp_path_factory):
-    bb = load_backbone(str(save_tiny_decoder("qwen2", tmp_path_factory.mktemp("qwen2"))), device="cpu",
+def gpt2(tmp_path_factory):
+    bb = load_backbone(str(save_tiny_decoder("gpt2", tmp_path_factory.mktemp("gpt2"))), device="cpu",
                        dtype="float32")
-    return bb, make_adapter(bb.fingerprint, 4, seed=4, task="generate")
+    return bb, make_adapter(bb.fingerprint, 4, seed=4, task="generate"), \
+        make_adapter(bb.fingerprint, 8, seed=1, task="generate", scale=1e30)
 
 
-def _runner(engine_parts, reports):
-    bb, adapter = engine_parts
-    engine = GenerationEngine(bb, GenerationLimits(max_running=4, max_seq_tokens=64))
+@pytest.fixture
+def runner(gpt2):
+    bb, _, _ = gpt2
+    engine = GenerationEngine(bb, GenerationLimits(max_running=4, max_seq_tokens=64, prefix_cap=16))
     engine.eos_ids = frozenset()
-    runner = GenerationRunner(engine, on_step=reports.append)
-    return runner, engine.make_resident(adapter, "t/a", 1)
+    r = GenerationRunner(engine)
+    r.start()
+    yield r
+    r.stop()
 
 
-def test_a_requests_sequences_join_one_step_and_stream_together(engine_parts):
+def _seq(runner, adapter, tenant: str, prompt: str = "hello world"):
+    engine = runner.engine
+    return engine.new_sequence(engine.make_resident(adapter, f"{tenant}/x", 1), prompt, GREEDY)
+
+
+async def _tokens(runner, seq) -> list[int]:
+    return [ev.token async for ev in runner.generate(seq) if ev.token is not None]
+
+
+async def test_a_failing_sequence_raises_in_its_own_caller_only(runner, gpt2):
+    _, good, huge = gpt2
+    alone = await _tokens(runner, _seq(runner, good, "bravo"))
+    results = await asyncio.gather(_tokens(runner, _seq(runner, good, "bravo")),
+                                   _tokens(runner, _seq(runner, huge, "alpha")),
+                                   _tokens(runner, _seq(runner, good, "charlie")), return_exceptions=True)
+    assert results[0] == results[2] == alone and len(alone) == 12
+    assert isinstance(results[1], NonFiniteLogits)
+
+
+def test_a_caller_whose_event_loop_is_gone_does_not_stop_the_engine(runner, gpt2):
+    _, good, _ = gpt2
+    dead = asyncio.new_event_loop()
+    events = runner.generate(_seq(runner, good, "alpha", "the lazy dog"))
+    assert dead.run_until_complete(events.__anext__()).token is not None  # it is running
+    dead.close()  # gone without closing its stream: the engine's next delivery to it finds a closed loop
+
+    async def later():
+        return await asyncio.wait_for(_tokens(runner, _seq(runner, good, "bravo")), timeout=60)
+
+    assert len(asyncio.run(later())) == 12
+    assert runner.running == 0
+
+
+# --- one request's several sequences (OpenAI n / prompt lists) --------------------------------------------------
+def _choices_runner(gpt2, reports):
+    bb, good, _ = gpt2
+    engine = GenerationEngine(bb, GenerationLimits(max_running=4, max_seq_tokens=64, prefix_cap=16))
+    engine.eos_ids = frozenset()
+    return GenerationRunner(engine, on_step=reports.append), engine.make_resident(good, "t/a", 1)
+
+
+def test_a_requests_sequences_join_one_step_and_stream_together(gpt2):
     reports = []
-    runner, resident = _runner(engine_parts, reports)
+    runner, resident = _choices_runner(gpt2, reports)
     seqs = [runner.engine.new_sequence(resident, "hello world", SamplingParams(max_new_tokens=n, temperature=0))
             for n in (3, 5, 4)]
 
@@ -49,8 +98,8 @@ def test_a_requests_sequences_join_one_step_and_stream_together(engine_parts):
     assert runner.waiting == 0 and runner.running == 0
 
 
-def test_leaving_early_cancels_every_sequence_of_the_request(engine_parts):
-    runner, resident = _runner(engine_parts, [])
+def test_leaving_early_cancels_every_sequence_of_the_request(gpt2):
+    runner, resident = _choices_runner(gpt2, [])
     seqs = [runner.engine.new_sequence(resident, "the fox", SamplingParams(max_new_tokens=40, temperature=0))
             for _ in range(2)]
 
@@ -59,7 +108,7 @@ def test_leaving_early_cancels_every_sequence_of_the_request(engine_parts):
         await anext(events)
         await events.aclose()  # the caller goes away after its first event
         assert all(s.cancelled.is_set() for s in seqs)
-        for _ in range(200):  # the engine frees the rows at its next step (events go to this loop, still open)
+        for _ in range(200):  # the engine frees the rows at its next step
             if runner.running == 0:
                 return
             await asyncio.sleep(0.01)
