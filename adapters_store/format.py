@@ -3,7 +3,8 @@
 Tensors
     ``prompt_embeddings``  [P, layers * 2 * kv_heads * head_dim]  PEFT's flat layout: slot 2l = key of layer l,
                            slot 2l+1 = value of layer l.
-    ``classifier.*``       the head of a ``classify`` adapter (``ptserve.adapters_store.heads``).
+    ``classifier.*``       the head of a ``classify`` adapter (``ptserve.adapters_store.heads``); ``generate`` and
+                           ``embed`` adapters carry none.
 Metadata
     ``__metadata__["ptserve"]`` = JSON of ``AdapterConfig`` (task, labels, head kind, backbone fingerprint,
     format version, and the PEFT fields needed to write the adapter back out as a PEFT folder).
@@ -21,18 +22,18 @@ from ptserve.adapters_store.fingerprint import BackboneFingerprint
 
 FORMAT = "ptserve.adapter"
 FORMAT_VERSION = 1
-TASKS = ("classify", "generate")
-PEFT_TASK_TYPE = {"classify": "SEQ_CLS", "generate": "CAUSAL_LM"}
+TASKS = ("classify", "generate", "embed")
+PEFT_TASK_TYPE = {"classify": "SEQ_CLS", "generate": "CAUSAL_LM", "embed": "FEATURE_EXTRACTION"}
 PREFIX_KEY = "prompt_embeddings"
 
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    task: str  # "classify" | "generate"
+    task: str  # "classify" | "generate" | "embed" (TASKS)
     num_virtual_tokens: int
     backbone: BackboneFingerprint
     labels: tuple[str, ...] = ()
-    head: str | None = None  # head kind for "classify" (ptserve.adapters_store.heads), None for "generate"
+    head: str | None = None  # head kind for "classify" (ptserve.adapters_store.heads), None otherwise
     base_model_name_or_path: str = ""
     format_version: int = FORMAT_VERSION
 

@@ -2,6 +2,8 @@
 
 A PEFT folder is ``adapter_config.json`` + ``adapter_model.safetensors`` holding ``prompt_embeddings``
 [P, layers * 2 * kv_heads * head_dim] and, for ``SEQ_CLS``, the head saved as ``base_model.classifier.*``.
+Task types map to ptserve tasks: ``SEQ_CLS`` -> classify, ``CAUSAL_LM`` -> generate, ``FEATURE_EXTRACTION`` ->
+embed (a prefix only: the embedding is the mean-pooled hidden state under it).
 PEFT records no backbone fingerprint: a folder is accepted when its geometry fits the loaded backbone,
 whatever its ``base_model_name_or_path`` says (DESIGN decision 4); a differing name becomes a note.
 """
@@ -15,7 +17,7 @@ from safetensors.torch import save as st_save
 
 from ptserve.adapters_store.errors import BackboneMismatch, InvalidAdapter, PayloadTooLarge
 from ptserve.adapters_store.fingerprint import BackboneFingerprint
-from ptserve.adapters_store.format import PREFIX_KEY, Adapter, AdapterConfig, encode_blob
+from ptserve.adapters_store.format import PEFT_TASK_TYPE, PREFIX_KEY, Adapter, AdapterConfig, encode_blob
 from ptserve.client.wire import LABELS_FILE
 from ptserve.client.wire import PEFT_CONFIG_FILE as CONFIG_FILE
 from ptserve.client.wire import PEFT_WEIGHTS_FILE as WEIGHTS_FILE
@@ -23,7 +25,7 @@ from ptserve.adapters_store.validation import Limits, check_finite, decode_blob,
 
 
 MAX_CONFIG_BYTES = 64 << 10
-_TASKS = {"SEQ_CLS": "classify", "CAUSAL_LM": "generate"}
+_TASKS = {peft: task for task, peft in PEFT_TASK_TYPE.items()}  # SEQ_CLS, CAUSAL_LM, FEATURE_EXTRACTION
 _PEFT_HEAD_PREFIXES = ("base_model.model.", "base_model.")
 
 

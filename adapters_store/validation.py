@@ -98,7 +98,7 @@ def check_config(config: AdapterConfig, server: BackboneFingerprint, head_kind: 
         ):
             raise InvalidAdapter(f"labels must be unique non-empty strings of at most {MAX_LABEL_CHARS} chars")
     elif config.head is not None or config.labels:
-        raise InvalidAdapter("a generate adapter carries no head and no labels")
+        raise InvalidAdapter(f"an adapter of task {config.task!r} carries no head and no labels")
 
 
 def expected_shapes(config: AdapterConfig) -> dict[str, tuple[int, ...]]:

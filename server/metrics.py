@@ -71,6 +71,12 @@ class Metrics:
             "ptserve_generation_batch_size", "Sequences running after an engine step.", buckets=BATCH_BUCKETS,
             registry=r,
         )
+        # embeddings (encoder backbones)
+        self.embedding_inputs = Counter("ptserve_embedding_inputs", "Texts embedded by /v1/embeddings.", registry=r)
+        self.embedding_tokens = Counter(
+            "ptserve_embedding_tokens", "Input tokens of /v1/embeddings requests (their usage.prompt_tokens).",
+            registry=r,
+        )
         self.rejections = Counter(
             "ptserve_requests_rejected", "Requests refused (overload, deadline, draining, auth) by reason.", ["reason"],
             registry=r,
@@ -108,6 +114,10 @@ class Metrics:
         if stats is not None and stats.real_tokens:
             self.batch_tokens.observe(stats.computed_tokens)
             self.padding_ratio.observe(stats.computed_tokens / stats.real_tokens)
+
+    def observe_embeddings(self, inputs: int, tokens: int) -> None:
+        self.embedding_inputs.inc(inputs)
+        self.embedding_tokens.inc(tokens)
 
     def watch_cache(self, cache: AdapterCache) -> None:
         self.registry.register(_CacheCollector(cache))

@@ -274,7 +274,8 @@ class InputTooLong(InvalidInput):
 
 
 class WrongTask(InvalidInput):
-    """An adapter of the other task (a generation adapter asked to classify, ...)."""
+    """An adapter of another task (a generation adapter asked to classify or embed, an embed adapter asked to
+    classify, ...), or a backbone that does not serve the endpoint (embeddings on a decoder)."""
 
     type = "wrong_task"
 

@@ -26,7 +26,8 @@ async def classify(req: ClassifyRequest, principal: Principal, state: ReadyDep) 
         state.batcher.check_room(adapter_id.tenant, len(req.inputs))  # refuse before loading or tokenising
         async with state.adapters.lease(adapter_id) as adapter:
             if adapter.config.task != "classify":
-                raise WrongTask(f"adapter {req.adapter} is a {adapter.config.task!r} adapter; use /v1/generate")
+                route = {"embed": "/v1/embeddings"}.get(adapter.config.task, "/v1/generate")
+                raise WrongTask(f"adapter {req.adapter} is a {adapter.config.task!r} adapter; use {route}")
             token_ids = state.engine.tokenize(req.inputs, adapter.num_virtual_tokens, req.truncate)
             rows = [Row(adapter, ids) for ids in token_ids]
             logits = await state.batcher.submit(rows, [r.length for r in rows], adapter_id.tenant, deadline)

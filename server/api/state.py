@@ -37,7 +37,7 @@ class ServerState:
     engine: Engine | None = None
     store: AdapterStore | None = None
     adapters: AdapterService | None = None
-    batcher: Batcher | None = None  # encoder backbones: classification passes
+    batcher: Batcher | None = None  # encoder backbones: passes of classification and embedding rows
     generator: GenerationRunner | None = None  # decoder backbones: continuous batching on its own thread
     chat: ChatTemplate | None = None  # decoder backbones: renders chat messages to prompts
     load_error: str | None = None
@@ -94,7 +94,7 @@ class ServerState:
                     overhead_tokens=s.batch_overhead_tokens,
                 )
                 self.batcher = Batcher(
-                    self.engine.classify, policy, s.max_wait_ms, on_pass=self.metrics.observe_pass,
+                    self.engine.run, policy, s.max_wait_ms, on_pass=self.metrics.observe_pass,
                     max_queue_rows=s.max_queue_rows, max_queue_rows_per_tenant=s.max_queue_rows_per_tenant,
                 )
                 self.batcher.start()
