@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -16,6 +17,7 @@ from ptserve.server.backbone import Backbone, load_backbone
 from ptserve.server.batch_plan import BatchPolicy
 from ptserve.server.auth import Authenticator
 from ptserve.server.batcher import Batcher
+from ptserve.server.chat_template import ChatTemplate
 from ptserve.server.engine import Engine
 from ptserve.server.generation.engine import GenerationEngine, GenerationLimits
 from ptserve.server.generation.runner import GenerationRunner
@@ -37,12 +39,14 @@ class ServerState:
     adapters: AdapterService | None = None
     batcher: Batcher | None = None  # encoder backbones: passes of classification and embedding rows
     generator: GenerationRunner | None = None  # decoder backbones: continuous batching on its own thread
+    chat: ChatTemplate | None = None  # decoder backbones: renders chat messages to prompts
     load_error: str | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     watcher: asyncio.Task | None = None
     keys: KeyStore | None = None
     auth: Authenticator | None = None
     limiter: TenantLimiter | None = None
+    started_at: float = field(default_factory=time.time)  # the bare backbone's `created` in /v1/models
     draining: bool = False  # SIGTERM received: /readyz 503, new requests 503, in-flight ones finish
     inflight: int = 0  # requests inside the app (operations endpoints excluded)
 
@@ -80,6 +84,7 @@ class ServerState:
             self.adapters = AdapterService(self.store, self.engine, s.cache_bytes, limits)
             self.metrics.watch_cache(self.adapters.cache)
             if causal:
+                self.chat = ChatTemplate(self.backbone.tokenizer, s.backbone, s.chat_template)
                 self.generator = GenerationRunner(self.engine, on_step=self.metrics.observe_step)
                 self.generator.start()
                 self.metrics.watch_generation(self.generator)
