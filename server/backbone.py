@@ -15,6 +15,7 @@ from ptserve.adapters_store.fingerprint import BackboneFingerprint, fingerprint_
 from ptserve.adapters_store.heads import head_kind_for
 from ptserve.server import hf_compat
 from ptserve.server.prefix_attention import ATTENTION_NAME
+from ptserve.server.tasks import backbone_kind, served_tasks
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,9 @@ class Family:
 
     @property
     def tasks(self) -> frozenset[str]:
-        """The adapter tasks this family serves: an upload of another is refused (it could never be used)."""
-        return frozenset({"generate"}) if self.causal else frozenset({"classify", "embed"})
+        """The adapter tasks this family serves (``ptserve.server.tasks``, the one table): an upload of another is
+        refused (it could never be used), and ``/v1/models`` lists these."""
+        return served_tasks(backbone_kind(self.causal))
 
 
 def family_for(config: dict) -> Family:

@@ -1,5 +1,5 @@
-"""Which adapter tasks a backbone serves, decided by its kind (decoder or encoder) in this one table; the model
-listing asks it, and so can any route that must refuse an adapter of another task."""
+"""Which adapter tasks a backbone serves, decided by its kind (decoder or encoder) in this one table: uploads of
+another task are refused (``Family.tasks``), and ``/v1/models`` lists the adapters of these tasks."""
 from __future__ import annotations
 
 from typing import Literal
