@@ -11,12 +11,13 @@ import torch
 from ptserve.adapters_store.errors import InputTooLong
 from ptserve.adapters_store.format import Adapter
 from ptserve.server.backbone import Backbone
-from ptserve.server.generation.forward import decode_forward, decoder_forward, lm_logits
+from ptserve.server.generation.forward import FloatLMHead, decode_forward, decoder_forward
 from ptserve.server.generation.kv_cache import SlotKVCache
 from ptserve.server.generation.sampling import sample_next
 from ptserve.server.generation.scheduler import Scheduler
 from ptserve.server.generation.sequence import SamplingParams, Sequence
 from ptserve.server.resident import ResidentAdapter, gather_prefixes, make_resident
+from ptserve.server.transfer import to_device
 
 
 @dataclass(frozen=True)
@@ -44,6 +45,7 @@ class GenerationEngine:
             min(limits.prefix_cap, backbone.max_positions - 1), max_tokens, backbone.device, backbone.dtype,
         )
         self.scheduler = Scheduler(limits.max_running, limits.max_batch_tokens)
+        self.lm_head = FloatLMHead(backbone)  # logits in float32 whatever the backbone's dtype
         tok = backbone.tokenizer
         eos = getattr(getattr(backbone.model, "generation_config", None), "eos_token_id", None)
         eos = eos if isinstance(eos, list) else [eos]
@@ -100,8 +102,8 @@ class GenerationEngine:
             self.backbone, [s.prompt_ids for s in seqs], kv, [s.prefix_len for s in seqs],
             cache=self.cache, slots=slice(first_slot, first_slot + len(seqs)),
         )
-        last = torch.tensor([len(s.prompt_ids) - 1 for s in seqs], device=hidden.device)
-        logits = lm_logits(self.backbone, hidden[torch.arange(len(seqs), device=hidden.device), last])
+        last = to_device(torch.tensor([len(s.prompt_ids) - 1 for s in seqs]), hidden.device)
+        logits = self.lm_head(hidden[torch.arange(len(seqs), device=hidden.device), last])
         for s in seqs:
             s.cached = len(s.prompt_ids)
         return self._emit(seqs, logits)
@@ -113,7 +115,7 @@ class GenerationEngine:
         )
         for s in seqs:
             s.cached += 1
-        return self._emit(seqs, lm_logits(self.backbone, hidden))
+        return self._emit(seqs, self.lm_head(hidden))
 
     def _emit(self, seqs: list[Sequence], logits: torch.Tensor) -> list[StepEvent]:
         events = []

@@ -11,15 +11,17 @@ from ptserve.server.generation.sequence import Sequence
 
 
 def sample_next(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-    """logits: [B, vocab] float32 on cpu, one row per sequence."""
-    out = logits.argmax(dim=-1).tolist()
+    """logits: [B, vocab] float32 on the engine's device, one row per sequence. The tokens are chosen on that
+    device and read back in one transfer: the step's only host sync."""
+    tokens = logits.argmax(dim=-1)  # [B]
     for i, seq in enumerate(seqs):
         if not seq.params.greedy:
-            out[i] = _sample(logits[i], seq)
-    return out
+            tokens[i: i + 1] = _sample(logits[i], seq)
+    return tokens.tolist()
 
 
-def _sample(logits: torch.Tensor, seq: Sequence) -> int:
+def _sample(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
+    """One token id, [1] on the logits' device, drawn with the sequence's own generator for that device."""
     p = seq.params
     scores = logits / p.temperature
     if p.top_k > 0:
@@ -31,4 +33,4 @@ def _sample(logits: torch.Tensor, seq: Sequence) -> int:
         before = sorted_probs.cumsum(0) - sorted_probs  # mass of the tokens ranked above each token
         sorted_probs[before >= p.top_p] = 0  # keep the smallest set whose mass reaches top_p
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=seq.generator))
+    return torch.multinomial(probs, 1, generator=seq.generator_for(logits.device))
