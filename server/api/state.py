@@ -16,9 +16,12 @@ from ptserve.server.backbone import Backbone, load_backbone
 from ptserve.server.batch_plan import BatchPolicy
 from ptserve.server.auth import Authenticator
 from ptserve.server.batcher import Batcher
+from ptserve.server.calibrate import measure_pass_cost
+from ptserve.server.cost_model import PassCost, from_setting
 from ptserve.server.engine import Engine
 from ptserve.server.generation.engine import GenerationEngine, GenerationLimits
 from ptserve.server.generation.runner import GenerationRunner
+from ptserve.server.hardware import ThreadsChoice, choose_threads, cpu_budget
 from ptserve.server.limits import TenantLimiter
 from ptserve.server.metrics import Metrics
 from ptserve.server.settings import Settings
@@ -44,6 +47,8 @@ class ServerState:
     limiter: TenantLimiter | None = None
     draining: bool = False  # SIGTERM received: /readyz 503, new requests 503, in-flight ones finish
     inflight: int = 0  # requests inside the app (operations endpoints excluded)
+    threads: ThreadsChoice | None = None  # torch intra-op threads and why
+    pass_cost: PassCost | None = None  # encoder backbones: the planner's pass cost (measured or set)
 
     def __post_init__(self) -> None:
         s = self.settings
@@ -67,8 +72,9 @@ class ServerState:
         """Load the backbone off the event loop, then open the store and start the batcher."""
         s = self.settings
         try:
-            if s.threads:
-                torch.set_num_threads(s.threads)
+            self.threads = choose_threads(s.threads, cpu_budget())
+            torch.set_num_threads(self.threads.threads)
+            log.info("torch intra-op threads: %d (%s)", self.threads.threads, self.threads.reason)
             self.backbone = await asyncio.to_thread(load_backbone, s.backbone, s.device, s.dtype, s.allow_download)
             causal = self.backbone.family.causal
             self.engine = GenerationEngine(self.backbone, generation_limits(s)) if causal else Engine(self.backbone)
@@ -81,9 +87,12 @@ class ServerState:
                 self.generator.start()
                 self.metrics.watch_generation(self.generator)
             else:
+                self.pass_cost = await asyncio.to_thread(self._pass_cost)
+                log.info("batch planner: %s", self.pass_cost.describe())
+                self.metrics.observe_pass_cost(self.pass_cost)
                 policy = BatchPolicy(
                     max_batch_size=s.max_batch_size, max_batch_tokens=s.max_batch_tokens,
-                    overhead_tokens=s.batch_overhead_tokens,
+                    overhead_tokens=self.pass_cost.overhead_tokens,
                 )
                 self.batcher = Batcher(
                     self.engine.classify, policy, s.max_wait_ms, on_pass=self.metrics.observe_pass,
@@ -96,12 +105,20 @@ class ServerState:
             self.metrics.build.info({
                 "version": _version(), "backbone": s.backbone, "model_type": fp.model_type,
                 "device": str(self.backbone.device), "dtype": str(self.backbone.dtype).removeprefix("torch."),
+                "dtype_reason": self.backbone.dtype_reason, "threads": str(self.threads.threads),
             })
             self.ready.set()
             log.info("ptserve ready: backbone %s, store %s", s.backbone, s.store)
         except Exception as exc:  # surfaced by /readyz and by every route that needs the engine
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.exception("start-up failed")
+
+    def _pass_cost(self) -> PassCost:
+        """The setting when given, else measured now on the loaded backbone (before any request runs)."""
+        s = self.settings
+        if s.batch_overhead_tokens != "auto":
+            return from_setting(s.batch_overhead_tokens)
+        return measure_pass_cost(self.engine, s.max_batch_size, s.max_batch_tokens)
 
     async def stop(self) -> None:
         if self.watcher:
