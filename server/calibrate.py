@@ -15,7 +15,7 @@ import torch
 
 from ptserve.adapters_store.format import Adapter, AdapterConfig
 from ptserve.adapters_store.heads import head_shapes
-from ptserve.server.cost_model import PassCost, PassTiming, fit_pass_cost
+from ptserve.server.cost_model import DEFAULT_OVERHEAD_TOKENS, PassCost, PassTiming, fit_pass_cost
 from ptserve.server.engine import Engine, Row
 
 PREFIX_TOKENS = 16
@@ -46,9 +46,10 @@ def shapes(max_batch_size: int, max_batch_tokens: int, max_positions: int) -> li
 
 
 def measure_pass_cost(
-    engine: Engine, max_batch_size: int, max_batch_tokens: int, budget_s: float = 1.0
+    engine: Engine, max_batch_size: int, max_batch_tokens: int, budget_s: float = 1.0, cap_s: float = 5.0
 ) -> PassCost:
-    """Time the shapes (at least ``MIN_ROUNDS`` rounds, more while within ``budget_s``) and fit the cost."""
+    """Time the shapes (``MIN_ROUNDS`` rounds, more while within ``budget_s``) and fit the cost. A machine so
+    busy (or a backbone so slow) that the minimum takes over ``cap_s`` gets the default, with the reason."""
     start = time.perf_counter()
     plan = shapes(max_batch_size, max_batch_tokens, engine.backbone.max_positions)
     batches = {shape: calibration_rows(engine, *shape) for shape in plan}
@@ -56,11 +57,16 @@ def measure_pass_cost(
         engine.classify(batch)
     times: dict[tuple[int, int], list[float]] = {shape: [] for shape in plan}
     for k in range(MAX_ROUNDS):
-        if k >= MIN_ROUNDS and time.perf_counter() - start > budget_s:
+        elapsed = time.perf_counter() - start
+        if elapsed > (budget_s if k >= MIN_ROUNDS else cap_s):
             break
         for shape in plan[k % len(plan):] + plan[: k % len(plan)]:  # rotate, so drifting load hits all alike
             t0 = time.perf_counter()
             engine.classify(batches[shape])  # returns logits on the cpu: the device has finished
             times[shape].append(time.perf_counter() - t0)
+    took = time.perf_counter() - start
+    if len(times[plan[0]]) < MIN_ROUNDS:
+        return PassCost(DEFAULT_OVERHEAD_TOKENS, f"fallback: {MIN_ROUNDS} rounds of timing took over {cap_s:g} s",
+                        calibration_s=took)
     cost = fit_pass_cost([PassTiming(r, n, statistics.median(ts)) for (r, n), ts in times.items()])
-    return dataclasses.replace(cost, calibration_s=time.perf_counter() - start)
+    return dataclasses.replace(cost, calibration_s=took)

@@ -70,12 +70,14 @@ class ThreadsChoice:
 
 
 def choose_threads(requested: int, cpus: int) -> ThreadsChoice:
-    """torch intra-op threads. ``requested`` > 0 is taken as given; 0 means the rule: one thread per CPU this
-    process may use (affinity and cgroup quota), the API included — on the 2-core Xeon, giving a core back to
-    the event loop (cpus - 1) served fewer requests/s over HTTP than sharing both (docs/design.md, "Threads")."""
+    """torch intra-op threads for the server. ``requested`` > 0 is taken as given; 0 means the rule: one thread
+    per usable CPU but one, which is left to the API (event loop, tokenising, JSON). An OpenMP parallel region
+    ends at a barrier, so one engine thread preempted by the API stalls every other one: on the 2-core Xeon two
+    threads beside a busy API served fewer requests/s than one (docs/design.md, "Threads")."""
     if requested > 0:
         return ThreadsChoice(requested, f"{requested} set by PTSERVE_THREADS")
-    return ThreadsChoice(max(1, cpus), f"rule: one per usable cpu ({cpus})")
+    threads = max(1, cpus - 1)
+    return ThreadsChoice(threads, f"rule: usable cpus ({cpus}) - 1 for the API, at least 1")
 
 
 def cpu_budget() -> int:

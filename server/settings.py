@@ -29,7 +29,7 @@ class Settings(BaseSettings):
         "auto", description="auto = bfloat16 on cuda and on cpus with amx_bf16/avx512_bf16, else float32 "
         "(heads and sampling run in float32 either way).",
     )
-    threads: int = Field(0, ge=0, description="torch intra-op threads on cpu (0 = one per usable cpu, "
+    threads: int = Field(0, ge=0, description="torch intra-op threads on cpu (0 = usable cpus - 1, left to the API; "
                          "docs/design.md 'Threads').")
     allow_download: bool = Field(False, description="Let a hub id be fetched; off = local files only.")
 
