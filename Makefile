@@ -29,7 +29,7 @@ help:
 	@echo "make ref-venv  create .venv-ref (PEFT $(REF_PEFT_VERSION) on transformers $(REF_TRANSFORMERS_VERSION))"
 	@echo "make serve     run the server (PTSERVE_* env vars configure it; ARGS=... adds CLI flags)"
 	@echo "make test      run the whole test suite (PYTEST_ARGS=... adds pytest flags)"
-	@echo "make bench     run benchmarks/bench_classify.py (ARGS=... adds its flags)"
+	@echo "make bench     run python -m benchmarks.bench_classify (ARGS=... adds its flags)"
 	@echo "make topology  the compose topology without Docker: redis, 2 replicas, nginx on :8080 (ARGS=...)"
 	@echo "make clean     remove both environments and build leftovers"
 
@@ -66,12 +66,12 @@ test: venv ref-venv
 	exit $$rc
 
 bench: venv
-	$(VENV)/bin/python benchmarks/bench_classify.py $(ARGS)
+	$(VENV)/bin/python -m benchmarks.bench_classify $(ARGS)
 
-# redis-server + two `ptserve serve` + nginx on loopback (scripts/topology.py); run as root, it installs a
+# redis-server + two `ptserve serve` + nginx on loopback (the package scripts/topology/); run as root, it installs a
 # missing nginx or redis-server with apt-get (otherwise: apt-get install -y nginx redis-server).
 topology: venv
-	$(VENV)/bin/python scripts/topology.py up $(ARGS)
+	$(VENV)/bin/python -m scripts.topology up $(ARGS)
 
 clean:
 	rm -rf $(VENV) $(REF_VENV) build dist *.egg-info .pytest_cache

@@ -3,7 +3,7 @@
 A key reads ``ptk_<key_id>_<secret>``: the key id finds the record, the secret is never stored — only the
 sha256 of the whole key, compared in constant time by ``ptserve.server.auth``. The local directory keeps one JSON file
 per key under ``ROOT/.keys/`` (a name the adapter listing never takes for a tenant); Redis keeps one hash,
-``<prefix>:apikeys``, field key id -> record JSON.
+``<prefix>:apikeys``, field key id -> record JSON (``ptserve.adapters_store.redis.api_keys``).
 """
 from __future__ import annotations
 
@@ -20,14 +20,13 @@ from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
-from urllib.parse import parse_qsl, urlencode, urlparse, urlsplit
+from urllib.parse import urlparse
 
 from ptserve.adapters_store.errors import PtserveError, StoreUnavailable
 from ptserve.adapters_store.ids import check_tenant
 
 KEY_PREFIX = "ptk_"
 KEY_ID_RE = re.compile(r"^[0-9a-f]{16}$")
-_STORE_OPTIONS = ("prefix", "timeout_s", "gc_grace_s", "health_check_interval")  # RedisStore's, not redis-py's
 _KEY_RE = re.compile(r"^ptk_([0-9a-f]{16})_[A-Za-z0-9_-]{20,100}$")
 
 
@@ -156,58 +155,17 @@ class LocalKeyStore(KeyStore):
             raise KeyNotFound(f"tenant {tenant} has no key {key_id}") from None
 
 
-class RedisKeyStore(KeyStore):
-    """One hash per store prefix: ``<prefix>:apikeys``, field key id -> record JSON."""
+def _redis_key_store(url: str) -> KeyStore:
+    from ptserve.adapters_store.redis.api_keys import RedisKeyStore
 
-    def __init__(self, url: str):
-        import redis.asyncio
-
-        parts = urlsplit(url)
-        query = dict(parse_qsl(parts.query))
-        self.hash = f"{query.get('prefix', 'ptserve')}:apikeys"
-        timeout = float(query.get("timeout_s", 1.0))
-        rest = [(k, v) for k, v in parse_qsl(parts.query) if k not in _STORE_OPTIONS]
-        self._redis = redis.asyncio.Redis.from_url(
-            parts._replace(query=urlencode(rest)).geturl(), socket_timeout=timeout, socket_connect_timeout=timeout,
-        )
-
-    async def _call(self, coro):
-        import redis.exceptions as rex
-
-        try:
-            return await coro
-        except (rex.ConnectionError, rex.TimeoutError, OSError) as e:
-            raise StoreUnavailable(f"key store: {type(e).__name__}: {e}") from e
-
-    async def _put(self, record: KeyRecord) -> None:
-        await self._call(self._redis.hset(self.hash, record.key_id, json.dumps(asdict(record))))
-
-    async def get(self, key_id: str) -> KeyRecord | None:
-        if not KEY_ID_RE.match(key_id):
-            return None
-        raw = await self._call(self._redis.hget(self.hash, key_id))
-        return None if raw is None else KeyRecord(**json.loads(raw))
-
-    async def list(self, tenant: str) -> list[KeyRecord]:
-        check_tenant(tenant)
-        raw = await self._call(self._redis.hgetall(self.hash))
-        records = [r for v in raw.values() if (r := KeyRecord(**json.loads(v))).tenant == tenant]
-        return sorted(records, key=lambda r: (r.created_at, r.key_id))
-
-    async def revoke(self, tenant: str, key_id: str) -> None:
-        record = await self.get(key_id)
-        if record is None or record.tenant != tenant or not await self._call(self._redis.hdel(self.hash, key_id)):
-            raise KeyNotFound(f"tenant {tenant} has no key {key_id}")
-
-    async def close(self) -> None:
-        await self._redis.aclose()
+    return RedisKeyStore(url)
 
 
 _KEY_STORES: dict[str, Callable[[str], KeyStore]] = {
     "file": lambda url: LocalKeyStore(url.removeprefix("file://") if url.startswith("file://")
                                       else url.removeprefix("file:")),
-    "redis": RedisKeyStore,
-    "rediss": RedisKeyStore,
+    "redis": _redis_key_store,
+    "rediss": _redis_key_store,
 }
 
 

@@ -117,7 +117,7 @@ def open_store(url: str) -> AdapterStore:
 
     scheme = urlparse(url).scheme or "file"
     if scheme in ("redis", "rediss"):
-        import ptserve.adapters_store.redis_store  # noqa: F401
+        import ptserve.adapters_store.redis.store  # noqa: F401  (registers "redis", "rediss")
     if scheme not in _STORES:
         raise ValueError(f"unknown store scheme {scheme!r} in {url!r}; known: {sorted(_STORES)}")
     return _STORES[scheme](url)

@@ -10,7 +10,7 @@ virtual tokens), timed with a warm-up and the best of interleaved repeats:
 ptserve's mixed logits are checked against PEFT's for every request before anything is timed. Prints a table and
 the issue's targets, and writes its section of ``RESULTS.md`` and ``classify.png`` into ``--out``.
 
-    python benchmarks/bench_classify.py [--repeats 5] [--threads 2] [--requests 64] [--adapters 32]
+    python -m benchmarks.bench_classify [--repeats 5] [--threads 2] [--requests 64] [--adapters 32]
 """
 from __future__ import annotations
 
@@ -25,22 +25,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere: `python benchmarks/bench_classify.py`
+import peft
+import torch
+import torch.nn.functional as F
+import transformers
+from peft import PrefixTuningConfig, TaskType, get_peft_model, set_peft_model_state_dict
+from transformers import AutoModel
 
-import peft  # noqa: E402
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-import transformers  # noqa: E402
-from peft import PrefixTuningConfig, TaskType, get_peft_model, set_peft_model_state_dict  # noqa: E402
-from transformers import AutoModel  # noqa: E402
-
-from benchmarks._report import machine_info, write_section  # noqa: E402
-from ptserve.adapters_store.format import Adapter, AdapterConfig  # noqa: E402
-from ptserve.adapters_store.heads import head_shapes  # noqa: E402
-from ptserve.server.backbone import load_backbone  # noqa: E402
-from ptserve.server.batch_plan import BatchPolicy, plan_batches  # noqa: E402
-from ptserve.server.engine import BatchStats, Engine, Row  # noqa: E402
+from benchmarks._report import machine_info, write_section
+from ptserve.adapters_store.format import Adapter, AdapterConfig
+from ptserve.adapters_store.heads import head_shapes
+from ptserve.server.backbone import load_backbone
+from ptserve.server.batch_plan import BatchPolicy, plan_batches
+from ptserve.server.engine import BatchStats, Engine, Row
 
 VIRTUAL_TOKENS = 16
 LABELS = ("negative", "neutral", "positive")
@@ -288,7 +285,7 @@ def main(argv=None) -> None:
     results = list(res.values())
     checks = targets(res, mixed.padding_ratio)
     info = machine_info(transformers=transformers.__version__, peft=peft.__version__)
-    command = "python benchmarks/bench_classify.py " + shlex.join(argv if argv is not None else sys.argv[1:])
+    command = "python -m benchmarks.bench_classify " + shlex.join(argv if argv is not None else sys.argv[1:])
     sizes = [len(b) for b in mixed.batches]
     summary = "\n".join([
         f"- date: {info['date']}",

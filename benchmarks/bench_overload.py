@@ -10,7 +10,7 @@
 Prints a table and the ratios; writes its section of ``RESULTS.md`` (between markers) unless ``--no-write``.
 The load generator shares the machine with the server: pin the server to ``--server-threads`` torch threads.
 
-    python benchmarks/bench_overload.py [--duration 60] [--quiet-tenants 4] [--noisy-factor 10] [--overload 2]
+    python -m benchmarks.bench_overload [--duration 60] [--quiet-tenants 4] [--noisy-factor 10] [--overload 2]
 """
 from __future__ import annotations
 
@@ -22,22 +22,19 @@ import os
 import platform
 import random
 import shlex
-import statistics
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx  # setup and scrapes only: too heavy a client to drive hundreds of req/s here
+
+from benchmarks._report import write_section
+from ptserve.server.backbone import load_backbone
+from tests.factories import make_blob, server_process
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-import httpx  # noqa: E402  (setup and scrapes only: too heavy a client to drive hundreds of req/s here)
-
-from benchmarks._report import write_section  # noqa: E402
-from ptserve.server.backbone import load_backbone  # noqa: E402
-from tests.factories import make_blob, server_process  # noqa: E402
-
 VIRTUAL_TOKENS = 16
 SECTION = "## Overload, backpressure and noisy neighbours (issue 5)"
 WORDS = ("the service was slow but the staff were kind and the food arrived warm although the price felt high "
@@ -325,7 +322,7 @@ NOTES = """How to read it:
 
 
 def write_results(args, table: str) -> None:
-    cmd = "python benchmarks/bench_overload.py " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    cmd = "python -m benchmarks.bench_overload " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     machine = (f"{platform.machine()}, {os.cpu_count()} cores ({platform.processor() or platform.platform()}), "
                f"Python {platform.python_version()}")
     body = "\n".join([

@@ -12,7 +12,7 @@ key prefix of its own that is removed afterwards):
      set fits the cache, and when it is twice the cache (random; cyclic: every request a miss, from Redis).
 Prints a table and writes its section of ``RESULTS.md`` (between markers, leaving the rest alone).
 
-    python benchmarks/bench_store.py [--loads 300] [--adapters 10000] [--resident 1000] [--threads 2]
+    python -m benchmarks.bench_store [--loads 300] [--adapters 10000] [--resident 1000] [--threads 2]
 """
 from __future__ import annotations
 
@@ -33,10 +33,7 @@ import uuid
 from contextlib import AsyncExitStack, contextmanager
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run as a script from anywhere
-
-import psutil  # noqa: E402
+import psutil
 
 RSS_START = psutil.Process().memory_info().rss  # before torch is imported
 
@@ -46,7 +43,7 @@ import torch  # noqa: E402
 from benchmarks._report import machine_info, write_section  # noqa: E402
 from ptserve.adapters_store.ids import AdapterId  # noqa: E402
 from ptserve.adapters_store.local import LocalDirStore  # noqa: E402
-from ptserve.adapters_store.redis_store import RedisStore  # noqa: E402
+from ptserve.adapters_store.redis import RedisStore  # noqa: E402
 from ptserve.adapters_store.store import AdapterMeta, AdapterStore  # noqa: E402
 from ptserve.adapters_store.validation import Limits, decode_blob  # noqa: E402
 from ptserve.server.adapters import AdapterService  # noqa: E402
@@ -336,7 +333,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = p.parse_args(argv)
     given = argv if argv is not None else sys.argv[1:]
-    args.command = ("python benchmarks/bench_store.py " + shlex.join(given)).strip()
+    args.command = ("python -m benchmarks.bench_store " + shlex.join(given)).strip()
     return args
 
 

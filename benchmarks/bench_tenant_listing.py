@@ -6,13 +6,14 @@ by the current store (its sorted-set index) and by ``RedisStore`` as it was at `
 history: it SCANs the whole key space with a MATCH on the tenant), in interleaved rounds. Prints a table of
 p50/p99 and the ratio; the keys are removed afterwards.
 
-    python benchmarks/bench_tenant_listing.py [--redis redis://127.0.0.1:6379/0] [--adapters 10000]
+    python -m benchmarks.bench_tenant_listing [--redis redis://127.0.0.1:6379/0] [--adapters 10000]
 """
 from __future__ import annotations
 
 import argparse
 import asyncio
 import importlib.util
+import re
 import subprocess
 import sys
 import tempfile
@@ -20,20 +21,23 @@ import time
 import uuid
 from pathlib import Path
 
+from benchmarks._report import machine_info
+from ptserve.adapters_store.ids import AdapterId
+from ptserve.adapters_store.redis import RedisStore
+from ptserve.adapters_store.store import AdapterMeta
+
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from ptserve.adapters_store.ids import AdapterId  # noqa: E402
-from ptserve.adapters_store.redis_store import RedisStore  # noqa: E402
-from ptserve.adapters_store.store import AdapterMeta  # noqa: E402
-from benchmarks._report import machine_info  # noqa: E402
-
 BEFORE = "754b0c1"  # the last commit whose RedisStore listed a tenant by SCAN
 
 
 def load_old_store(commit: str):
+    """``RedisStore`` as the file ``adapters_store/redis_store.py`` had it at ``commit``, imported on top of
+    today's sibling modules (its ``adapters_store.`` imports now read ``ptserve.adapters_store.``); its store
+    registration is left out, so ``open_store`` keeps opening today's store."""
     source = subprocess.run(["git", "-C", str(ROOT), "show", f"{commit}:adapters_store/redis_store.py"],
                             check=True, capture_output=True, text=True).stdout
+    source = re.sub(r"^from adapters_store\.", "from ptserve.adapters_store.", source, flags=re.M)
+    source = re.sub(r"^@register_store\(.*\)\n", "", source, flags=re.M)
     path = Path(tempfile.mkdtemp(prefix="ptserve-old-store-")) / "old_redis_store.py"
     path.write_text(source)
     spec = importlib.util.spec_from_file_location("old_redis_store", path)
@@ -94,7 +98,7 @@ async def main(args) -> None:
 
     info = machine_info(**{"redis-py": redis.__version__})
     print(f"- date: {info['date']}; machine: {info['cpu']}; {info['versions']}")
-    print(f"- command: `{' '.join(['python benchmarks/bench_tenant_listing.py', *sys.argv[1:]])}`")
+    print(f"- command: `{' '.join(['python -m benchmarks.bench_tenant_listing', *sys.argv[1:]])}`")
     print(f"- {args.adapters:,} adapters in {args.tenants} tenants ({per_tenant} each, pages of 100); "
           f"{min(args.listed, args.tenants)} tenants listed in full per round, {args.rounds} interleaved rounds; "
           f"first tenant listing (one-time index check): {first_s * 1e3:.0f} ms\n")

@@ -11,7 +11,7 @@ stopping on the eval split (patience in epochs); the accuracy is that of the res
 same (slightly optimistic) protocol for every method. Training time is wall time of the training loop
 (per-epoch evaluation included; the probes' feature extraction included); CPU s is process CPU time.
 
-    .venv/bin/python benchmarks/bench_training.py [--seeds 0 1 2] [--threads 2] [--methods prefix probe full]
+    .venv/bin/python -m benchmarks.bench_training [--seeds 0 1 2] [--threads 2] [--methods prefix probe full]
 """
 
 from __future__ import annotations
@@ -28,15 +28,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from benchmarks._report import machine_info, write_section
+from ptserve.server.backbone import load_backbone
+from ptserve.server.training.classify import TrainConfig, tokenize, train_classifier
+from ptserve.server.training.data import label_set, load_examples
+from ptserve.server.training.loop import Evaluation, FitConfig, fit
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from benchmarks._report import machine_info, write_section  # noqa: E402
-from ptserve.server.backbone import load_backbone  # noqa: E402
-from ptserve.server.training.classify import TrainConfig, tokenize, train_classifier  # noqa: E402
-from ptserve.server.training.data import label_set, load_examples  # noqa: E402
-from ptserve.server.training.loop import Evaluation, FitConfig, fit  # noqa: E402
-
 SECTION = "## Training: P-Tuning v2 prefix vs linear probe vs full fine-tuning (issue 6)"
 DATA = ROOT / "examples" / "sentiment"
 
@@ -364,7 +362,7 @@ def main(argv=None) -> None:
             f"- machine: {info['cpu']}; {info['versions']}; torch threads {args.threads}",
             f"- load average (1 min) before / after: {load_before[0]:.2f} / {load_after[0]:.2f}; whole run "
             f"{time.perf_counter() - started:.0f} s",
-            f"- command: `{' '.join(['python', 'benchmarks/bench_training.py', *(argv or sys.argv[1:])])}`",
+            f"- command: `{' '.join(['python', '-m', 'benchmarks.bench_training', *(argv or sys.argv[1:])])}`",
             f"- data: examples/sentiment, {len(train)} train / {len(held_out)} eval sentences, 3 balanced "
             f"labels, {statistics.mean(len(t) for t in tokens):.1f} tokens per sentence on average; "
             f"seeds {args.seeds}",

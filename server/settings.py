@@ -48,6 +48,10 @@ class Settings(BaseSettings):
     # generation (decoder backbones)
     max_running: int = Field(32, ge=1, le=1024, description="Sequences decoding together (KV cache slots).")
     max_seq_tokens: int = Field(1024, ge=16, description="Prompt + generated tokens per sequence (KV cache columns).")
+    admission: Literal["fair", "fifo"] = Field(
+        "fair", description="Who takes a free KV cache slot: fair = the oldest request of the least-served tenant, "
+        "fifo = the oldest request."
+    )
 
     # limits
     max_adapter_bytes: int = Field(64 * 2**20, ge=1024, description="Largest adapter upload.")

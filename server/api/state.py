@@ -21,6 +21,7 @@ from ptserve.server.cost_model import PassCost, from_setting
 from ptserve.server.engine import Engine
 from ptserve.server.generation.engine import GenerationEngine, GenerationLimits
 from ptserve.server.generation.runner import GenerationRunner
+from ptserve.server.generation.scheduler import ADMISSION_POLICIES
 from ptserve.server.hardware import ThreadsChoice, choose_threads, cpu_budget
 from ptserve.server.limits import TenantLimiter
 from ptserve.server.metrics import Metrics
@@ -77,7 +78,9 @@ class ServerState:
             log.info("torch intra-op threads: %d (%s)", self.threads.threads, self.threads.reason)
             self.backbone = await asyncio.to_thread(load_backbone, s.backbone, s.device, s.dtype, s.allow_download)
             causal = self.backbone.family.causal
-            self.engine = GenerationEngine(self.backbone, generation_limits(s)) if causal else Engine(self.backbone)
+            admission = ADMISSION_POLICIES[s.admission]()
+            self.engine = GenerationEngine(self.backbone, generation_limits(s), admission) if causal \
+                else Engine(self.backbone)
             self.store = open_store(s.store)
             limits = Limits(max_bytes=s.max_adapter_bytes, max_virtual_tokens=s.max_virtual_tokens)
             self.adapters = AdapterService(self.store, self.engine, s.cache_bytes, limits)

@@ -14,7 +14,7 @@ from ptserve.server.backbone import Backbone
 from ptserve.server.generation.forward import FloatLMHead, decode_forward, decoder_forward
 from ptserve.server.generation.kv_cache import SlotKVCache
 from ptserve.server.generation.sampling import sample_next
-from ptserve.server.generation.scheduler import Scheduler
+from ptserve.server.generation.scheduler import AdmissionPolicy, Scheduler, TenantFair
 from ptserve.server.generation.sequence import SamplingParams, Sequence
 from ptserve.server.resident import ResidentAdapter, gather_prefixes, make_resident
 from ptserve.server.transfer import to_device
@@ -37,14 +37,18 @@ class GenerationLimits:
 
 
 class GenerationEngine:
-    def __init__(self, backbone: Backbone, limits: GenerationLimits = GenerationLimits()):
+    def __init__(self, backbone: Backbone, limits: GenerationLimits = GenerationLimits(),
+                 admission: AdmissionPolicy | None = None):
+        """``admission``: who joins next when a slot frees (``scheduler.ADMISSION_POLICIES``; tenant-fair by
+        default)."""
         self.backbone, self.fp, self.limits = backbone, backbone.fingerprint, limits
         max_tokens = min(limits.max_seq_tokens, backbone.max_positions)
         self.cache = SlotKVCache(
             self.fp.num_layers, limits.max_running, self.fp.num_kv_heads, self.fp.head_dim,
             min(limits.prefix_cap, backbone.max_positions - 1), max_tokens, backbone.device, backbone.dtype,
         )
-        self.scheduler = Scheduler(limits.max_running, limits.max_batch_tokens)
+        self.scheduler = Scheduler(limits.max_running, limits.max_batch_tokens,
+                                   admission=admission if admission is not None else TenantFair())
         self.lm_head = FloatLMHead(backbone)  # logits in float32 whatever the backbone's dtype
         tok = backbone.tokenizer
         eos = getattr(getattr(backbone.model, "generation_config", None), "eos_token_id", None)

@@ -4,15 +4,17 @@ Running sequences occupy slots [0, B) in order. A request joins when a slot is f
 need (prompt + max_new_tokens) fit in the token budget beside the running ones; it leaves when it finishes or is
 cancelled, and the last running sequence moves into its slot so the batch stays packed.
 
-Admission is fair across tenants: the next to join is the oldest waiting request of the tenant with the fewest
-running sequences (FIFO within a tenant and among tenants with equal counts). One tenant's backlog therefore cannot
-hold every slot while another tenant waits; each slot that frees goes to the least-served waiting tenant.
+Who joins next is the admission policy's choice (``ADMISSION_POLICIES``, setting ``PTSERVE_ADMISSION``). The
+default, ``TenantFair``, picks the oldest waiting request of the tenant with the fewest running sequences (FIFO
+within a tenant and among tenants with equal counts): one tenant's backlog therefore cannot hold every slot while
+another tenant waits; each slot that frees goes to the least-served waiting tenant. ``Fifo`` picks the oldest
+waiting request, whoever sent it (the policy before tenant fairness; kept to compare against).
 """
 from __future__ import annotations
 
 from collections import Counter, deque
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, Sequence
 
 
 class Schedulable(Protocol):
@@ -21,6 +23,40 @@ class Schedulable(Protocol):
 
     @property
     def tenant(self) -> str: ...
+
+
+class AdmissionPolicy(Protocol):
+    def pick(self, waiting: Sequence[Schedulable], per_tenant: Counter) -> Schedulable:
+        """The next waiting sequence to join (``waiting`` in arrival order, not empty; ``per_tenant``: running
+        sequences per tenant, counting those admitted earlier in this round)."""
+
+
+class TenantFair:
+    """The oldest waiting sequence of the waiting tenant with the fewest running ones."""
+
+    name = "fair"
+
+    def pick(self, waiting: Sequence[Schedulable], per_tenant: Counter) -> Schedulable:
+        best, seen = None, set()
+        for seq in waiting:  # arrival order, so each tenant's first hit is its oldest
+            if seq.tenant in seen:
+                continue
+            seen.add(seq.tenant)
+            if best is None or per_tenant[seq.tenant] < per_tenant[best.tenant]:
+                best = seq
+        return best
+
+
+class Fifo:
+    """The oldest waiting sequence, whichever tenant sent it."""
+
+    name = "fifo"
+
+    def pick(self, waiting: Sequence[Schedulable], per_tenant: Counter) -> Schedulable:
+        return waiting[0]
+
+
+ADMISSION_POLICIES: dict[str, type] = {policy.name: policy for policy in (TenantFair, Fifo)}
 
 
 @dataclass(frozen=True)
@@ -36,17 +72,18 @@ class Scheduler:
     waiting: deque = field(default_factory=deque)
     running: list = field(default_factory=list)
     reserved: int = 0
+    admission: AdmissionPolicy = field(default_factory=TenantFair, kw_only=True)
 
     def add(self, seq: Schedulable) -> None:
         self.waiting.append(seq)
 
     def admit(self) -> list:
-        """Move waiting sequences into free slots while budgets allow, least-served tenant first; returns them
-        in slot order."""
+        """Move waiting sequences into free slots while budgets allow, in the order the admission policy picks
+        them; returns them in slot order."""
         admitted = []
         per_tenant = Counter(seq.tenant for seq in self.running)
         while self.waiting and len(self.running) < self.max_running:
-            seq = self._next(per_tenant)
+            seq = self.admission.pick(self.waiting, per_tenant)
             if self.running and self.reserved + seq.reserved_tokens > self.max_tokens:
                 break  # no overtaking: the chosen one waits for room (a lone request always runs; its own size
                 # was checked when it was accepted)
@@ -56,17 +93,6 @@ class Scheduler:
             per_tenant[seq.tenant] += 1
             admitted.append(seq)
         return admitted
-
-    def _next(self, per_tenant: Counter):
-        """The oldest waiting sequence of the waiting tenant with the fewest running ones."""
-        best, seen = None, set()
-        for seq in self.waiting:  # arrival order, so each tenant's first hit is its oldest
-            if seq.tenant in seen:
-                continue
-            seen.add(seq.tenant)
-            if best is None or per_tenant[seq.tenant] < per_tenant[best.tenant]:
-                best = seq
-        return best
 
     def slot_of(self, seq) -> int:
         return self.running.index(seq)

@@ -1,12 +1,14 @@
 """The tenant key store contract, for the local directory and for Redis: keys are random, shown once, stored as
-sha256 only, listed per tenant, revoked per tenant, and shared by every store object on the same backing store."""
+sha256 only, listed per tenant, revoked per tenant, and shared by every store object on the same backing store;
+Redis outages answer 503 as they do for the adapter store."""
 from __future__ import annotations
 
+import asyncio
 import uuid
 
 import pytest
 
-from ptserve.adapters_store.errors import InvalidAdapterId
+from ptserve.adapters_store.errors import InvalidAdapterId, StoreUnavailable
 from ptserve.adapters_store.keys import KeyNotFound, hash_key, key_id_of, open_key_store
 
 
@@ -57,3 +59,43 @@ def test_key_id_of_accepts_only_well_formed_keys():
     assert key_id_of("ptk_0123456789abcdef_" + "a" * 43) == "0123456789abcdef"
     for bad in ("", "ptk_", "ptk_0123456789abcdef_short", "ptk_0123456789ABCDEF_" + "a" * 43, "admin"):
         assert key_id_of(bad) is None
+
+
+# --- Redis outages: the key store shares the adapter store's connection and error mapping --------------------
+async def test_redis_key_store_outages_answer_503_like_the_adapter_store(redis_server_factory):
+    import redis.asyncio
+
+    server = redis_server_factory()
+    store, admin = open_key_store(server.url), redis.asyncio.Redis.from_url(server.url)
+    try:
+        key, record = await store.create("acme")
+        await admin.replicaof("127.0.0.1", 1)  # a replica (of nothing): writes answer READONLY
+        with pytest.raises(StoreUnavailable, match="ReadOnlyError"):
+            await store.create("acme")
+        with pytest.raises(StoreUnavailable, match="ReadOnlyError"):
+            await store.revoke("acme", record.key_id)
+        assert await store.get(record.key_id) == record  # reads still work
+        server.kill()
+        with pytest.raises(StoreUnavailable, match="key store"):
+            await store.get(record.key_id)
+        with pytest.raises(StoreUnavailable):
+            await store.list("acme")
+    finally:
+        await admin.aclose()
+        await store.close()
+
+
+async def test_a_redis_restart_between_key_lookups_fails_no_lookup(redis_server_factory):
+    """Pooled connections to the old process are dead after a restart; each is replaced on first use (one
+    immediate retry on a connection error, as for the adapter store), so no lookup after it answers 503."""
+    server = redis_server_factory(persistent=True)
+    store = open_key_store(server.url)
+    try:
+        _, record = await store.create("acme")
+        await asyncio.gather(*(store.get(record.key_id) for _ in range(4)))  # several idle connections pooled
+        server.kill()
+        server.start()
+        for _ in range(4):  # sequential: each takes a pooled (stale) connection
+            assert await store.get(record.key_id) == record
+    finally:
+        await store.close()

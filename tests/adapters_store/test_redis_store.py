@@ -18,7 +18,8 @@ from ptserve.adapters_store.errors import (
     AdapterNotFound, IntegrityError, InvalidAdapterId, InvalidInput, StoreUnavailable,
 )
 from ptserve.adapters_store.ids import AdapterId
-from ptserve.adapters_store.redis_store import BLOB, CUR, INFO, NEXT, VERSIONS, RedisStore
+from ptserve.adapters_store.redis import RedisStore
+from ptserve.adapters_store.redis.layout import BLOB, CUR, INFO, NEXT, VERSIONS
 from ptserve.adapters_store.store import AdapterMeta, open_store
 
 META = AdapterMeta(task="classification", num_virtual_tokens=16, labels=("neg", "pos"))
@@ -236,7 +237,7 @@ async def test_outage_answers_503_fast_and_the_feed_reconnects(redis_server_fact
     task = asyncio.create_task(store.watch(lambda i, v: events.append((i, v)), lambda: resyncs.append(1)))
     try:
         await wait_for(lambda: store.connected and len(resyncs) == 1)
-        caplog.set_level(logging.WARNING, logger="ptserve.adapters_store.redis_store")
+        caplog.set_level(logging.WARNING, logger="ptserve.adapters_store.redis.feed")
         server.kill()
         await wait_for(lambda: not store.connected, timeout=2)
         calls = {

@@ -1,27 +1,15 @@
-"""Shared by the deployment tests: the topology script as a module, and the binaries it needs (nginx,
-Prometheus) — skipped where missing on a developer machine, a failure in CI (.ci/run installs them)."""
+"""Shared by the deployment tests: the binaries the topology needs (nginx, Prometheus) — skipped where missing on
+a developer machine, a failure in CI (.ci/run installs them) — and the parsed Dockerfile and compose file. The
+topology itself is the package ``scripts.topology``, imported like any other module."""
 from __future__ import annotations
 
-import importlib.util
 import os
 import shutil
-import sys
-from pathlib import Path
 
 import pytest
+import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def load_topology():
-    """scripts/topology.py imported as the module ``ptserve_topology`` (scripts/ is not a package)."""
-    name = "ptserve_topology"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / "topology.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module  # dataclasses look their module up while the class is being built
-        spec.loader.exec_module(module)
-    return sys.modules[name]
+from tests.deploy.deploy_files import COMPOSE, DOCKERFILE, Instruction, parse_dockerfile
 
 
 def need_binary(name: str) -> str:
@@ -34,10 +22,15 @@ def need_binary(name: str) -> str:
 
 
 @pytest.fixture(scope="session")
-def topology_module():
-    return load_topology()
-
-
-@pytest.fixture(scope="session")
 def nginx_bin() -> str:
     return need_binary("nginx")
+
+
+@pytest.fixture(scope="module")
+def dockerfile() -> list[Instruction]:
+    return parse_dockerfile(DOCKERFILE.read_text())
+
+
+@pytest.fixture(scope="module")
+def compose() -> dict:
+    return yaml.safe_load(COMPOSE.read_text())

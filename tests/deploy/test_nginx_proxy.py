@@ -20,14 +20,17 @@ import uvicorn
 
 from ptserve.server.api.app import create_app
 from ptserve.server.settings import Settings
+from scripts.topology.configs import PLACEHOLDER, render_nginx, render_template, write_nginx_conf
+from scripts.topology.paths import NGINX_TEMPLATE
+from scripts.topology.processes import free_port
 from tests.deploy.nginx_conf import Directive, parse
 
 INFERENCE_PATHS = {"/v1/classify", "/v1/generate", "/v1/completions"}
 
 
 @pytest.fixture(scope="module")
-def conf(topology_module, tmp_path_factory) -> Directive:
-    text = topology_module.render_nginx(8080, ["127.0.0.1:9001", "127.0.0.1:9002"], "/dev/null")
+def conf(tmp_path_factory) -> Directive:
+    text = render_nginx(8080, ["127.0.0.1:9001", "127.0.0.1:9002"], "/dev/null")
     return parse(text)
 
 
@@ -62,11 +65,11 @@ def size_bytes(value: str) -> int:
 
 # --- the template, read -------------------------------------------------------------------------------------
 
-def test_template_placeholders_are_exactly_the_documented_three(topology_module):
-    text = topology_module.NGINX_TEMPLATE.read_text()
-    assert set(topology_module.PLACEHOLDER.findall(text)) == {"LISTEN_PORT", "UPSTREAM_SERVERS", "ACCESS_LOG"}
+def test_template_placeholders_are_exactly_the_documented_three():
+    text = NGINX_TEMPLATE.read_text()
+    assert set(PLACEHOLDER.findall(text)) == {"LISTEN_PORT", "UPSTREAM_SERVERS", "ACCESS_LOG"}
     with pytest.raises(KeyError):
-        topology_module.render_template(text, {"LISTEN_PORT": "1"})
+        render_template(text, {"LISTEN_PORT": "1"})
 
 
 def test_upstream_hashes_the_adapter_header_consistently(conf):
@@ -123,17 +126,17 @@ def test_every_proxied_location_goes_to_the_upstream(conf):
         assert not loc.all("proxy_set_header"), "a location's proxy_set_header drops the server's ones"
 
 
-def test_nginx_t_accepts_the_loopback_rendering(topology_module, nginx_bin, tmp_path):
-    conf_path = topology_module.write_nginx_conf(tmp_path, 18080, ["127.0.0.1:18001", "127.0.0.1:18002"])
+def test_nginx_t_accepts_the_loopback_rendering(nginx_bin, tmp_path):
+    conf_path = write_nginx_conf(tmp_path, 18080, ["127.0.0.1:18001", "127.0.0.1:18002"])
     done = subprocess.run([nginx_bin, "-t", "-e", str(tmp_path / "error.log"), "-c", str(conf_path)],
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, done.stderr
     assert "test is successful" in done.stderr
 
 
-def test_nginx_t_rejects_a_broken_rendering(topology_module, nginx_bin, tmp_path):
+def test_nginx_t_rejects_a_broken_rendering(nginx_bin, tmp_path):
     # The check above can fail: the same call on a config with a typo in a directive.
-    conf_path = topology_module.write_nginx_conf(tmp_path, 18080, ["127.0.0.1:18001"])
+    conf_path = write_nginx_conf(tmp_path, 18080, ["127.0.0.1:18001"])
     site = tmp_path / "ptserve.conf"
     site.write_text(site.read_text().replace("proxy_next_upstream_tries", "proxy_next_upstream_trys"))
     done = subprocess.run([nginx_bin, "-t", "-e", str(tmp_path / "error.log"), "-c", str(conf_path)],
@@ -214,10 +217,10 @@ def dying():
 
 
 @contextmanager
-def proxy(topology_module, nginx_bin: str, run_dir: Path, ports: list[int]):
+def proxy(nginx_bin: str, run_dir: Path, ports: list[int]):
     """nginx from the template; max_fails=0, so a failing stub is tried again on every request."""
-    listen = topology_module.free_port()
-    conf = topology_module.write_nginx_conf(run_dir, listen, [f"127.0.0.1:{p} max_fails=0" for p in ports])
+    listen = free_port()
+    conf = write_nginx_conf(run_dir, listen, [f"127.0.0.1:{p} max_fails=0" for p in ports])
     proc = subprocess.Popen([nginx_bin, "-e", str(run_dir / "error.log"), "-c", str(conf)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     url = f"http://127.0.0.1:{listen}"
@@ -255,9 +258,9 @@ def statuses(client: httpx.Client, call: str, n: int = 6, **kw) -> Counter:
     return Counter(client.request(method, path, content=body, **kw).status_code for _ in range(n))
 
 
-def test_adapter_header_sticks_and_no_header_round_robins(topology_module, nginx_bin, tmp_path):
+def test_adapter_header_sticks_and_no_header_round_robins(nginx_bin, tmp_path):
     with answering("a") as (port_a, _), answering("b") as (port_b, _):
-        with proxy(topology_module, nginx_bin, tmp_path, [port_a, port_b]) as client:
+        with proxy(nginx_bin, tmp_path, [port_a, port_b]) as client:
             owners = {}
             for i in range(16):
                 adapter = f"acme/adapter-{i}"
@@ -271,35 +274,35 @@ def test_adapter_header_sticks_and_no_header_round_robins(topology_module, nginx
             assert sorted(spread) == ["a", "a", "b", "b"], spread
 
 
-def test_connection_refused_is_retried_for_every_method(topology_module, nginx_bin, tmp_path):
-    closed = topology_module.free_port()  # nothing listens there: nothing was sent, any request may go on
+def test_connection_refused_is_retried_for_every_method(nginx_bin, tmp_path):
+    closed = free_port()  # nothing listens there: nothing was sent, any request may go on
     with answering("good") as (good, _):
-        with proxy(topology_module, nginx_bin, tmp_path, [closed, good]) as client:
+        with proxy(nginx_bin, tmp_path, [closed, good]) as client:
             for call in CALLS:
                 assert statuses(client, call) == Counter({200: 6}), call
 
 
 @pytest.mark.parametrize("call", ["classify", "generate", "completions", "upload", "delete", "list"])
-def test_sent_then_dropped_is_retried_where_safe(topology_module, nginx_bin, tmp_path, call):
+def test_sent_then_dropped_is_retried_where_safe(nginx_bin, tmp_path, call):
     with dying() as (dead, dropped), answering("good") as (good, _):
-        with proxy(topology_module, nginx_bin, tmp_path, [dead, good]) as client:
+        with proxy(nginx_bin, tmp_path, [dead, good]) as client:
             assert statuses(client, call) == Counter({200: 6})
     assert dropped, "no request reached the dying replica: the retry path was not exercised"
 
 
-def test_tenant_key_creation_is_not_retried_once_sent(topology_module, nginx_bin, tmp_path):
+def test_tenant_key_creation_is_not_retried_once_sent(nginx_bin, tmp_path):
     # A retried key creation could mint a second key while the first one's answer is lost.
     with dying() as (dead, dropped), answering("good") as (good, seen):
-        with proxy(topology_module, nginx_bin, tmp_path, [dead, good]) as client:
+        with proxy(nginx_bin, tmp_path, [dead, good]) as client:
             got = statuses(client, "create_key")
     assert got[502] == len(dropped) >= 1, got
     assert got[200] == len(seen) == 6 - got[502]
 
 
-def test_503_answers_are_passed_through_not_retried(topology_module, nginx_bin, tmp_path):
+def test_503_answers_are_passed_through_not_retried(nginx_bin, tmp_path):
     # 503 = draining, loading or store_unavailable: the client (SDK) retries after Retry-After, not the proxy.
     with answering("busy", status=503) as (busy, busy_seen), answering("good") as (good, _):
-        with proxy(topology_module, nginx_bin, tmp_path, [busy, good]) as client:
+        with proxy(nginx_bin, tmp_path, [busy, good]) as client:
             got = statuses(client, "classify")
             answers = [client.post("/v1/classify", content=b"{}") for _ in range(2)]
     assert got[503] == len(busy_seen) - 1 >= 1, got
@@ -307,17 +310,17 @@ def test_503_answers_are_passed_through_not_retried(topology_module, nginx_bin, 
     assert busy_answer.json() == {"ok": True}, "a replica's own error body must reach the client untouched"
 
 
-def test_the_proxys_own_errors_are_api_json(topology_module, nginx_bin, tmp_path):
-    with proxy(topology_module, nginx_bin, tmp_path, [topology_module.free_port()]) as client:
+def test_the_proxys_own_errors_are_api_json(nginx_bin, tmp_path):
+    with proxy(nginx_bin, tmp_path, [free_port()]) as client:
         down = client.post("/v1/classify", content=b"{}")
         too_large = client.post("/v1/classify", content=b"x" * (3 * 2**20))
     assert down.status_code == 502 and down.json()["error"]["type"] == "bad_gateway"
     assert too_large.status_code == 413 and too_large.json()["error"]["type"] == "payload_too_large"
 
 
-def test_metrics_are_not_served_through_the_proxy(topology_module, nginx_bin, tmp_path):
+def test_metrics_are_not_served_through_the_proxy(nginx_bin, tmp_path):
     with answering("good") as (good, seen):
-        with proxy(topology_module, nginx_bin, tmp_path, [good]) as client:
+        with proxy(nginx_bin, tmp_path, [good]) as client:
             r = client.get("/metrics")
     assert r.status_code == 404 and r.json()["error"]["type"] == "not_found"
     assert not seen

@@ -1,4 +1,4 @@
-"""The compose topology without Docker (scripts/topology.py): redis-server, two ``ptserve serve`` replicas on
+"""The compose topology without Docker (``scripts/topology/``): redis-server, two ``ptserve serve`` replicas on
 the Redis store, nginx from docker/nginx/ptserve.conf.template — driven through the proxy like a client would.
 
 Promises checked: one adapter keeps landing on one replica (X-Ptserve-Replica); an upload through one replica
@@ -10,7 +10,9 @@ replica mid-load loses no request. The tests run in file order on one topology (
 from __future__ import annotations
 
 import json
+import os
 import signal
+import sys
 import threading
 import time
 from collections import Counter
@@ -21,6 +23,7 @@ import pytest
 import yaml
 
 from ptserve.adapters_store.format import encode_blob
+from scripts.topology import Process, Topology, free_port, prometheus_conf, wait_until
 from tests.deploy import dashboard
 from tests.deploy.conftest import need_binary
 from tests.factories import make_adapter, make_blob, save_tiny_decoder
@@ -40,23 +43,23 @@ def llama_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def stack(topology_module, nginx_bin, tmp_path_factory, llama_dir):
+def stack(nginx_bin, tmp_path_factory, llama_dir):
     """The topology, plus a decoder-backbone server (tiny Llama) started alongside, for the dashboard."""
     need_binary("redis-server")
     run_dir = tmp_path_factory.mktemp("topology")
-    topo = topology_module.Topology(run_dir, admin_key=ADMIN_KEY, install=False,
-                                    env={"PTSERVE_THREADS": "1", "PTSERVE_LOG_LEVEL": "warning"})
-    decoder_port = topology_module.free_port()
+    topo = Topology(run_dir, admin_key=ADMIN_KEY, install=False,
+                    env={"PTSERVE_THREADS": "1", "PTSERVE_LOG_LEVEL": "warning"})
+    decoder_port = free_port()
     decoder_env = {**topo.replica_env(0), "PTSERVE_PORT": str(decoder_port), "PTSERVE_REPLICA_ID": "decoder",
                    "PTSERVE_BACKBONE": str(llama_dir), "PTSERVE_STORE": f"file://{run_dir / 'decoder-store'}",
                    "PTSERVE_MAX_SEQ_TOKENS": "128"}
-    exe = [str(Path(topology_module.sys.executable).parent / "ptserve"), "serve"]
-    decoder = topology_module.Process("decoder", exe, decoder_env, run_dir / "logs" / "decoder.log").start()
+    exe = [str(Path(sys.executable).parent / "ptserve"), "serve"]
+    decoder = Process("decoder", exe, decoder_env, run_dir / "logs" / "decoder.log").start()
     try:
         with topo:
             decoder_url = f"http://127.0.0.1:{decoder_port}"
             ready = f"{decoder_url}/readyz"
-            topology_module.wait_until(lambda: httpx.get(ready).status_code == 200, "decoder", 120, decoder)
+            wait_until(lambda: httpx.get(ready).status_code == 200, "decoder", 120, decoder)
             yield topo, decoder_url
     finally:
         decoder.stop()
@@ -208,30 +211,28 @@ def test_every_dashboard_metric_is_exported_by_a_live_server(stack, client, uplo
     assert "ptserve_build_info" in encoder, "the dashboard's replica variable reads ptserve_build_info"
 
 
-def test_prometheus_evaluates_every_panel_with_data(stack, client, uploaded, decoder_adapter, topology_module,
-                                                    tmp_path):
+def test_prometheus_evaluates_every_panel_with_data(stack, client, uploaded, decoder_adapter, tmp_path):
     prometheus = need_binary("prometheus")
     topo, decoder_url = stack
     targets = {topo.replica_id(i): f"127.0.0.1:{topo.replica_ports[i]}" for i in range(topo.replicas)}
     targets["decoder"] = decoder_url.removeprefix("http://")
     conf = tmp_path / "prometheus.yml"
-    conf.write_text(yaml.safe_dump(topology_module.prometheus_conf(targets, scrape_interval="1s")))
-    port = topology_module.free_port()
+    conf.write_text(yaml.safe_dump(prometheus_conf(targets, scrape_interval="1s")))
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
-    proc = topology_module.Process("prometheus", [prometheus, f"--config.file={conf}",
-                                                  f"--storage.tsdb.path={tmp_path / 'tsdb'}",
-                                                  f"--web.listen-address=127.0.0.1:{port}"],
-                                   dict(topology_module.os.environ), tmp_path / "prometheus.log").start()
+    proc = Process("prometheus", [prometheus, f"--config.file={conf}",
+                                  f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                                  f"--web.listen-address=127.0.0.1:{port}"],
+                   dict(os.environ), tmp_path / "prometheus.log").start()
     try:
-        topology_module.wait_until(lambda: httpx.get(f"{url}/-/ready").status_code == 200, "prometheus", 60,
-                                   proc)
+        wait_until(lambda: httpx.get(f"{url}/-/ready").status_code == 200, "prometheus", 60, proc)
 
         def up() -> set[str]:
             result = httpx.get(f"{url}/api/v1/query", params={"query": "up == 1"}).json()["data"]["result"]
             return {s["metric"].get("replica") for s in result}
 
         # Prometheus hands new targets to its scrapers after ~5 s; rates need two scrapes after the traffic.
-        topology_module.wait_until(lambda: up() >= set(targets), "first scrapes", 30)
+        wait_until(lambda: up() >= set(targets), "first scrapes", 30)
         for _ in range(3):
             _traffic(client, decoder_url, uploaded)
             time.sleep(1.1)

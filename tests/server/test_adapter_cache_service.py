@@ -12,7 +12,7 @@ import torch
 
 from ptserve.adapters_store.ids import AdapterId
 from ptserve.adapters_store.local import LocalDirStore
-from ptserve.adapters_store.redis_store import RedisStore
+from ptserve.adapters_store.redis import RedisStore
 from ptserve.adapters_store.store import AdapterMeta
 from ptserve.adapters_store.validation import Limits, decode_blob
 from ptserve.server.adapters import AdapterService

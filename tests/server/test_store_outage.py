@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from ptserve.adapters_store.ids import AdapterId
-from ptserve.adapters_store.redis_store import RedisStore
+from ptserve.adapters_store.redis import RedisStore
 from ptserve.adapters_store.store import AdapterMeta
 from ptserve.adapters_store.validation import Limits, decode_blob
 from ptserve.server.engine import Row

@@ -18,6 +18,7 @@ import torch
 from ptserve.adapters_store.peft_folder import write_peft_folder
 from ptserve.server.backbone import load_backbone
 from ptserve.server.generation.engine import GenerationEngine, GenerationLimits
+from ptserve.server.generation.scheduler import Fifo
 from ptserve.server.generation.sequence import SamplingParams
 from tests.factories import make_adapter, save_tiny_decoder
 
@@ -148,6 +149,30 @@ def test_a_tenant_behind_another_tenants_backlog_joins_at_the_first_free_slot(de
         engine.add(seq)
     engine.step()
     assert engine.scheduler.running == [backlog[0], late, backlog[1]]  # least-served tenant first, then age
+    while engine.has_work:
+        engine.step()
+    assert late.output_ids == _run(_greedy_without_eos(bb, adapters), adapters, [(1, 1, 4)])[0]
+
+
+def test_an_admission_policy_given_to_the_engine_decides_who_joins(decoder):
+    """The same arrivals under FIFO admission: the backlog takes every slot and the quiet tenant's request joins
+    only when slots free after it, with the same tokens as alone."""
+    bb, adapters = decoder
+    engine = GenerationEngine(bb, GenerationLimits(max_running=3, max_seq_tokens=128, prefix_cap=32),
+                              admission=Fifo())
+    engine.eos_ids = frozenset()
+    noisy = engine.make_resident(adapters[0], "noisy/a", 1)
+    quiet = engine.make_resident(adapters[1], "quiet/a", 1)
+    backlog = [engine.new_sequence(noisy, PROMPTS[0], SamplingParams(max_new_tokens=4, temperature=0))
+               for _ in range(3)]
+    late = engine.new_sequence(quiet, PROMPTS[1], SamplingParams(max_new_tokens=4, temperature=0))
+    for seq in backlog + [late]:
+        engine.add(seq)
+    engine.step()
+    assert engine.scheduler.running == backlog and list(engine.scheduler.waiting) == [late]
+    while late not in engine.scheduler.running:
+        engine.step()
+    assert all(len(seq.output_ids) == 4 for seq in backlog)  # it joined once the backlog had finished
     while engine.has_work:
         engine.step()
     assert late.output_ids == _run(_greedy_without_eos(bb, adapters), adapters, [(1, 1, 4)])[0]

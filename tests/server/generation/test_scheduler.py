@@ -1,15 +1,17 @@
 """The continuous-batching scheduler on fake sequences (torch-free): tenant-fair admission (FIFO within a
-tenant), slot and token budgets, packed slots after a departure, and a randomized simulation checking invariants
-and the fairness rule after every step."""
+tenant) and the FIFO policy, slot and token budgets, packed slots after a departure, and a randomized simulation
+checking invariants and each policy's rule after every step."""
 from __future__ import annotations
 
 import itertools
 import random
+import typing
 from dataclasses import dataclass, field
 
 import pytest
 
-from ptserve.server.generation.scheduler import Move, Scheduler
+from ptserve.server.generation.scheduler import ADMISSION_POLICIES, Fifo, Move, Scheduler, TenantFair
+from ptserve.server.settings import Settings
 
 _ids = itertools.count()
 
@@ -122,6 +124,41 @@ def test_fairness_does_not_let_small_requests_overtake_the_chosen_one():
     assert s.admit() == [small_a, big_b]  # both tenants at 0 running: the older request first
 
 
+def test_fifo_admission_serves_the_backlog_before_a_later_tenant():
+    """The same arrivals as in the fairness test above, under FIFO: the quiet tenant waits for the whole backlog
+    ahead of it, one freed slot at a time."""
+    s = Scheduler(max_running=4, max_tokens=10**6, admission=Fifo())
+    noisy = seqs(*[1] * 6, tenant="noisy")
+    quiet = seqs(1, 1, tenant="quiet")
+    for q in noisy + quiet:
+        s.add(q)
+    assert s.admit() == noisy[:4]
+    s.remove(noisy[0])
+    assert s.admit() == [noisy[4]]  # quiet runs nothing, but noisy's older request goes first
+    s.remove(noisy[1])
+    assert s.admit() == [noisy[5]]
+    s.remove(noisy[2]), s.remove(noisy[3])
+    assert s.admit() == quiet
+
+
+def test_fifo_admission_waits_for_room_without_overtaking():
+    s = Scheduler(max_running=8, max_tokens=100, admission=Fifo())
+    a, big, small = FakeSeq(60, "a"), FakeSeq(50, "a"), FakeSeq(10, "b")
+    for q in (a, big, small):
+        s.add(q)
+    assert s.admit() == [a]  # big is next and does not fit; small (another tenant) may not overtake it
+    s.remove(a)
+    assert s.admit() == [big, small]
+
+
+def test_every_admission_setting_names_a_policy():
+    names = typing.get_args(Settings.model_fields["admission"].annotation)
+    assert set(names) == set(ADMISSION_POLICIES)
+    assert Settings.model_fields["admission"].default == "fair"
+    assert ADMISSION_POLICIES["fair"] is TenantFair and ADMISSION_POLICIES["fifo"] is Fifo
+    assert isinstance(Scheduler(max_running=1, max_tokens=1).admission, TenantFair)  # the default
+
+
 def test_empty_scheduler_admits_nothing():
     s = Scheduler(max_running=2, max_tokens=10)
     assert s.admit() == [] and s.running == [] and s.reserved == 0
@@ -178,13 +215,19 @@ def fair_next(waiting: list[FakeSeq], per_tenant: dict[str, int]) -> FakeSeq:
     return next(w for w in waiting if per_tenant[w.tenant] == least)
 
 
+def fifo_next(waiting: list[FakeSeq], per_tenant: dict[str, int]) -> FakeSeq:
+    return waiting[0]
+
+
 @pytest.mark.parametrize("seed", range(200))
-def test_random_arrivals_and_finishes_keep_invariants(seed):
+@pytest.mark.parametrize("policy, rule", [(TenantFair, fair_next), (Fifo, fifo_next)], ids=["fair", "fifo"])
+def test_random_arrivals_and_finishes_keep_invariants(policy, rule, seed):
     """Random arrivals, admissions, finishes and cancellations of waiting requests; a mirror of the slot table
-    (updated only through the returned ``Move``s, as the cache is) must always equal ``running``."""
+    (updated only through the returned ``Move``s, as the cache is) must always equal ``running``, and each
+    admitted request is the one the policy's rule (written independently here) names."""
     rng = random.Random(seed)
     max_running, max_tokens = rng.randint(1, 6), rng.randint(20, 200)
-    s = Scheduler(max_running=max_running, max_tokens=max_tokens)
+    s = Scheduler(max_running=max_running, max_tokens=max_tokens, admission=policy())
     slots: list[FakeSeq | None] = [None] * max_running  # what the KV cache believes each slot holds
     added, admitted, dropped, finished = [], [], [], []
     to_add = rng.randint(1, 60)
@@ -197,11 +240,11 @@ def test_random_arrivals_and_finishes_keep_invariants(seed):
         for i, q in enumerate(joined):
             assert slots[first + i] is None, "admitted into an occupied slot"
             slots[first + i] = q
-            assert q is fair_next(waiting, per_tenant), "not the oldest request of a least-served tenant"
+            assert q is rule(waiting, per_tenant), f"not the request {policy.__name__} picks"
             waiting.remove(q)
             per_tenant[q.tenant] += 1
         if waiting and len(s.running) < max_running:  # it stopped early: the fair choice did not fit
-            assert s.running and s.reserved + fair_next(waiting, per_tenant).reserved_tokens > max_tokens
+            assert s.running and s.reserved + rule(waiting, per_tenant).reserved_tokens > max_tokens
         admitted.extend(joined)
 
     def finish(q):

