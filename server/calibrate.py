@@ -45,16 +45,23 @@ def shapes(max_batch_size: int, max_batch_tokens: int, max_positions: int) -> li
     return out or [(1, min(LENGTHS[0], max_positions))]
 
 
+def warm_up(engine: Engine, max_batch_size: int, max_batch_tokens: int) -> dict[tuple[int, int], list[Row]]:
+    """One pass of every calibration shape (first calls allocate, pick kernels, or compile); the batches."""
+    plan = shapes(max_batch_size, max_batch_tokens, engine.backbone.max_positions)
+    batches = {shape: calibration_rows(engine, *shape) for shape in plan}
+    for batch in batches.values():
+        engine.classify(batch)
+    return batches
+
+
 def measure_pass_cost(
     engine: Engine, max_batch_size: int, max_batch_tokens: int, budget_s: float = 1.0, cap_s: float = 5.0
 ) -> PassCost:
     """Time the shapes (``MIN_ROUNDS`` rounds, more while within ``budget_s``) and fit the cost. A machine so
     busy (or a backbone so slow) that the minimum takes over ``cap_s`` gets the default, with the reason."""
     start = time.perf_counter()
-    plan = shapes(max_batch_size, max_batch_tokens, engine.backbone.max_positions)
-    batches = {shape: calibration_rows(engine, *shape) for shape in plan}
-    for batch in batches.values():  # warm-up: first calls allocate and pick kernels
-        engine.classify(batch)
+    batches = warm_up(engine, max_batch_size, max_batch_tokens)
+    plan = list(batches)
     times: dict[tuple[int, int], list[float]] = {shape: [] for shape in plan}
     for k in range(MAX_ROUNDS):
         elapsed = time.perf_counter() - start

@@ -32,6 +32,8 @@ class Settings(BaseSettings):
     threads: int = Field(0, ge=0, description="torch intra-op threads on cpu (0 = usable cpus - 1, left to the API; "
                          "docs/design.md 'Threads').")
     allow_download: bool = Field(False, description="Let a hub id be fetched; off = local files only.")
+    compile: bool = Field(False, description="torch.compile the encoder pass (dynamic shapes), warmed up at "
+                          "start-up: faster passes for minutes of compiling; encoders only (docs/design.md).")
 
     # store
     store: str = Field("file://./data/adapters", description="file://PATH or redis://HOST:PORT/DB.")

@@ -3,8 +3,7 @@
 ``to_device`` is for the small per-pass tensors (token ids, positions, lengths): one pinned, non-blocking copy,
 ordered on the current stream before the kernels that read it, so the host queues a pass without waiting for the
 device. ``upload`` is for adapters, copied by a loader thread while the engine runs: a side stream, waited for by
-that thread only, into memory allocated on the engine's stream (so freeing it later is ordered after the engine's
-last use). On the cpu both are plain copies.
+that thread only. On the cpu both are plain copies.
 """
 from __future__ import annotations
 
@@ -24,17 +23,20 @@ _side_streams: dict[torch.device, "torch.cuda.Stream"] = {}
 def upload(t: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
     """A new tensor on ``device`` in ``dtype`` holding ``t`` (cpu); always a copy, never a view of ``t``.
 
-    The dtype is converted on the host first (a bfloat16 adapter moves half the bytes of a float32 one)."""
+    The dtype is converted on the host first (a bfloat16 adapter moves half the bytes of a float32 one). On CUDA
+    the copy runs on a side stream from pinned memory and the calling (loader) thread waits for that copy only;
+    ``record_stream`` tells the allocator that the engine's stream uses the tensor, so its memory is not reused
+    before the engine's work queued at its release has run."""
     host = t.to(dtype=dtype, copy=True)
     if device.type != "cuda":
         return host
     pinned = host.pin_memory()
-    out = torch.empty(host.shape, dtype=dtype, device=device)  # allocated on the engine's (current) stream
     if device not in _side_streams:
         _side_streams[device] = torch.cuda.Stream(device)
-    stream = _side_streams[device]
-    stream.wait_stream(torch.cuda.current_stream(device))  # ``out`` may reuse memory the engine just freed
+    stream, engine_stream = _side_streams[device], torch.cuda.current_stream(device)
     with torch.cuda.stream(stream):
+        out = torch.empty(host.shape, dtype=dtype, device=device)
         out.copy_(pinned, non_blocking=True)
-    stream.synchronize()  # this (loader) thread waits for its copy; the engine's stream never does
+    stream.synchronize()
+    out.record_stream(engine_stream)
     return out

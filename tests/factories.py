@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -20,6 +21,7 @@ from ptserve.adapters_store.format import Adapter, AdapterConfig, encode_blob
 from ptserve.adapters_store.heads import head_shapes
 
 MINILM_LABELS = ("negative", "neutral", "positive")
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def make_adapter(
@@ -165,3 +167,18 @@ def save_tiny_decoder(kind: str, out: Path, seed: int = 0) -> Path:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def real_texts() -> list[str]:
+    """The project's own review sentences (360), then sentences of Python's own documentation as the interpreter
+    ships it (``pydoc_data``: written by people, far from the reviews' domain), when the stdlib has it."""
+    from ptserve.server.training.data import load_examples
+
+    texts = [e.text for e in load_examples(EXAMPLES / "sentiment" / "reviews.csv")]
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:  # some distributions strip it; the reviews alone are still a few hundred
+        return texts
+    prose = " ".join(topics[k] for k in sorted(topics))
+    sentences = (s.strip() for s in re.split(r"(?<=[.!?])\s+", prose))
+    return texts + sorted({s for s in sentences if 40 <= len(s) <= 200 and "\n" not in s and s[0].isupper()})

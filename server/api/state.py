@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -16,7 +17,7 @@ from ptserve.server.backbone import Backbone, load_backbone
 from ptserve.server.batch_plan import BatchPolicy
 from ptserve.server.auth import Authenticator
 from ptserve.server.batcher import Batcher
-from ptserve.server.calibrate import measure_pass_cost
+from ptserve.server.calibrate import measure_pass_cost, warm_up
 from ptserve.server.cost_model import PassCost, from_setting
 from ptserve.server.engine import Engine
 from ptserve.server.generation.engine import GenerationEngine, GenerationLimits
@@ -117,8 +118,14 @@ class ServerState:
             log.exception("start-up failed")
 
     def _pass_cost(self) -> PassCost:
-        """The setting when given, else measured now on the loaded backbone (before any request runs)."""
+        """The setting when given, else measured now on the loaded backbone (before any request runs). With
+        ``compile`` the encoder is compiled first, and warmed up here, so no request waits for the compiler."""
         s = self.settings
+        if s.compile:
+            started = time.perf_counter()
+            self.backbone.model = torch.compile(self.backbone.model, dynamic=True)
+            warm_up(self.engine, s.max_batch_size, s.max_batch_tokens)
+            log.info("encoder compiled (torch.compile, dynamic shapes) in %.1f s", time.perf_counter() - started)
         if s.batch_overhead_tokens != "auto":
             return from_setting(s.batch_overhead_tokens)
         return measure_pass_cost(self.engine, s.max_batch_size, s.max_batch_tokens)

@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import random
-import re
 from pathlib import Path
 
 import pytest
@@ -28,7 +27,7 @@ from ptserve.server.engine import Engine, Row
 from ptserve.server.heads import HEADS
 from ptserve.server.training.classify import TrainConfig, train_classifier
 from ptserve.server.training.data import load_examples
-from tests.factories import make_adapter, save_tiny_encoder
+from tests.factories import make_adapter, real_texts, save_tiny_encoder
 
 TOL = 1e-5
 WORDS = ("the service was slow but friendly and the food arrived cold yet tasty enough for a rainy "
@@ -173,7 +172,9 @@ def _hf_bf16_noise(engine: Engine, texts: list[str], heads: list) -> tuple[float
     logits through ``heads[i]`` in float32, as ptserve applies them."""
     from transformers import AutoModel
 
-    model = AutoModel.from_pretrained(engine.backbone.path, attn_implementation="sdpa", dtype=torch.bfloat16).eval()
+    dev = engine.backbone.device
+    model = AutoModel.from_pretrained(engine.backbone.path, attn_implementation="sdpa", dtype=torch.bfloat16)
+    model = model.to(dev).eval()
     tok = engine.backbone.tokenizer
 
     def logits(head, pooled):
@@ -181,9 +182,9 @@ def _hf_bf16_noise(engine: Engine, texts: list[str], heads: list) -> tuple[float
 
     worst = [0.0, 0.0, 0.0]
     with torch.inference_mode():
-        batch = model(**tok(texts, padding=True, return_tensors="pt"))
+        batch = model(**tok(texts, padding=True, return_tensors="pt").to(dev))
         for i, text in enumerate(texts):
-            alone = model(**tok([text], return_tensors="pt"))
+            alone = model(**tok([text], return_tensors="pt").to(dev))
             n = alone.last_hidden_state.shape[1]
             noise = _row_noise(batch.last_hidden_state[i, :n], batch.pooler_output[i],
                                logits(heads[i], batch.pooler_output[i]), alone.last_hidden_state[0],
@@ -193,7 +194,11 @@ def _hf_bf16_noise(engine: Engine, texts: list[str], heads: list) -> tuple[float
 
 
 def test_in_bfloat16_a_mixed_batch_equals_alone_within_hf_own_rounding(bf16_engine):
-    engine = bf16_engine
+    assert_bf16_rows_match_alone(bf16_engine)
+
+
+def assert_bf16_rows_match_alone(engine: Engine) -> None:
+    """The bf16 contract on ``engine`` (any device): mixed rows vs alone within BF16_FACTOR x HF's own noise."""
     residents = _residents(engine, [16, 16, 1, 8, 64, 3])
     texts = _texts(18, seed=6)
     rows = [Row(residents[i % 6], engine.tokenize([t], residents[i % 6].num_virtual_tokens)[0])
@@ -219,19 +224,6 @@ def test_in_bfloat16_a_mixed_batch_equals_alone_within_hf_own_rounding(bf16_engi
     assert float((h[0] - h[1]).abs().max()) / max(1.0, float(h[0].abs().max())) > 5 * bounds[0]
 
 
-def _real_texts() -> list[str]:
-    """The project's own review sentences (360), then sentences of Python's own documentation as the interpreter
-    ships it (``pydoc_data``: written by people, far from the reviews' domain), when the stdlib has it."""
-    texts = [e.text for e in load_examples(EXAMPLES / "reviews.csv")]
-    try:
-        from pydoc_data.topics import topics
-    except ImportError:  # some distributions strip it; the reviews alone are still a few hundred
-        return texts
-    prose = " ".join(topics[k] for k in sorted(topics))
-    sentences = (s.strip() for s in re.split(r"(?<=[.!?])\s+", prose))
-    return texts + sorted({s for s in sentences if 40 <= len(s) <= 200 and "\n" not in s and s[0].isupper()})
-
-
 @pytest.fixture(scope="module")
 def sentiment_adapter(minilm):
     """A prefix trained on the example reviews (2 epochs, ~3 s): real margins, unlike a random head."""
@@ -246,10 +238,14 @@ def _classify_all(engine: Engine, adapter, texts: list[str]) -> torch.Tensor:
 
 
 def test_bfloat16_labels_agree_with_float32_on_real_texts(minilm_engine, bf16_engine, sentiment_adapter):
-    texts = _real_texts()
+    assert_labels_agree(minilm_engine, bf16_engine, sentiment_adapter)
+
+
+def assert_labels_agree(fp32_engine: Engine, bf16_engine: Engine, adapter) -> None:
+    texts = real_texts()
     assert len(texts) >= 360
-    fp32 = _classify_all(minilm_engine, sentiment_adapter, texts)
-    bf16 = _classify_all(bf16_engine, sentiment_adapter, texts)
+    fp32 = _classify_all(fp32_engine, adapter, texts)
+    bf16 = _classify_all(bf16_engine, adapter, texts)
     agree = fp32.argmax(1) == bf16.argmax(1)
     assert float(agree.float().mean()) >= MIN_LABEL_AGREEMENT, f"{int((~agree).sum())} of {len(texts)} differ"
     # and every label that does differ is a near-tie in float32, within bf16's own logit noise

@@ -94,3 +94,25 @@ def test_a_bad_overhead_setting_is_refused(value):
 
     with pytest.raises(ValidationError):
         Settings(batch_overhead_tokens=value)
+
+
+@pytest.mark.slow
+def test_a_compiled_encoder_is_warmed_up_at_start_and_answers_as_eager(tmp_path, minilm):
+    from ptserve.server.backbone import load_backbone
+    from ptserve.server.engine import Engine
+    from tests.factories import save_tiny_encoder
+
+    folder = save_tiny_encoder("bert", tmp_path / "bert", minilm.path)
+    env = {"PTSERVE_BACKBONE": str(folder), "PTSERVE_COMPILE": "true", "PTSERVE_STORE": f"file://{tmp_path / 's'}"}
+    eager = Engine(load_backbone(str(folder), device="cpu", dtype="float32"))
+    adapter = make_adapter(eager.fp, 4, seed=2, head="pooler_linear")
+    with server_process(env, timeout=600) as server:
+        assert any(m.startswith("encoder compiled") for m in _messages(server))  # before /readyz said ready
+        r = httpx.put(f"{server.url}/v1/adapters/acme/a", content=encode_blob(adapter), headers=OCTET, timeout=30)
+        assert r.status_code == 201, r.text
+        body = httpx.post(f"{server.url}/v1/classify", json={"adapter": "acme/a", "inputs": TEXTS,
+                                                             "return_logits": True}, timeout=300).json()
+    resident = eager.make_resident(adapter, "acme/a", 1)
+    reference, _ = eager.classify([Row(resident, ids) for ids in eager.tokenize(TEXTS, 4)])
+    served = torch.tensor([p["logits"] for p in body["predictions"]])
+    assert (served - torch.stack(reference)).abs().max() <= 1e-5
