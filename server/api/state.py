@@ -91,7 +91,7 @@ class ServerState:
                 self.generator.start()
                 self.metrics.watch_generation(self.generator)
             else:
-                self.pass_cost = await asyncio.to_thread(self._pass_cost)
+                self.pass_cost = await asyncio.to_thread(self._prepare_encoder)
                 log.info("batch planner: %s", self.pass_cost.describe())
                 self.metrics.observe_pass_cost(self.pass_cost)
                 policy = BatchPolicy(
@@ -117,9 +117,9 @@ class ServerState:
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.exception("start-up failed")
 
-    def _pass_cost(self) -> PassCost:
-        """The setting when given, else measured now on the loaded backbone (before any request runs). With
-        ``compile`` the encoder is compiled first, and warmed up here, so no request waits for the compiler."""
+    def _prepare_encoder(self) -> PassCost:
+        """Before any request runs: compile the encoder when asked (warmed up here, so no request waits for the
+        compiler), then the planner's pass cost: the setting when given, else measured on the loaded backbone."""
         s = self.settings
         if s.compile:
             started = time.perf_counter()
