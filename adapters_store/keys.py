@@ -22,16 +22,13 @@ from pathlib import Path
 from typing import Callable
 from urllib.parse import urlparse
 
-from ptserve.adapters_store.errors import PtserveError, StoreUnavailable
+from ptserve.adapters_store.errors import StoreUnavailable
 from ptserve.adapters_store.ids import check_tenant
+from ptserve.client.wire.errors import KeyNotFound  # noqa: F401
 
 KEY_PREFIX = "ptk_"
 KEY_ID_RE = re.compile(r"^[0-9a-f]{16}$")
 _KEY_RE = re.compile(r"^ptk_([0-9a-f]{16})_[A-Za-z0-9_-]{20,100}$")
-
-
-class KeyNotFound(PtserveError):
-    status, type = 404, "key_not_found"
 
 
 @dataclass(frozen=True)

@@ -1,17 +1,19 @@
 """The store interface: versioned, checksummed adapter blobs behind one async API, opened from a URL.
 
-A store knows bytes and the few facts the API lists (``AdapterInfo``); it never parses tensors. Validation
-happens before ``put`` (``ptserve.adapters_store.validation``), so a store only ever holds blobs that decoded cleanly.
+A store knows bytes and the few facts the API lists (``AdapterInfo``, the wire record the API answers too); it
+never parses tensors. Validation happens before ``put`` (``ptserve.adapters_store.validation``), so a store
+only ever holds blobs that decoded cleanly.
 """
 from __future__ import annotations
 
 import abc
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Awaitable, Callable, Iterable
 from urllib.parse import urlparse
 
 from ptserve.adapters_store.errors import AdapterNotFound
 from ptserve.adapters_store.ids import AdapterId
+from ptserve.client.wire.records import AdapterInfo
 
 
 @dataclass(frozen=True)
@@ -21,25 +23,6 @@ class AdapterMeta:
     task: str
     num_virtual_tokens: int
     labels: tuple[str, ...] = ()
-
-
-@dataclass(frozen=True)
-class AdapterInfo:
-    id: str
-    version: int
-    sha256: str
-    task: str
-    num_virtual_tokens: int
-    labels: list[str]
-    bytes: int
-    created_at: str  # ISO 8601, UTC
-
-    def to_json(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict) -> "AdapterInfo":
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
 
 
 @dataclass

@@ -1,29 +1,34 @@
-"""What ``Client`` and ``AsyncClient`` share, free of I/O: endpoint specs (``Call``), the retry policy,
-``Retry-After`` parsing, server-sent-event parsing and upload source detection."""
+"""The client's sans-IO core, shared by ``Client`` and ``AsyncClient``: what a call sends (``Call``), when to
+resend it and how long to wait first (``RetryPolicy``, honouring ``Retry-After``; the resend-after-cut-short
+rule of inference calls), and how an answer becomes the response to read or a typed error (``exchange``).
+
+Nothing here does I/O. ``exchange`` is a generator that yields ``Effect``s (send this request, read that body,
+close it, sleep) and is sent their results; ``sdk.py``'s two executors perform them, one blocking, one
+awaiting. A transport failure is thrown back into the generator at the effect that failed.
+"""
 
 from __future__ import annotations
 
-import email.utils
-import json
+import inspect
 import os
 import random
-import time
+import types
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Callable, Iterable
-from urllib.parse import quote
+from typing import Any, Callable, Generator, NamedTuple
 
 import httpx
 
-from ptserve.client.errors import StreamError
-from ptserve.client.types import StreamEvent
-from ptserve.client.wire import BLOB_FILE, LABELS_FILE, PEFT_DIR
-from ptserve.client.wire import PEFT_CONFIG_FILE as PEFT_CONFIG
-from ptserve.client.wire import PEFT_WEIGHTS_FILE as PEFT_WEIGHTS
+from ptserve.client.errors import APIConnectionError, error_from_response
+from ptserve.client.wire.errors import parse_retry_after
 
 DEFAULT_URL = "http://127.0.0.1:8000"
-RETRY_STATUSES = frozenset({429, 503})
+ADAPTER_HEADER = "X-Ptserve-Adapter"
+RETRY_STATUSES = frozenset({429, 503})  # the server refused before doing any work: always safe to resend
 IDEMPOTENT = frozenset({"GET", "HEAD", "DELETE", "OPTIONS"})
+# The request cannot have reached the server: resent whatever the method.
+NOT_SENT = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+# The request may have been served and its answer lost (a replica died mid-answer, a read timed out).
+CUT_SHORT = (httpx.ReadTimeout, httpx.RemoteProtocolError, httpx.ReadError)
 
 
 def default_url() -> str:
@@ -32,57 +37,6 @@ def default_url() -> str:
 
 def default_key() -> str | None:
     return os.environ.get("PTSERVE_API_KEY") or None
-
-
-@dataclass(frozen=True)
-class RetryPolicy:
-    """Retries on 429/503 (honouring ``Retry-After``) and on connection failures.
-
-    Without ``Retry-After`` the wait is ``backoff * 2**attempt`` (at most ``max_backoff``) with ±20% jitter; a
-    ``Retry-After`` longer than ``max_retry_after`` is not waited out: the error is raised at once.
-    """
-
-    max_retries: int = 3
-    backoff: float = 0.5
-    max_backoff: float = 8.0
-    max_retry_after: float = 60.0
-
-    def delay(self, attempt: int, retry_after: float | None) -> float | None:
-        """Seconds to wait before retry number ``attempt + 1``, or None to give up."""
-        if attempt >= self.max_retries:
-            return None
-        if retry_after is not None:
-            return retry_after if retry_after <= self.max_retry_after else None
-        return min(self.max_backoff, self.backoff * 2**attempt) * random.uniform(0.8, 1.2)
-
-
-def parse_retry_after(value: str | None) -> float | None:
-    """``Retry-After`` as seconds: delta-seconds or an HTTP date; None when absent or unreadable."""
-    if value is None:
-        return None
-    value = value.strip()
-    try:
-        return max(0.0, float(value))
-    except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    return max(0.0, when.timestamp() - time.time())
-
-
-def retryable_exception(exc: Exception, method: str, side_effect_free: bool = False) -> bool:
-    """Retry a request that never reached the server; one that may have, only if idempotent or free of side
-    effects (inference: an answer cut short when its replica died is simply asked for again)."""
-    if isinstance(exc, (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)):
-        return True
-    return (method in IDEMPOTENT or side_effect_free) and isinstance(
-        exc, (httpx.ReadTimeout, httpx.RemoteProtocolError, httpx.ReadError)
-    )
-
-
-ADAPTER_HEADER = "X-Ptserve-Adapter"
 
 
 @dataclass
@@ -112,125 +66,120 @@ class Call:
         return kw
 
 
-def adapter_path(adapter_id: str, suffix: str = "") -> str:
-    tenant, sep, name = adapter_id.partition("/")
-    if not sep or not tenant or not name:
-        raise ValueError(f"adapter id {adapter_id!r} must be 'tenant/name'")
-    return f"/v1/adapters/{quote(tenant, safe='')}/{quote(name, safe='')}{suffix}"
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Retries on 429/503 (honouring ``Retry-After``) and on connection failures.
 
-
-def tenant_path(tenant: str, suffix: str = "") -> str:
-    if not tenant or "/" in tenant:
-        raise ValueError(f"tenant {tenant!r} must be a non-empty name without '/'")
-    return f"/v1/tenants/{quote(tenant, safe='')}{suffix}"
-
-
-def drop_none(**kw) -> dict:
-    return {k: v for k, v in kw.items() if v is not None}
-
-
-# --- uploads ------------------------------------------------------------------------------------------------
-def upload_call(adapter_id: str, source: bytes | str | os.PathLike, labels: list[str] | None, parse) -> Call:
-    """The PUT for ``source``: blob bytes, a blob file, a PEFT folder, or a ``ptserve train --out`` folder."""
-    path = adapter_path(adapter_id)
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        return _blob_call(path, bytes(source), parse, adapter_id)
-    src = Path(source)
-    if src.is_file():
-        return _blob_call(path, src.read_bytes(), parse, adapter_id)
-    if not src.is_dir():
-        raise FileNotFoundError(f"{src}: no such file or folder")
-    if (src / BLOB_FILE).is_file():  # a `ptserve train --out` folder: its blob carries the labels
-        return _blob_call(path, (src / BLOB_FILE).read_bytes(), parse, adapter_id)
-    folder = src / PEFT_DIR if (src / PEFT_DIR / PEFT_CONFIG).is_file() else src
-    if not (folder / PEFT_CONFIG).is_file():
-        raise FileNotFoundError(f"{src} holds neither {BLOB_FILE} nor a PEFT folder ({PEFT_CONFIG})")
-    if labels is None and (folder / LABELS_FILE).is_file():
-        labels = json.loads((folder / LABELS_FILE).read_text())
-    files = {
-        name: (name, (folder / name).read_bytes(), "application/octet-stream")
-        for name in (PEFT_CONFIG, PEFT_WEIGHTS)
-    }
-    data = {"labels": json.dumps(list(labels))} if labels else None
-    return Call("PUT", path, parse, files=files, data=data, adapter=adapter_id)
-
-
-def _blob_call(path: str, blob: bytes, parse, adapter_id: str) -> Call:
-    return Call("PUT", path, parse, content=blob, headers={"content-type": "application/octet-stream"},
-                adapter=adapter_id)
-
-
-# --- server-sent events -------------------------------------------------------------------------------------
-class SSEDecoder:
-    """Incremental SSE parser (WHATWG event-stream): feed lines, get events at each blank line.
-
-    ``data: [DONE]`` (the OpenAI convention) ends the stream; an ``error`` event, or data holding an ``error``
-    object, raises ``StreamError`` with the server's type and message.
+    Without ``Retry-After`` the wait is ``backoff * 2**attempt`` (at most ``max_backoff``) with ±20% jitter; a
+    ``Retry-After`` longer than ``max_retry_after`` is not waited out: the error is raised at once.
     """
 
-    def __init__(self) -> None:
-        self.event: str | None = None
-        self.data: list[str] = []
-        self.done = False
+    max_retries: int = 3
+    backoff: float = 0.5
+    max_backoff: float = 8.0
+    max_retry_after: float = 60.0
 
-    def feed(self, line: str) -> StreamEvent | None:
-        line = line.rstrip("\r\n")
-        if line == "":
-            return self._dispatch()
-        if line.startswith(":"):
+    def delay(self, attempt: int, retry_after: float | None) -> float | None:
+        """Seconds to wait before retry number ``attempt + 1``, or None to give up."""
+        if attempt >= self.max_retries:
             return None
-        name, _, value = line.partition(":")
-        value = value[1:] if value.startswith(" ") else value
-        if name == "event":
-            self.event = value
-        elif name == "data":
-            self.data.append(value)
-        return None
+        if retry_after is not None:
+            return retry_after if retry_after <= self.max_retry_after else None
+        return min(self.max_backoff, self.backoff * 2**attempt) * random.uniform(0.8, 1.2)
 
-    def flush(self) -> StreamEvent | None:
-        return self._dispatch()
+    def after_answer(self, call: Call, attempt: int, response: httpx.Response) -> float | None:
+        """How long to wait before resending ``call`` after this error answer (None: raise it)."""
+        if not call.retry or response.status_code not in RETRY_STATUSES:
+            return None
+        return self.delay(attempt, parse_retry_after(response.headers.get("retry-after")))
 
-    def _dispatch(self) -> StreamEvent | None:
-        if not self.data:
-            self.event = None
-            return None
-        raw, event = "\n".join(self.data), self.event
-        self.data, self.event = [], None
-        if raw.strip() == "[DONE]":
-            self.done = True
-            return None
+    def after_failure(self, call: Call, attempt: int, exc: Exception) -> float | None:
+        """How long to wait before resending ``call`` after a transport failure (None: raise it)."""
+        return self.delay(attempt, None) if call.retry and resendable(exc, call) else None
+
+
+def resendable(exc: Exception, call: Call) -> bool:
+    """Resend a request that never reached the server; one that may have, only if idempotent or free of side
+    effects (inference: an answer cut short when its replica died is simply asked for again)."""
+    if isinstance(exc, NOT_SENT):
+        return True
+    return (call.method in IDEMPOTENT or call.side_effect_free) and isinstance(exc, CUT_SHORT)
+
+
+class Effect(NamedTuple):
+    """One piece of I/O the core asks of its executor: ``op`` names the executor's method (send, read, close,
+    sleep), ``args`` its arguments; the executor sends back what the method returns."""
+
+    op: str
+    args: tuple
+
+
+Steps = Generator[Effect, Any, Any]
+
+
+def exchange(
+    call: Call, policy: RetryPolicy, request: Callable[[Call], httpx.Request], base_url: str, stream: bool
+) -> Steps:
+    """Send ``call`` until it is answered 2xx or given up; returns that response (open, when ``stream``: the
+    caller reads and closes it). A stream is resent only before its first byte: no event is ever repeated."""
+    attempt = 0
+    while True:
         try:
-            payload = json.loads(raw)
-        except json.JSONDecodeError:
-            raise StreamError(f"stream event data is not JSON: {raw[:200]!r}") from None
-        if not isinstance(payload, dict):
-            payload = {"data": payload}
-        err = payload.get("error")
-        if event == "error" or isinstance(err, dict):
-            err = err if isinstance(err, dict) else payload
-            raise StreamError(f"{err.get('type', 'stream_error')}: {err.get('message', raw[:200])}")
-        return StreamEvent(event, payload, raw)
+            response = yield Effect("send", (request(call), stream))
+        except httpx.TransportError as exc:
+            delay = policy.after_failure(call, attempt, exc)
+            if delay is None:
+                raise connection_error(exc, call, base_url) from exc
+        else:
+            if response.status_code < 400:
+                return response
+            delay = policy.after_answer(call, attempt, response)
+            if delay is None:
+                yield from _raise_answer(response, call, base_url)
+            yield Effect("close", (response,))
+        yield Effect("sleep", (delay,))
+        attempt += 1
 
 
-def iter_events(lines: Iterable[str]):
-    decoder = SSEDecoder()
-    for line in lines:
-        event = decoder.feed(line)
-        if event is not None:
-            yield event
-        if decoder.done:
-            return
-    if (event := decoder.flush()) is not None:
-        yield event
+def _raise_answer(response: httpx.Response, call: Call, base_url: str) -> Steps:
+    try:
+        body = yield Effect("read", (response,))
+    except httpx.TransportError as exc:
+        raise connection_error(exc, call, base_url) from exc
+    finally:
+        yield Effect("close", (response,))
+    raise error_from_response(response.status_code, dict(response.headers), body, response.reason_phrase)
 
 
-async def aiter_events(lines):
-    decoder = SSEDecoder()
-    async for line in lines:
-        event = decoder.feed(line)
-        if event is not None:
-            yield event
-        if decoder.done:
-            return
-    if (event := decoder.flush()) is not None:
-        yield event
+def connection_error(exc: Exception, call: Call, base_url: str) -> APIConnectionError:
+    return APIConnectionError(f"{call.method} {base_url}{call.path}: {type(exc).__name__}: {exc}")
+
+
+@types.coroutine
+def drive(steps: Steps, perform: Callable[[Effect], Any]):
+    """Run ``steps`` to its return value, performing each effect with ``perform``. The one loop of both
+    executors: an awaitable that ``perform`` returns (``AsyncClient``'s) is awaited in place, so
+    ``await drive(...)`` runs under asyncio, and ``result(drive(...))`` runs a blocking ``perform`` to
+    the end."""
+    value, failure = None, None
+    while True:
+        try:
+            effect = steps.throw(failure) if failure is not None else steps.send(value)
+        except StopIteration as done:
+            return done.value
+        value, failure = None, None
+        try:
+            value = perform(effect)
+            if inspect.isawaitable(value):
+                value = yield from value.__await__()
+        except httpx.TransportError as exc:
+            failure = exc
+
+
+def result(driving) -> Any:
+    """The return value of a ``drive`` whose effects are all blocking (it never suspends)."""
+    try:
+        driving.send(None)
+    except StopIteration as done:
+        return done.value
+    raise RuntimeError("a blocking executor's effect returned an awaitable")

@@ -7,16 +7,22 @@
         print(c.classify("acme/sentiment", ["great!"]).predictions[0].label)
         for event in c.generate_stream("acme/poet", "Roses are"):
             print(event.text, end="")
+
+The methods are written once (``Endpoints``): each names its ``calls`` spec and how it runs — one answer
+(``_run``), a stream of events (``_stream``) or every item of a paged listing (``_items``). The two classes
+are the executors of the sans-IO core (``_core``): ``Client`` performs its effects blocking, ``AsyncClient``
+awaits them, and turns each one-answer method into a coroutine with the same signature and docstring.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import time
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import aclosing, closing
 from pathlib import Path
-from typing import AsyncIterator, Iterator
+from typing import AsyncIterator, Callable, Iterator, Union
 
 import httpx
 
@@ -24,14 +30,14 @@ from ptserve.client import calls
 from ptserve.client._core import (
     Call,
     RetryPolicy,
-    aiter_events,
+    connection_error,
     default_key,
     default_url,
-    iter_events,
-    parse_retry_after,
-    retryable_exception,
+    drive,
+    exchange,
+    result,
 )
-from ptserve.client.errors import APIConnectionError, PtserveClientError, error_from_response
+from ptserve.client.sse import aiter_events, iter_events
 from ptserve.client.types import (
     AdapterInfo,
     AdapterPage,
@@ -45,17 +51,145 @@ from ptserve.client.types import (
 )
 
 DEFAULT_TIMEOUT = httpx.Timeout(60.0, connect=10.0)
+Events = Union[Iterator[StreamEvent], AsyncIterator[StreamEvent]]  # Client: an iterator; AsyncClient: async
+Items = Union[Iterator[AdapterInfo], AsyncIterator[AdapterInfo]]
 
 
-class _Base:
+def _one_answer(method):
+    """Marks a method that returns ``self._run(call)``: ``AsyncClient`` makes it a coroutine function."""
+    method.one_answer = True
+    return method
+
+
+class Endpoints:
+    """Every endpoint, for both clients (see the module docstring)."""
+
+    _run: Callable[[Call], object]
+    _stream: Callable[[Call], Events]
+    _items: Callable[[Call, Callable[[AdapterPage], Call | None]], Items]
+
+    # --- adapters -------------------------------------------------------------------------------------------
+    @_one_answer
+    def upload(
+        self, adapter_id: str, source: bytes | str | os.PathLike, labels: list[str] | None = None
+    ) -> AdapterInfo:
+        """Upload blob bytes, a blob file, a PEFT folder (labels from ``labels`` or its labels.json) or a
+        ``ptserve train --out`` folder; returns the new version's info."""
+        return self._run(calls.upload(adapter_id, source, labels))
+
+    @_one_answer
+    def list_adapters(
+        self, tenant: str | None = None, cursor: str | None = None, limit: int | None = None
+    ) -> AdapterPage:
+        """One page of adapters (a tenant key sees its own); pass ``next_cursor`` back for the next."""
+        return self._run(calls.list_adapters(tenant, cursor, limit))
+
+    def iter_adapters(self, tenant: str | None = None, page_size: int = 100) -> Items:
+        """Every adapter, fetching ``page_size`` at a time."""
+
+        def following(page: AdapterPage) -> Call | None:
+            return calls.list_adapters(tenant, page.next_cursor, page_size) if page.next_cursor else None
+
+        return self._items(calls.list_adapters(tenant, None, page_size), following)
+
+    @_one_answer
+    def get_adapter(self, adapter_id: str) -> AdapterInfo:
+        """The adapter's current version."""
+        return self._run(calls.get_adapter(adapter_id))
+
+    @_one_answer
+    def download_adapter(self, adapter_id: str) -> bytes:
+        """The stored ptserve blob."""
+        return self._run(calls.download_adapter(adapter_id))
+
+    @_one_answer
+    def export_peft(self, adapter_id: str, out_dir: str | os.PathLike) -> Path:
+        """Download an adapter and write it as a PEFT folder (plus labels.json) that PEFT loads (needs the
+        server distribution, which converts with torch)."""
+        return self._run(calls.export_peft(adapter_id, out_dir))
+
+    @_one_answer
+    def delete_adapter(self, adapter_id: str) -> None:
+        """Delete every version of an adapter."""
+        return self._run(calls.delete_adapter(adapter_id))
+
+    # --- inference ------------------------------------------------------------------------------------------
+    @_one_answer
+    def classify(
+        self, adapter: str, inputs: list[str] | str, *, return_logits: bool = False, truncate: bool = False
+    ) -> ClassifyResult:
+        """Classify texts (one string: one text) with a classification adapter."""
+        return self._run(calls.classify(adapter, inputs, return_logits, truncate))
+
+    @_one_answer
+    def generate(self, adapter: str, prompt: str, **params) -> GenerateResult:
+        """``params``: max_new_tokens, temperature, top_p, top_k, seed, stop (None values are left out)."""
+        return self._run(calls.generate(adapter, prompt, **params))
+
+    def generate_stream(self, adapter: str, prompt: str, **params) -> Events:
+        """Server-sent events of a streamed generation; ``event.text`` is each new piece of text."""
+        return self._stream(calls.generate_stream(adapter, prompt, **params))
+
+    @_one_answer
+    def completions(self, model: str, prompt: str | list[str], **params) -> Completion:
+        """OpenAI-compatible completion (``model`` = adapter id); ``params`` as OpenAI's (max_tokens, ...)."""
+        return self._run(calls.completions(model, prompt, False, **params))
+
+    def completions_stream(self, model: str, prompt: str | list[str], **params) -> Events:
+        """The completion's chunks as server-sent events; ``event.text`` is each new piece of text."""
+        return self._stream(calls.completions(model, prompt, True, **params))
+
+    @_one_answer
+    def models(self) -> list[Model]:
+        """The adapters this key may use for the server's task, as OpenAI models."""
+        return self._run(calls.models())
+
+    # --- keys (admin) ---------------------------------------------------------------------------------------
+    @_one_answer
+    def create_key(self, tenant: str, **params) -> CreatedKey:
+        """A new key for ``tenant`` (``name=`` a note for humans); its secret is shown this once."""
+        return self._run(calls.create_key(tenant, **params))
+
+    @_one_answer
+    def list_keys(self, tenant: str) -> list[KeyInfo]:
+        """The tenant's keys: ids and metadata, never the secrets."""
+        return self._run(calls.list_keys(tenant))
+
+    @_one_answer
+    def revoke_key(self, tenant: str, key_id: str) -> None:
+        """Revoke a key: it stops working at once on this replica, within a second on the others."""
+        return self._run(calls.revoke_key(tenant, key_id))
+
+    # --- operations -----------------------------------------------------------------------------------------
+    @_one_answer
+    def health(self) -> dict:
+        """Liveness (``GET /healthz``)."""
+        return self._run(calls.health())
+
+    @_one_answer
+    def ready(self) -> dict:
+        """Readiness (``GET /readyz``; not retried: a 503 is the answer)."""
+        return self._run(calls.ready())
+
+    @_one_answer
+    def metrics(self) -> str:
+        """The Prometheus scrape (``GET /metrics``)."""
+        return self._run(calls.metrics())
+
+
+class _Base(Endpoints):
+    _http_class: type = httpx.Client
+
     def __init__(
         self,
-        base_url: str | None,
-        api_key: str | None,
-        timeout,
-        retry: RetryPolicy | None,
-        max_retries: int | None,
-        headers: dict | None,
+        base_url: str | None = None,
+        api_key: str | None = None,
+        *,
+        timeout=None,
+        retry: RetryPolicy | None = None,
+        max_retries: int | None = None,
+        headers: dict | None = None,
+        transport: httpx.BaseTransport | httpx.AsyncBaseTransport | None = None,
     ):
         self.base_url = (base_url or default_url()).rstrip("/")
         self.api_key = api_key if api_key is not None else default_key()
@@ -68,49 +202,23 @@ class _Base:
         self.headers = {"user-agent": "ptserve-client/0.1", **(headers or {})}
         if self.api_key:
             self.headers["authorization"] = f"Bearer {self.api_key}"
+        self._http = self._http_class(
+            base_url=self.base_url, headers=self.headers, timeout=self.timeout, transport=transport
+        )
 
-    def _request(self, http, call: Call) -> httpx.Request:
-        return http.build_request(call.method, call.path, **call.request_kwargs())
+    def _answer(self, call: Call, stream: bool = False):
+        """The core's steps for ``call``, performed by this executor: they end in the 2xx response (awaitable
+        for ``AsyncClient``)."""
+        request = lambda c: self._http.build_request(c.method, c.path, **c.request_kwargs())  # noqa: E731
+        return drive(exchange(call, self.retry, request, self.base_url, stream), self._perform)
 
-    def _delay(
-        self, call: Call, attempt: int, response: httpx.Response | None, exc: Exception | None
-    ) -> float | None:
-        if not call.retry:
-            return None
-        if exc is not None:
-            retryable = retryable_exception(exc, call.method, call.side_effect_free)
-            return self.retry.delay(attempt, None) if retryable else None
-        if response.status_code not in (429, 503):
-            return None
-        return self.retry.delay(attempt, parse_retry_after(response.headers.get("retry-after")))
-
-    def _connection_error(self, exc: Exception, call: Call) -> APIConnectionError:
-        return APIConnectionError(f"{call.method} {self.base_url}{call.path}: {type(exc).__name__}: {exc}")
-
-
-def _raise_for(response: httpx.Response, body: bytes) -> None:
-    if response.status_code >= 400:
-        raise error_from_response(response.status_code, dict(response.headers), body, response.reason_phrase)
+    def _perform(self, effect):
+        return getattr(self, "_" + effect.op)(*effect.args)
 
 
 class Client(_Base):
-    """Sync client; ``base_url`` defaults to ``$PTSERVE_URL``, ``api_key`` to ``$PTSERVE_API_KEY``."""
-
-    def __init__(
-        self,
-        base_url: str | None = None,
-        api_key: str | None = None,
-        *,
-        timeout=None,
-        retry: RetryPolicy | None = None,
-        max_retries: int | None = None,
-        headers: dict | None = None,
-        transport: httpx.BaseTransport | None = None,
-    ):
-        super().__init__(base_url, api_key, timeout, retry, max_retries, headers)
-        self._http = httpx.Client(
-            base_url=self.base_url, headers=self.headers, timeout=self.timeout, transport=transport
-        )
+    """Sync client; ``base_url`` defaults to ``$PTSERVE_URL``, ``api_key`` to ``$PTSERVE_API_KEY``;
+    ``transport`` is an ``httpx.BaseTransport`` (e.g. ``httpx.MockTransport`` for offline tests)."""
 
     def close(self) -> None:
         self._http.close()
@@ -121,142 +229,41 @@ class Client(_Base):
     def __exit__(self, *exc) -> None:
         self.close()
 
-    # --- transport ------------------------------------------------------------------------------------------
-    @contextmanager
-    def _send(self, call: Call, stream: bool = False) -> Iterator[httpx.Response]:
-        """The 2xx response (streamed if asked), after retries; a typed error otherwise."""
-        attempt = 0
-        while True:
-            response, exc = None, None
-            try:
-                response = self._http.send(self._request(self._http, call), stream=stream)
-            except httpx.TransportError as e:
-                exc = e
-            delay = self._delay(call, attempt, response, exc)
-            if delay is None:
-                break
-            if response is not None:
-                response.close()
-            time.sleep(delay)
-            attempt += 1
-        if exc is not None:
-            raise self._connection_error(exc, call) from exc
-        try:
-            if response.status_code >= 400:
-                _raise_for(response, response.read())
-            yield response
-        finally:
-            response.close()
+    # --- the executor: the core's effects, blocking ---------------------------------------------------------
+    def _send(self, request: httpx.Request, stream: bool) -> httpx.Response:
+        return self._http.send(request, stream=stream)
+
+    def _read(self, response: httpx.Response) -> bytes:
+        return response.read()
+
+    def _close(self, response: httpx.Response) -> None:
+        response.close()
+
+    def _sleep(self, seconds: float) -> None:
+        time.sleep(seconds)
 
     def _run(self, call: Call):
-        with self._send(call) as response:
-            return call.parse(response)
+        return call.parse(result(self._answer(call)))
 
     def _stream(self, call: Call) -> Iterator[StreamEvent]:
-        with self._send(call, stream=True) as response:
+        with closing(result(self._answer(call, stream=True))) as response:
             try:
                 yield from iter_events(response.iter_lines())
             except httpx.TransportError as exc:
-                raise self._connection_error(exc, call) from exc
+                raise connection_error(exc, call, self.base_url) from exc
 
-    # --- adapters -------------------------------------------------------------------------------------------
-    def upload(
-        self, adapter_id: str, source: bytes | str | os.PathLike, labels: list[str] | None = None
-    ) -> AdapterInfo:
-        """Upload blob bytes, a blob file, a PEFT folder (labels from ``labels`` or its labels.json) or a
-        ``ptserve train --out`` folder; returns the new version's info."""
-        return self._run(calls.upload(adapter_id, source, labels))
-
-    def list_adapters(
-        self, tenant: str | None = None, cursor: str | None = None, limit: int | None = None
-    ) -> AdapterPage:
-        return self._run(calls.list_adapters(tenant, cursor, limit))
-
-    def iter_adapters(self, tenant: str | None = None, page_size: int = 100) -> Iterator[AdapterInfo]:
-        cursor = None
-        while True:
-            page = self.list_adapters(tenant, cursor, page_size)
+    def _items(self, call: Call | None, following) -> Iterator[AdapterInfo]:
+        while call is not None:
+            page = self._run(call)
             yield from page.data
-            if not page.next_cursor:
-                return
-            cursor = page.next_cursor
-
-    def get_adapter(self, adapter_id: str) -> AdapterInfo:
-        return self._run(calls.get_adapter(adapter_id))
-
-    def download_adapter(self, adapter_id: str) -> bytes:
-        """The stored ptserve blob."""
-        return self._run(calls.download_adapter(adapter_id))
-
-    def export_peft(self, adapter_id: str, out_dir: str | os.PathLike) -> Path:
-        """Download an adapter and write it as a PEFT folder (plus labels.json) that PEFT loads."""
-        return _peft_exporter()(self.download_adapter(adapter_id), out_dir)
-
-    def delete_adapter(self, adapter_id: str) -> None:
-        self._run(calls.delete_adapter(adapter_id))
-
-    # --- inference ------------------------------------------------------------------------------------------
-    def classify(
-        self, adapter: str, inputs: list[str] | str, *, return_logits: bool = False, truncate: bool = False
-    ) -> ClassifyResult:
-        return self._run(calls.classify(adapter, inputs, return_logits, truncate))
-
-    def generate(self, adapter: str, prompt: str, **params) -> GenerateResult:
-        """``params``: max_new_tokens, temperature, top_p, top_k, seed, stop (None values are left out)."""
-        return self._run(calls.generate(adapter, prompt, **params))
-
-    def generate_stream(self, adapter: str, prompt: str, **params) -> Iterator[StreamEvent]:
-        """Server-sent events of a streamed generation; ``event.text`` is each new piece of text."""
-        return self._stream(calls.generate_stream(adapter, prompt, **params))
-
-    def completions(self, model: str, prompt: str | list[str], **params) -> Completion:
-        return self._run(calls.completions(model, prompt, False, **params))
-
-    def completions_stream(self, model: str, prompt: str | list[str], **params) -> Iterator[StreamEvent]:
-        return self._stream(calls.completions(model, prompt, True, **params))
-
-    def models(self) -> list[Model]:
-        return self._run(calls.models())
-
-    # --- keys (admin) ---------------------------------------------------------------------------------------
-    def create_key(self, tenant: str, **params) -> CreatedKey:
-        return self._run(calls.create_key(tenant, **params))
-
-    def list_keys(self, tenant: str) -> list[KeyInfo]:
-        return self._run(calls.list_keys(tenant))
-
-    def revoke_key(self, tenant: str, key_id: str) -> None:
-        self._run(calls.revoke_key(tenant, key_id))
-
-    # --- operations -----------------------------------------------------------------------------------------
-    def health(self) -> dict:
-        return self._run(calls.health())
-
-    def ready(self) -> dict:
-        return self._run(calls.ready())
-
-    def metrics(self) -> str:
-        return self._run(calls.metrics())
+            call = following(page)
 
 
 class AsyncClient(_Base):
-    """The asyncio twin of ``Client``: the same methods, awaited; streams are async iterators."""
+    """The asyncio twin of ``Client``: the same methods, awaited; streams and ``iter_adapters`` are async
+    iterators; ``transport`` is an ``httpx.AsyncBaseTransport``."""
 
-    def __init__(
-        self,
-        base_url: str | None = None,
-        api_key: str | None = None,
-        *,
-        timeout=None,
-        retry: RetryPolicy | None = None,
-        max_retries: int | None = None,
-        headers: dict | None = None,
-        transport: httpx.AsyncBaseTransport | None = None,
-    ):
-        super().__init__(base_url, api_key, timeout, retry, max_retries, headers)
-        self._http = httpx.AsyncClient(
-            base_url=self.base_url, headers=self.headers, timeout=self.timeout, transport=transport
-        )
+    _http_class = httpx.AsyncClient
 
     async def aclose(self) -> None:
         await self._http.aclose()
@@ -267,124 +274,50 @@ class AsyncClient(_Base):
     async def __aexit__(self, *exc) -> None:
         await self.aclose()
 
-    @asynccontextmanager
-    async def _send(self, call: Call, stream: bool = False) -> AsyncIterator[httpx.Response]:
-        attempt = 0
-        while True:
-            response, exc = None, None
-            try:
-                response = await self._http.send(self._request(self._http, call), stream=stream)
-            except httpx.TransportError as e:
-                exc = e
-            delay = self._delay(call, attempt, response, exc)
-            if delay is None:
-                break
-            if response is not None:
-                await response.aclose()
-            await asyncio.sleep(delay)
-            attempt += 1
-        if exc is not None:
-            raise self._connection_error(exc, call) from exc
-        try:
-            if response.status_code >= 400:
-                _raise_for(response, await response.aread())
-            yield response
-        finally:
-            await response.aclose()
+    # --- the executor: the core's effects, awaited ----------------------------------------------------------
+    async def _send(self, request: httpx.Request, stream: bool) -> httpx.Response:
+        return await self._http.send(request, stream=stream)
+
+    async def _read(self, response: httpx.Response) -> bytes:
+        return await response.aread()
+
+    async def _close(self, response: httpx.Response) -> None:
+        await response.aclose()
+
+    async def _sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
 
     async def _run(self, call: Call):
-        async with self._send(call) as response:
-            return call.parse(response)
+        return call.parse(await self._answer(call))
 
     async def _stream(self, call: Call) -> AsyncIterator[StreamEvent]:
-        async with self._send(call, stream=True) as response:
+        async with aclosing(await self._answer(call, stream=True)) as response:
             try:
                 async for event in aiter_events(response.aiter_lines()):
                     yield event
             except httpx.TransportError as exc:
-                raise self._connection_error(exc, call) from exc
+                raise connection_error(exc, call, self.base_url) from exc
 
-    async def upload(
-        self, adapter_id: str, source: bytes | str | os.PathLike, labels: list[str] | None = None
-    ) -> AdapterInfo:
-        return await self._run(calls.upload(adapter_id, source, labels))
-
-    async def list_adapters(
-        self, tenant: str | None = None, cursor: str | None = None, limit: int | None = None
-    ) -> AdapterPage:
-        return await self._run(calls.list_adapters(tenant, cursor, limit))
-
-    async def iter_adapters(
-        self, tenant: str | None = None, page_size: int = 100
-    ) -> AsyncIterator[AdapterInfo]:
-        cursor = None
-        while True:
-            page = await self.list_adapters(tenant, cursor, page_size)
+    async def _items(self, call: Call | None, following) -> AsyncIterator[AdapterInfo]:
+        while call is not None:
+            page = await self._run(call)
             for info in page.data:
                 yield info
-            if not page.next_cursor:
-                return
-            cursor = page.next_cursor
-
-    async def get_adapter(self, adapter_id: str) -> AdapterInfo:
-        return await self._run(calls.get_adapter(adapter_id))
-
-    async def download_adapter(self, adapter_id: str) -> bytes:
-        return await self._run(calls.download_adapter(adapter_id))
-
-    async def export_peft(self, adapter_id: str, out_dir: str | os.PathLike) -> Path:
-        return _peft_exporter()(await self.download_adapter(adapter_id), out_dir)
-
-    async def delete_adapter(self, adapter_id: str) -> None:
-        await self._run(calls.delete_adapter(adapter_id))
-
-    async def classify(
-        self, adapter: str, inputs: list[str] | str, *, return_logits: bool = False, truncate: bool = False
-    ) -> ClassifyResult:
-        return await self._run(calls.classify(adapter, inputs, return_logits, truncate))
-
-    async def generate(self, adapter: str, prompt: str, **params) -> GenerateResult:
-        return await self._run(calls.generate(adapter, prompt, **params))
-
-    def generate_stream(self, adapter: str, prompt: str, **params) -> AsyncIterator[StreamEvent]:
-        return self._stream(calls.generate_stream(adapter, prompt, **params))
-
-    async def completions(self, model: str, prompt: str | list[str], **params) -> Completion:
-        return await self._run(calls.completions(model, prompt, False, **params))
-
-    def completions_stream(self, model: str, prompt: str | list[str], **params) -> AsyncIterator[StreamEvent]:
-        return self._stream(calls.completions(model, prompt, True, **params))
-
-    async def models(self) -> list[Model]:
-        return await self._run(calls.models())
-
-    async def create_key(self, tenant: str, **params) -> CreatedKey:
-        return await self._run(calls.create_key(tenant, **params))
-
-    async def list_keys(self, tenant: str) -> list[KeyInfo]:
-        return await self._run(calls.list_keys(tenant))
-
-    async def revoke_key(self, tenant: str, key_id: str) -> None:
-        await self._run(calls.revoke_key(tenant, key_id))
-
-    async def health(self) -> dict:
-        return await self._run(calls.health())
-
-    async def ready(self) -> dict:
-        return await self._run(calls.ready())
-
-    async def metrics(self) -> str:
-        return await self._run(calls.metrics())
+            call = following(page)
 
 
-def _peft_exporter():
-    """The blob → PEFT folder converter; it decodes tensors with torch, so it ships with the server distribution."""
-    try:
-        from ptserve.adapters_store.peft_folder import blob_to_peft_folder
-    except ImportError as exc:
-        raise PtserveClientError(
-            "export_peft converts with torch: install the server distribution (pip install ptserve), "
-            "or save download_adapter()'s blob as is"
-        ) from exc
-    return blob_to_peft_folder
+def _awaited(method):
+    """``method`` (which returns ``self._run(...)``, an awaitable here) as a coroutine function, same
+    signature and docstring."""
 
+    @functools.wraps(method)
+    async def coroutine(self, *args, **kwargs):
+        return await method(self, *args, **kwargs)
+
+    return coroutine
+
+
+for _name, _method in vars(Endpoints).items():
+    if getattr(_method, "one_answer", False):
+        setattr(AsyncClient, _name, _awaited(_method))
+del _name, _method

@@ -10,7 +10,8 @@ server's. Only the standard PEFT/transformers API is used here, so it is PEFT's 
           loads a PEFT folder (e.g. one ptserve exported) with PeftModel.from_pretrained, writes its logits
   generate --model M --adapter DIR --prompts P.json --max-new N --result R.json
           PEFT greedy ``generate`` of a CAUSAL_LM PEFT folder on token-id prompts (EOS ignored), writes the tokens
-          (PEFT 0.21.2's generate ignores the prefix on transformers 5.24, so this reference needs 4.57)
+          and each step's raw logits (PEFT 0.21.2's generate ignores the prefix on transformers 5.24, so this
+          reference needs 4.57)
 """
 from __future__ import annotations
 
@@ -68,14 +69,16 @@ def cmd_generate(a) -> None:
 
     base = AutoModelForCausalLM.from_pretrained(a.model)
     model = PeftModel.from_pretrained(base, a.adapter).eval()
-    outputs = []
+    outputs, logits = [], []
     with torch.no_grad():
         for ids in _texts(a.prompts):
             x = torch.tensor([ids])
             out = model.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=a.max_new,
-                                 min_new_tokens=a.max_new, do_sample=False, eos_token_id=None, pad_token_id=0)
-            outputs.append(out[0, len(ids):].tolist())
-    _write(a.result, outputs, key="tokens")
+                                 min_new_tokens=a.max_new, do_sample=False, eos_token_id=None, pad_token_id=0,
+                                 output_logits=True, return_dict_in_generate=True)
+            outputs.append(out.sequences[0, len(ids):].tolist())
+            logits.append([step[0].tolist() for step in out.logits])  # [steps][vocab], before any processor
+    _write(a.result, outputs, key="tokens", logits=logits)
 
 
 def _texts(path: str) -> list[str]:
@@ -83,12 +86,12 @@ def _texts(path: str) -> list[str]:
         return json.load(f)
 
 
-def _write(path: str, values: list, key: str = "logits") -> None:
+def _write(path: str, values: list, key: str = "logits", **more) -> None:
     import peft
     import transformers
 
     with open(path, "w") as f:
-        json.dump({key: values, "transformers": transformers.__version__, "peft": peft.__version__}, f)
+        json.dump({key: values, **more, "transformers": transformers.__version__, "peft": peft.__version__}, f)
 
 
 def main() -> None:

@@ -11,25 +11,13 @@ import logging
 import time
 from dataclasses import dataclass
 
-from ptserve.adapters_store.errors import AdapterNotFound, PtserveError, StoreUnavailable
+from ptserve.adapters_store.errors import AdapterNotFound, StoreUnavailable
 from ptserve.adapters_store.ids import AdapterId
 from ptserve.adapters_store.keys import KeyRecord, KeyStore, hash_key, key_id_of
+from ptserve.client.wire.errors import Forbidden, Unauthorized  # noqa: F401  (raised here, defined for both sides)
 from ptserve.server.logs import note
 
 log = logging.getLogger(__name__)
-
-
-class Unauthorized(PtserveError):
-    status, type = 401, "unauthorized"
-
-    def __init__(self, message: str, invalid: bool = False):
-        super().__init__(message)
-        challenge = 'Bearer realm="ptserve"' + (', error="invalid_token"' if invalid else "")
-        self.headers = {"WWW-Authenticate": challenge}
-
-
-class Forbidden(PtserveError):
-    status, type = 403, "forbidden"
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,9 @@ plans passes with ``plan_batches``, runs them back to back and hands each row's 
 loop. The thread never waits for the event loop between passes, so a loop busy answering (e.g. refusing an
 overload) does not starve the engine.
 
+A pass that fails is split in halves and rerun until the rows that fail alone are found: one tenant's bad row
+never fails another tenant's rows in the same pass.
+
 Overload is refused at the door: a submit that would push the queue past ``max_queue_rows`` (or its tenant past
 ``max_queue_rows_per_tenant``) raises ``QueueFull`` (429) with a retry delay estimated from recent throughput;
 a caller whose deadline passes raises ``DeadlineExceeded`` (504) and its queued rows are dropped unrun.
@@ -256,11 +259,8 @@ class Batcher(Generic[Item]):
         self.busy = True
         try:
             results, stats = self._run([p.item for p in group])
-        except Exception as exc:  # the pass failed: every row in it gets the error
-            log.exception("forward pass failed")
-            for p in group:
-                _deliver(p, error=exc)
-            return
+        except Exception as exc:
+            return self._isolate(group, exc)
         finally:
             self.busy = False
         end = time.monotonic()
@@ -272,3 +272,18 @@ class Batcher(Generic[Item]):
             log.exception("pass report failed")
         for p, res in zip(group, results):
             _deliver(p, res)
+
+    def _isolate(self, group: list[_Pending[Item]], exc: Exception) -> None:
+        """A pass failed. Rows of many tenants share it, and one row's failure must not fail the others: each
+        half runs again on its own until the rows that fail alone are found (one bad row costs about
+        2·log2(rows) extra passes); only those rows get the error."""
+        if len(group) == 1:
+            log.error("forward pass failed", exc_info=exc)
+            _deliver(group[0], error=exc)
+            return
+        log.warning("a forward pass of %d rows failed (%s); running its halves on their own", len(group), exc)
+        mid = len(group) // 2
+        for half in (group[:mid], group[mid:]):
+            live = [p for p in half if not p.future.done()]  # a caller may have given up meanwhile
+            if live:
+                self._run_pass(live)

@@ -1,6 +1,6 @@
 """The server's commands of the ``ptserve`` CLI, added to the client's app (``ptserve.client.cli``) on import:
-``serve`` (flags mirror ``PTSERVE_*`` settings), ``train`` and ``adapters import-thudm``. Importing this module
-loads no torch: each command imports what it runs."""
+``serve`` (flags mirror ``PTSERVE_*`` settings), ``train`` and ``adapters import-thudm``. Importing this
+module loads no torch: each command imports what it runs."""
 from __future__ import annotations
 
 import inspect
@@ -11,18 +11,8 @@ from typing import Optional
 import typer
 from pydantic import ValidationError
 
-from ptserve.client.cli import (
-    JsonOpt,
-    KeyOpt,
-    ServerOpt,
-    _client,
-    _labels,
-    _out,
-    _print_json,
-    adapters_app,
-    app,
-    fail,
-)
+from ptserve.client.cli import adapters_app, app
+from ptserve.client.cli.context import Connection, connected, fail, parse_labels, print_json, stdout
 from ptserve.server.settings import Settings
 
 
@@ -82,7 +72,9 @@ app.command()(serve)
 
 
 @adapters_app.command("import-thudm")
+@connected
 def adapters_import_thudm(
+    conn: Connection,
     checkpoint: Path = typer.Argument(
         ..., help="THUDM P-tuning-v2 checkpoint: a .safetensors/.bin file or folder."
     ),
@@ -95,20 +87,19 @@ def adapters_import_thudm(
         False, help="Read a .bin/.pt pickle with torch.load(weights_only=True)."
     ),
     upload: Optional[str] = typer.Option(None, help="Also upload it as this adapter id (tenant/name)."),
-    server: Optional[str] = ServerOpt,
-    api_key: Optional[str] = KeyOpt,
-    as_json: bool = JsonOpt,
 ) -> None:
     """Convert a THUDM P-tuning-v2 checkpoint (plain or projected prefix encoder, classifier)."""
-    from ptserve.adapters_store.errors import PtserveError
+    from ptserve.adapters_store.errors import APIError
     from ptserve.adapters_store.thudm import read_checkpoint, thudm_to_adapter
-    from ptserve.server.training.outputs import BLOB_FILE, write_outputs
+    from ptserve.client.wire.layout import BLOB_FILE
+    from ptserve.server.training.outputs import write_outputs
 
     try:
         fp, head_kind, pooler = _backbone_geometry(backbone)
         state, config_labels = read_checkpoint(checkpoint, allow_pickle)
-        adapter = thudm_to_adapter(state, fp, head_kind, _labels(labels) or config_labels, backbone, pooler)
-    except PtserveError as exc:
+        labels_ = parse_labels(labels) or config_labels
+        adapter = thudm_to_adapter(state, fp, head_kind, labels_, backbone, pooler)
+    except APIError as exc:
         fail(f"{exc.type}: {exc.message}", 2)
     except (OSError, ValueError) as exc:
         fail(str(exc), 2)
@@ -120,16 +111,16 @@ def adapters_import_thudm(
         "labels": list(adapter.config.labels),
     }
     if upload:
-        with _client(server, api_key) as c:
+        with conn.client() as c:
             result["uploaded"] = c.upload(upload, out / BLOB_FILE).raw
-    if as_json:
-        return _print_json(result)
-    _out().print(
+    if conn.as_json:
+        return print_json(result)
+    stdout().print(
         f"imported {checkpoint} -> {out} ({result['task']}, {result['num_virtual_tokens']} virtual tokens)",
         highlight=False,
     )
     if upload:
-        _out().print(f"uploaded {upload} version {result['uploaded']['version']}", highlight=False)
+        stdout().print(f"uploaded {upload} version {result['uploaded']['version']}", highlight=False)
 
 
 def _backbone_geometry(name: str):

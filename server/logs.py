@@ -25,6 +25,7 @@ class RequestContext:
     key_id: str | None = None
     adapter: str | None = None
     version: int | None = None
+    generation: dict | None = None  # generation requests: tokens, engine steps, finish reason (or error type)
 
 
 _current: ContextVar[RequestContext | None] = ContextVar("ptserve_request", default=None)

@@ -136,8 +136,15 @@ DECODER_CORPUS = [
 ]
 
 
-def save_tiny_decoder(kind: str, out: Path, seed: int = 0) -> Path:
-    """A tiny random GPT-2, Llama (grouped-query attention) or Qwen2 with a byte-level BPE tokenizer trained here."""
+def save_tiny_decoder(kind: str, out: Path, seed: int = 0, initializer_range: float = 0.2,
+                      max_positions: int = 256) -> Path:
+    """A tiny random GPT-2, Llama (grouped-query attention) or Qwen2 with a byte-level BPE tokenizer trained here.
+
+    Weights are drawn with std ``initializer_range`` = 0.2, not HF's 0.02: with 0.02 the random model's logits are
+    nearly flat, greedy output repeats one token and barely depends on the prefix (GPT-2: 6 of 7 test jobs
+    repeated one token, 4 of 7 gave the same tokens under a near-zero prefix), so tests comparing tokens proved
+    little. With 0.2 no job of the generation tests repeats one token or matches another prefix's output
+    (``test_engine.py`` asserts it)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import (GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
                               Qwen2Config, Qwen2ForCausalLM)
@@ -150,18 +157,19 @@ def save_tiny_decoder(kind: str, out: Path, seed: int = 0) -> Path:
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
                                   pad_token="<|endoftext|>")
     eos, vocab = tok.eos_token_id, len(tok)
-    special = dict(eos_token_id=eos, bos_token_id=eos, pad_token_id=eos)
+    special = dict(eos_token_id=eos, bos_token_id=eos, pad_token_id=eos, initializer_range=initializer_range)
     torch.manual_seed(seed)
     if kind == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4, n_positions=256, **special))
+        model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=64, n_layer=2, n_head=4,
+                                           n_positions=max_positions, **special))
     elif kind == "llama":
         model = LlamaForCausalLM(LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128,
                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                             max_position_embeddings=256, **special))
+                                             max_position_embeddings=max_positions, **special))
     elif kind == "qwen2":
         model = Qwen2ForCausalLM(Qwen2Config(vocab_size=vocab, hidden_size=64, intermediate_size=128,
                                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-                                             max_position_embeddings=256, **special))
+                                             max_position_embeddings=max_positions, **special))
     else:
         raise ValueError(kind)
     model.save_pretrained(out)

@@ -10,6 +10,7 @@ from typing import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from ptserve.client.wire.errors import PayloadTooLarge
 from ptserve.server.limits import Draining
 from ptserve.server.logs import RequestContext, bind, log_request, unbind
 
@@ -62,7 +63,7 @@ class BodyLimitMiddleware:
 
 async def _send_413(send: Send, limit: int) -> None:
     body = json.dumps(
-        {"error": {"type": "payload_too_large", "message": f"request body exceeds {limit} bytes"}}
+        {"error": {"type": PayloadTooLarge.type, "message": f"request body exceeds {limit} bytes"}}
     ).encode()
     await send({"type": "http.response.start", "status": 413,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),

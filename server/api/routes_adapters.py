@@ -9,9 +9,9 @@ from starlette.datastructures import UploadFile
 from ptserve.adapters_store.errors import InvalidAdapter
 from ptserve.adapters_store.ids import AdapterId, check_tenant
 from ptserve.adapters_store.peft_folder import CONFIG_FILE, WEIGHTS_FILE
-from ptserve.adapters_store.store import AdapterInfo
+from ptserve.client.wire.records import AdapterInfo
 from ptserve.server.api.deps import AdaptersDep, Principal, authorize, authorize_tenant
-from ptserve.server.api.errors import BadRequest, error_response
+from ptserve.server.api.errors import BadRequest, UnsupportedMediaType, answer
 from ptserve.server.api.schemas import AdapterList, AdapterPublic, ErrorResponse
 
 router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
@@ -19,7 +19,7 @@ ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 4
 
 
 def _public(info: AdapterInfo, notes: list[str] | None = None) -> AdapterPublic:
-    return AdapterPublic(**info.to_json(), notes=notes or [])
+    return AdapterPublic(**{**info.to_json(), "notes": notes or []})
 
 
 @router.put(
@@ -45,11 +45,10 @@ async def put_adapter(tenant: str, name: str, request: Request, principal: Princ
             config_raw, weights_raw, labels = await _read_peft_form(request, adapters.limits.max_bytes)
             uploaded = await adapters.put_peft(adapter_id, config_raw, weights_raw, labels)
         else:
-            return error_response(
-                415, "unsupported_media_type",
+            return answer(UnsupportedMediaType(
                 "send application/octet-stream (ptserve blob) or multipart/form-data with the PEFT files "
-                f"{CONFIG_FILE!r} and {WEIGHTS_FILE!r}",
-            )
+                f"{CONFIG_FILE!r} and {WEIGHTS_FILE!r}"
+            ))
     except Exception:
         adapters_metrics(request).uploads.labels("rejected").inc()
         raise

@@ -2,11 +2,15 @@
 
 ``run_generation`` is shared with the OpenAI-compatible route: it authorises, leases the adapter, queues the
 sequence on the engine thread and yields its events; leaving the iteration early (client disconnect) cancels it.
+A request that fails before its first event answers a plain JSON error; a stream that fails later ends with one
+``data: {"error": {"type", "message"}}`` event (never a cut connection); a client that disconnects from a
+non-streaming request is counted as 499, not as a server error.
 """
 from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 from dataclasses import dataclass
 from typing import AsyncIterator
@@ -15,6 +19,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from ptserve.adapters_store.errors import InvalidInput, WrongTask
+from ptserve.client.wire.errors import APIError, ClientDisconnected, InternalError
 from ptserve.server.api.deps import Principal, ReadyDep, authorize
 from ptserve.server.api.schemas import ErrorResponse
 from ptserve.server.api.schemas_generate import GenerateRequest, GenerateResponse, GenerateUsage
@@ -22,7 +27,9 @@ from ptserve.server.api.state import ServerState
 from ptserve.server.generation.engine import StepEvent
 from ptserve.server.generation.sequence import SamplingParams, Sequence
 from ptserve.server.limits import DeadlineExceeded, QueueFull
+from ptserve.server.logs import current, note
 
+log = logging.getLogger(__name__)
 router = APIRouter(tags=["inference"])
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429, 503, 504)}
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -61,8 +68,13 @@ async def run_generation(
             gen.adapter_id, gen.version = resident.id, resident.version
             gen.seq = runner.engine.new_sequence(resident, prompt, params)
             state.metrics.prompt_tokens.inc(len(gen.seq.prompt_ids))
-            async for event in _observed(state, runner.generate(gen.seq)):
-                yield event
+            try:
+                async for event in _observed(state, runner.generate(gen.seq)):
+                    yield event
+            finally:
+                seq = gen.seq  # into the access-log line: what the engine did for this request
+                note(generation={"prompt_tokens": len(seq.prompt_ids), "completion_tokens": len(seq.output_ids),
+                                 "engine_steps": seq.steps, "finish_reason": seq.finish_reason})
 
 
 async def _observed(state: ServerState, events: AsyncIterator[StepEvent]) -> AsyncIterator[StepEvent]:
@@ -95,7 +107,7 @@ def sampling_params(req: GenerateRequest) -> SamplingParams:
 
 
 async def until_disconnect(request: Request, events: AsyncIterator[StepEvent]) -> list[StepEvent]:
-    """Collect all events, but stop (and so cancel the sequence) as soon as the client goes away."""
+    """Collect all events; if the client goes away first, cancel the sequence and raise ``ClientDisconnected``."""
     collected: list[StepEvent] = []
 
     async def collect():
@@ -108,9 +120,20 @@ async def until_disconnect(request: Request, events: AsyncIterator[StepEvent]) -
         if not work.done() and await request.is_disconnected():
             work.cancel()
             await asyncio.gather(work, return_exceptions=True)
-            return collected
+            log.info("client disconnected after %d of its tokens; generation cancelled", len(collected))
+            raise ClientDisconnected("the client disconnected before the answer was ready")
     work.result()  # re-raise errors
     return collected
+
+
+def sse_error(exc: BaseException) -> str:
+    """The last event of a stream that failed after it started (the status line has gone: 200)."""
+    if not isinstance(exc, APIError):
+        log.error("generation stream failed", exc_info=exc)
+        exc = InternalError("internal server error")
+    ctx = current()
+    note(generation={**((ctx and ctx.generation) or {}), "error": exc.type})
+    return f"data: {json.dumps({'error': {'type': exc.type, 'message': exc.message}})}\n\n"
 
 
 @router.post("/v1/generate", response_model=GenerateResponse, responses={
@@ -121,9 +144,9 @@ async def generate(req: GenerateRequest, request: Request, principal: Principal,
     if req.stream:
         first = await _first(events)  # errors before the first event answer as plain 4xx/5xx
         return StreamingResponse(_sse(first, events, gen), media_type="text/event-stream", headers=SSE_HEADERS)
-    collected = await until_disconnect(request, events)
+    await until_disconnect(request, events)
     return GenerateResponse(adapter=gen.adapter_id, version=gen.version, text=gen.seq.text,
-                            finish_reason=gen.seq.finish_reason, usage=gen.usage) if collected else None
+                            finish_reason=gen.seq.finish_reason, usage=gen.usage)
 
 
 async def _first(events: AsyncIterator[StepEvent]) -> StepEvent | None:
@@ -148,5 +171,7 @@ async def _sse(first: StepEvent | None, events: AsyncIterator[StepEvent], gen: G
                             usage=gen.usage.model_dump())
             yield f"data: {json.dumps(body)}\n\n"
         yield "data: [DONE]\n\n"
+    except Exception as exc:
+        yield sse_error(exc)
     finally:
         await events.aclose()

@@ -8,7 +8,7 @@ from fastapi import APIRouter, Response
 
 from ptserve.adapters_store.errors import PtserveError
 from ptserve.server.api.deps import StateDep
-from ptserve.server.api.errors import error_response
+from ptserve.server.api.errors import Draining, NotReady, error_response
 from ptserve.server.metrics import CONTENT_TYPE
 
 router = APIRouter(tags=["operations"])
@@ -22,11 +22,11 @@ async def healthz() -> dict:
 @router.get("/readyz")
 async def readyz(state: StateDep):
     if state.draining:
-        return error_response(503, "draining", "the server is shutting down", {"Retry-After": "1"})
+        return error_response(503, Draining.type, "the server is shutting down", {"Retry-After": "1"})
     if state.load_error:
-        return error_response(503, "not_ready", f"start-up failed: {state.load_error}")
+        return error_response(503, NotReady.type, f"start-up failed: {state.load_error}")
     if not state.ready.is_set():
-        return error_response(503, "not_ready", "the backbone is still loading")
+        return error_response(503, NotReady.type, "the backbone is still loading")
     # A store outage degrades but does not stop serving: resident adapters still answer, so stay in rotation.
     try:
         await asyncio.wait_for(state.store.ping(), timeout=2.0)

@@ -12,7 +12,8 @@ from fastapi import APIRouter, Request
 from fastapi.responses import StreamingResponse
 
 from ptserve.server.api.deps import Principal, ReadyDep
-from ptserve.server.api.routes_generate import ERRORS, SSE_HEADERS, Generation, _first, run_generation, until_disconnect
+from ptserve.server.api.routes_generate import (ERRORS, SSE_HEADERS, Generation, _first, run_generation, sse_error,
+                                                until_disconnect)
 from ptserve.server.api.schemas_generate import CompletionRequest, ModelCard, ModelList
 from ptserve.server.generation.engine import StepEvent
 from ptserve.server.generation.sequence import SamplingParams
@@ -60,6 +61,8 @@ async def _stream(cid, created, first: StepEvent | None, events: AsyncIterator[S
                 usage = gen.usage.model_dump() if event.done else None
                 yield f"data: {json.dumps(_chunk(cid, created, gen.adapter_id, event.text, finish, usage))}\n\n"
         yield "data: [DONE]\n\n"
+    except Exception as exc:  # the openai client raises APIError on a data event holding "error"
+        yield sse_error(exc)
     finally:
         await events.aclose()
 

@@ -1,23 +1,22 @@
 """Request and response bodies of the HTTP API (DESIGN's contract), named by role."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from pydantic import BaseModel, ConfigDict, Field
+
+from ptserve.client.wire.records import AdapterInfo
 
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class AdapterPublic(BaseModel):
-    id: str
-    version: int
-    sha256: str
-    task: str
-    num_virtual_tokens: int
-    labels: list[str]
-    bytes: int
-    created_at: str
-    notes: list[str] = Field(default_factory=list, description="Warnings about the upload, e.g. base model name.")
+# The wire's AdapterInfo under the name the OpenAPI document has always given it; no field of its own (and no
+# docstring: it would become the schema's description).
+@dataclass(frozen=True)
+class AdapterPublic(AdapterInfo):
+    pass
 
 
 class AdapterList(BaseModel):

@@ -5,7 +5,11 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from ptserve.server.generation.sampling import MIN_TEMPERATURE
+
 MAX_STOPS, MAX_STOP_CHARS = 8, 64
+TEMPERATURE_HELP = f"0 = greedy; 0 < t < {MIN_TEMPERATURE} counts as {MIN_TEMPERATURE} (sampling's floor)."
+TOP_P_HELP = "Nucleus mass; the most likely token is always kept."
 
 
 def _check_stops(v: list[str]) -> list[str]:
@@ -20,9 +24,9 @@ class GenerateRequest(BaseModel):
     adapter: str = Field(..., description="Adapter id, 'tenant/name'.", examples=["acme/support-bot"])
     prompt: str = Field(..., max_length=100_000)
     max_new_tokens: int = Field(64, ge=1)
-    temperature: float = Field(1.0, ge=0, le=10, description="0 = greedy.")
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0, description="0 = off.")
+    temperature: float = Field(1.0, ge=0, le=10, description=TEMPERATURE_HELP)
+    top_p: float = Field(1.0, gt=0, le=1, description=TOP_P_HELP)
+    top_k: int = Field(0, ge=0, description="0 = off; more than the vocabulary = all tokens.")
     seed: int | None = Field(None, ge=0, le=2**63 - 1, description="Same seed, same text, whatever the batch.")
     stop: list[str] = Field(default_factory=list)
     stream: bool = Field(False, description="Answer with server-sent events.")
@@ -52,8 +56,8 @@ class CompletionRequest(BaseModel):
     model: str = Field(..., description="Adapter id, 'tenant/name'.")
     prompt: str | list[str]
     max_tokens: int | None = Field(16, ge=1)
-    temperature: float | None = Field(1.0, ge=0, le=2)
-    top_p: float | None = Field(1.0, gt=0, le=1)
+    temperature: float | None = Field(1.0, ge=0, le=2, description=TEMPERATURE_HELP)
+    top_p: float | None = Field(1.0, gt=0, le=1, description=TOP_P_HELP)
     n: int | None = Field(1, ge=1, le=1, description="Only 1 is supported.")
     stream: bool | None = False
     stop: str | list[str] | None = None

@@ -1,31 +1,42 @@
 """The generation engine: one step = let waiting requests join (prefill), then decode one token for the rest.
 
+Failures stay with the sequence that causes them: a row whose logits are not finite, or whose sampling or
+detokenisation raises, fails alone; a forward pass that raises is retried on halves of its rows until the rows
+that fail alone are found, and only those fail (see docs/design.md, "Fault isolation"). A failed sequence leaves
+an event carrying its error; the others in the step get their token as if nothing happened.
+
 Not thread-safe by design: one worker thread (``runner.py``) owns it and calls ``step`` in a loop.
 """
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-from ptserve.adapters_store.errors import InputTooLong
+from ptserve.adapters_store.errors import APIError, GenerationFailed, InputTooLong, InvalidInput, NonFiniteLogits
 from ptserve.adapters_store.format import Adapter
 from ptserve.server.backbone import Backbone
 from ptserve.server.generation.forward import FloatLMHead, decode_forward, decoder_forward
 from ptserve.server.generation.kv_cache import SlotKVCache
-from ptserve.server.generation.sampling import sample_next
+from ptserve.server.generation.sampling import finite_mask, sample_tokens
 from ptserve.server.generation.scheduler import AdmissionPolicy, Scheduler, TenantFair
 from ptserve.server.generation.sequence import SamplingParams, Sequence
 from ptserve.server.resident import ResidentAdapter, gather_prefixes, make_resident
 from ptserve.server.transfer import to_device
+
+log = logging.getLogger(__name__)
+Forward = Callable[[list[Sequence], int], torch.Tensor]  # (rows, their first slot) -> logits [rows, vocab]
 
 
 @dataclass(frozen=True)
 class StepEvent:
     seq: Sequence
     text: str  # newly released text (may be empty)
-    token: int | None  # the token generated this step (None if the sequence was cancelled)
+    token: int | None  # the token generated this step (None if the sequence was cancelled or failed)
     done: bool
+    error: APIError | None = None  # the sequence failed (done is True); no other sequence is affected
 
 
 @dataclass(frozen=True)
@@ -50,6 +61,8 @@ class GenerationEngine:
         self.scheduler = Scheduler(limits.max_running, limits.max_batch_tokens,
                                    admission=admission if admission is not None else TenantFair())
         self.lm_head = FloatLMHead(backbone)  # logits in float32 whatever the backbone's dtype
+        self.steps = 0  # steps taken so far (a sequence records the steps it joined and finished at)
+        self.vocab_size = backbone.model.get_input_embeddings().num_embeddings
         tok = backbone.tokenizer
         eos = getattr(getattr(backbone.model, "generation_config", None), "eos_token_id", None)
         eos = eos if isinstance(eos, list) else [eos]
@@ -64,6 +77,8 @@ class GenerationEngine:
         ids = list(prompt) if isinstance(prompt, list) else self.backbone.tokenizer(prompt)["input_ids"]
         if not ids:
             ids = [self.backbone.tokenizer.bos_token_id or next(iter(self.eos_ids))]
+        if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in ids):
+            raise InvalidInput(f"prompt token ids must be integers in [0, {self.vocab_size})")
         p, n, new = adapter.num_virtual_tokens, len(ids), params.max_new_tokens
         room = min(self.backbone.max_positions - p, self.cache.max_tokens)
         if p > self.cache.prefix_cap:
@@ -85,54 +100,139 @@ class GenerationEngine:
 
     # --- one step -------------------------------------------------------------------------------------------
     def step(self) -> list[StepEvent]:
+        self.steps += 1
         events = self._reap_cancelled()
         decoding = list(self.scheduler.running)
         joining = self.scheduler.admit()
+        for seq in joining:
+            seq.first_step = self.steps
         with torch.inference_mode():
             if decoding:
                 events += self._decode(decoding)
             if joining:
                 events += self._prefill(joining, first_slot=len(decoding))
         for ev in events:
-            if ev.done and ev.seq in self.scheduler.running:
-                self._leave(ev.seq)
+            if ev.done:
+                ev.seq.last_step = self.steps
+                if ev.seq in self.scheduler.running:
+                    self._leave(ev.seq)
         return events
 
+    def abort(self) -> list[Sequence]:
+        """Drop every sequence and zero the cache (after a step failed outside the per-row isolation)."""
+        sched = self.scheduler
+        dropped = [*sched.running, *sched.waiting]
+        sched.running.clear()
+        sched.waiting.clear()
+        sched.reserved = 0
+        self.cache.clear_all()
+        return dropped
+
     def _prefill(self, seqs: list[Sequence], first_slot: int) -> list[StepEvent]:
+        width = max(len(s.prompt_ids) for s in seqs)
         for i, seq in enumerate(seqs):
             self.cache.write_prefix(first_slot + i, seq.adapter.kv)
-        kv = gather_prefixes([s.adapter for s in seqs], self.fp, self.backbone.device, self.backbone.dtype)
-        hidden = decoder_forward(
-            self.backbone, [s.prompt_ids for s in seqs], kv, [s.prefix_len for s in seqs],
-            cache=self.cache, slots=slice(first_slot, first_slot + len(seqs)),
-        )
-        last = to_device(torch.tensor([len(s.prompt_ids) - 1 for s in seqs]), hidden.device)
-        logits = self.lm_head(hidden[torch.arange(len(seqs), device=hidden.device), last])
-        for s in seqs:
+            seq.written = width  # the padded prompt's columns, even if the forward fails half-way
+
+        def forward(rows: list[Sequence], first: int) -> torch.Tensor:
+            kv = gather_prefixes([s.adapter for s in rows], self.fp, self.backbone.device, self.backbone.dtype)
+            hidden = decoder_forward(
+                self.backbone, [s.prompt_ids for s in rows], kv, [s.prefix_len for s in rows],
+                cache=self.cache, slots=slice(first, first + len(rows)),
+            )  # [rows, T_max, hidden]
+            last = to_device(torch.tensor([len(s.prompt_ids) - 1 for s in rows]), hidden.device)
+            return self.lm_head(hidden[torch.arange(len(rows), device=hidden.device), last])
+
+        ok, logits, failed = self._isolated(seqs, first_slot, forward)
+        for s in ok:
             s.cached = len(s.prompt_ids)
-        return self._emit(seqs, logits)
+        return failed + self._emit(ok, logits)
 
     def _decode(self, seqs: list[Sequence]) -> list[StepEvent]:
-        hidden = decode_forward(
-            self.backbone, self.cache, [s.last_token for s in seqs], [s.cached for s in seqs],
-            [s.prefix_len for s in seqs],
-        )
         for s in seqs:
-            s.cached += 1
-        return self._emit(seqs, self.lm_head(hidden))
+            s.written = max(s.written, s.cached + 1)
 
-    def _emit(self, seqs: list[Sequence], logits: torch.Tensor) -> list[StepEvent]:
+        def forward(rows: list[Sequence], first: int) -> torch.Tensor:
+            hidden = decode_forward(
+                self.backbone, self.cache, [s.last_token for s in rows], [s.cached for s in rows],
+                [s.prefix_len for s in rows], first_slot=first,
+            )  # [rows, hidden]
+            return self.lm_head(hidden)  # [rows, vocab] float32 on the device
+
+        ok, logits, failed = self._isolated(seqs, 0, forward)
+        for s in ok:
+            s.cached += 1
+        return failed + self._emit(ok, logits)
+
+    def _isolated(
+        self, seqs: list[Sequence], first_slot: int, forward: Forward
+    ) -> tuple[list[Sequence], torch.Tensor | None, list[StepEvent]]:
+        """Run ``forward`` on rows in consecutive slots; if it raises, run each half on its own (recursively),
+        so only rows that fail alone fail. A retried row computes what it computes alone, and cache writes are
+        idempotent (each row writes its own columns), so the survivors' results do not depend on the failure.
+        Returns (rows computed, their logits [rows, vocab], failure events)."""
+        try:
+            return seqs, forward(seqs, first_slot), []
+        except Exception as exc:
+            if len(seqs) == 1:
+                return [], None, [self._failed(seqs[0], exc)]
+            log.warning("a generation forward of %d rows failed (%s); retrying its halves", len(seqs), exc)
+        mid = len(seqs) // 2
+        parts = [self._isolated(seqs[:mid], first_slot, forward),
+                 self._isolated(seqs[mid:], first_slot + mid, forward)]
+        ok = [s for part in parts for s in part[0]]
+        logits = [part[1] for part in parts if part[1] is not None]
+        return ok, torch.cat(logits) if logits else None, [ev for part in parts for ev in part[2]]
+
+    def _emit(self, seqs: list[Sequence], logits: torch.Tensor | None) -> list[StepEvent]:
+        """One token per row, each row on its own: a row that cannot be sampled or decoded fails alone. Tokens are
+        chosen for all rows on the device (a row whose logits are not finite draws from zeros, harmlessly, and is
+        failed) and read back with the rows' finiteness in one transfer: the step's only host sync."""
+        if not seqs:
+            return []
+        ok = finite_mask(logits)  # [B]
+        try:
+            tokens = sample_tokens(torch.where(ok[:, None], logits, 0.0), seqs)  # [B]
+        except Exception as exc:  # sampling is total over the admitted parameters; a row that still fails, alone
+            if len(seqs) == 1:
+                return [self._failed(seqs[0], exc)]
+            return [ev for i in range(len(seqs)) for ev in self._emit(seqs[i: i + 1], logits[i: i + 1])]
+        chosen, finite = torch.stack([tokens, ok.to(tokens.dtype)]).tolist()
         events = []
-        for seq, token in zip(seqs, sample_next(logits, seqs)):
-            text = seq.append(token)
+        for seq, token, fine in zip(seqs, chosen, finite):
+            try:
+                if not fine:
+                    raise NonFiniteLogits(
+                        f"generation stopped after {len(seq.output_ids)} tokens: the logits are not finite "
+                        f"(adapter {seq.adapter.id} v{seq.adapter.version} overflows the backbone's arithmetic)"
+                    )
+                text = seq.append(token)
+            except Exception as exc:
+                events.append(self._failed(seq, exc))
+                continue
             events.append(StepEvent(seq, text, token, seq.finish_reason is not None))
         return events
 
+    def _failed(self, seq: Sequence, exc: Exception) -> StepEvent:
+        if isinstance(exc, APIError):
+            log.warning("sequence %d (%s) failed: %s", seq.id, seq.adapter.id, exc.message)
+            error = exc
+        else:
+            log.error("sequence %d (%s) failed", seq.id, seq.adapter.id, exc_info=exc)
+            error = GenerationFailed(
+                f"generating this sequence failed ({type(exc).__name__}); nothing else was affected")
+        seq.finish_reason = "error"
+        return StepEvent(seq, "", None, True, error=error)
+
     def _leave(self, seq: Sequence) -> None:
+        """Take a sequence out of its slot; its columns are zeroed (kv_cache's invariant), and the last running
+        row moves into the slot so the batch stays packed."""
+        slot = self.scheduler.slot_of(seq)
         move = self.scheduler.remove(seq)
+        self.cache.clear(slot, seq.prefix_len, seq.written)
         if move is not None:
             moved = self.scheduler.running[move.dst]
-            self.cache.move(move.src, move.dst, moved.cached)
+            self.cache.move(move.src, move.dst, moved.prefix_len, moved.written)
 
     def _reap_cancelled(self) -> list[StepEvent]:
         events = []

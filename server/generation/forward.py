@@ -50,8 +50,9 @@ def decode_forward(
     last_tokens: list[int],  # B: each running row's newest token (not yet in the cache)
     cached: list[int],  # B: tokens already in each row's slot = the token column to write next
     prefix_lens: list[int],  # B
+    first_slot: int = 0,  # the rows own slots [first_slot, first_slot + B)
 ) -> torch.Tensor:
-    """Hidden state [B, hidden] of one new token per running row (rows own slots [0, B)).
+    """Hidden state [B, hidden] of one new token per running row.
 
     The rows' numbers reach the device in one non-blocking copy and the masks are built there, so a step queues
     its work without waiting for the device (the only host sync of a step is reading the sampled tokens)."""
@@ -63,7 +64,7 @@ def decode_forward(
     mask = torch.cat([prefix_ok, token_ok], dim=1)[:, None, None, :]  # [B, 1, 1, P_max + T_end]
     cap = cache.prefix_cap
     ctx = CacheContext(
-        cache=cache, slots=slice(0, b), write_pos=cached_t[:, None],
+        cache=cache, slots=slice(first_slot, first_slot + b), write_pos=cached_t[:, None],
         window=slice(cap - p_max, cap + t_end), mask=mask,
     )
     base, _ = decoder_parts(bb.model)

@@ -5,6 +5,12 @@ admission, right-aligned into the prefix area [prefix_cap - P, prefix_cap); its 
 prefix_cap. Attention reads a window of the buffer for the running rows (a view, no copy), so the prefix is
 shared by every step of the request instead of being copied per step. Running rows stay packed in slots
 [0, B): when a row leaves, the last row moves into its slot (one copy per departure, not per step).
+
+Invariant: outside its occupant's own columns (its prefix area and the token columns it wrote), every slot holds
+zeros, and a free slot is all zeros. Attention reads a window as wide as the widest running row, so a row's
+masked columns are still read, and a stale non-finite value there would poison it (NaN * 0 = NaN; +inf key
+score + masked -inf = NaN). So a departing occupant's columns are zeroed: what one sequence leaves behind
+(another tenant's, possibly overflowed, K/V) never reaches the next.
 """
 from __future__ import annotations
 
@@ -50,9 +56,22 @@ class SlotKVCache:
         """Views [B, kv_heads, window, head_dim] of rows ``slots``."""
         return self.k[layer][slots, :, window], self.v[layer][slots, :, window]
 
-    def move(self, src: int, dst: int, tokens: int) -> None:
-        """Copy slot ``src`` (prefix area and its first ``tokens`` token columns) into slot ``dst``."""
-        end = self.prefix_cap + tokens
+    def clear(self, slot: int, prefix_len: int, tokens: int) -> None:
+        """Zero an occupant's columns: its prefix area [cap - prefix_len, cap) and token columns [0, tokens)."""
+        cols = slice(self.prefix_cap - prefix_len, self.prefix_cap + tokens)
         for layer in range(len(self.k)):
-            self.k[layer][dst, :, :end] = self.k[layer][src, :, :end]
-            self.v[layer][dst, :, :end] = self.v[layer][src, :, :end]
+            self.k[layer][slot, :, cols] = 0
+            self.v[layer][slot, :, cols] = 0
+
+    def clear_all(self) -> None:
+        for t in (*self.k, *self.v):
+            t.zero_()
+
+    def move(self, src: int, dst: int, prefix_len: int, tokens: int) -> None:
+        """Move the occupant of ``src`` (its prefix of ``prefix_len`` and ``tokens`` token columns) into ``dst``,
+        which must have been cleared; ``src`` is left all zeros."""
+        cols = slice(self.prefix_cap - prefix_len, self.prefix_cap + tokens)
+        for layer in range(len(self.k)):
+            self.k[layer][dst, :, cols] = self.k[layer][src, :, cols]
+            self.v[layer][dst, :, cols] = self.v[layer][src, :, cols]
+        self.clear(src, prefix_len, tokens)

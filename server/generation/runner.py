@@ -2,7 +2,9 @@
 
 The engine thread loops ``step()`` while there is work and sleeps on its inbox when there is none. Events cross
 to the event loop with ``call_soon_threadsafe``; a caller that goes away (client disconnect) sets the sequence's
-``cancelled`` flag and the engine frees its slot at the next step.
+``cancelled`` flag and the engine frees its slot at the next step. A sequence that fails in the engine gets its
+own error (the engine isolates failures per row); only a step that fails outside that isolation (a bug in the
+engine itself) fails every sequence, since the engine's state can no longer be trusted.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import time
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
+from ptserve.adapters_store.errors import GenerationFailed
 from ptserve.server.generation.engine import GenerationEngine, StepEvent
 from ptserve.server.generation.sequence import Sequence
 
@@ -89,7 +92,7 @@ class GenerationRunner:
             except Exception:  # metrics must never stop the engine
                 log.exception("step report failed")
             for event in events:
-                self._deliver(event.seq, event)
+                self._deliver(event.seq, event.error or event)
 
     def _take_new(self, block: bool) -> None:
         try:
@@ -109,12 +112,12 @@ class GenerationRunner:
         loop, sink = self._sinks[seq.id]
         if isinstance(event, BaseException) or event.done:
             del self._sinks[seq.id]
-        loop.call_soon_threadsafe(sink.put_nowait, event)
+        try:
+            loop.call_soon_threadsafe(sink.put_nowait, event)
+        except RuntimeError:  # the caller's event loop is closed: nobody left to tell (and no reason to stop)
+            seq.cancelled.set()
 
     def _fail_all(self, exc: Exception) -> None:
-        sched = self.engine.scheduler
-        for seq in [*sched.running, *sched.waiting]:
-            self._deliver(seq, exc)
-        sched.running.clear()
-        sched.waiting.clear()
-        sched.reserved = 0
+        error = GenerationFailed(f"the generation engine failed ({type(exc).__name__}); retry the request")
+        for seq in self.engine.abort():
+            self._deliver(seq, error)

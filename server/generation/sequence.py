@@ -6,12 +6,14 @@ except a tail that could still become a stop string or is an incomplete UTF-8 ch
 from __future__ import annotations
 
 import itertools
+import math
 import os
 import threading
 from dataclasses import dataclass, field
 
 import torch
 
+from ptserve.adapters_store.errors import InvalidInput
 from ptserve.server.resident import ResidentAdapter
 
 _ids = itertools.count()
@@ -26,12 +28,26 @@ class SamplingParams:
     seed: int | None = None
     stop: tuple[str, ...] = ()
 
+    def __post_init__(self):
+        """Refuse what sampling cannot compute (the API's schemas refuse it first; this guards every caller)."""
+        checks = {
+            "max_new_tokens": self.max_new_tokens >= 1,
+            "temperature": math.isfinite(self.temperature) and self.temperature >= 0,
+            "top_k": self.top_k >= 0,
+            "top_p": 0 < self.top_p <= 1,  # False for NaN too
+            "seed": self.seed is None or 0 <= self.seed < 2**64,  # what torch.Generator.manual_seed takes
+            "stop": all(isinstance(s, str) and s for s in self.stop),
+        }
+        bad = [f"{name}={getattr(self, name)!r}" for name, ok in checks.items() if not ok]
+        if bad:
+            raise InvalidInput(f"sampling parameters out of range: {', '.join(bad)}")
+
     @property
     def greedy(self) -> bool:
         return self.temperature == 0 or self.top_k == 1
 
 
-@dataclass
+@dataclass(eq=False)  # identity: the scheduler finds, removes and compares sequences as objects
 class Sequence:
     adapter: ResidentAdapter
     prompt_ids: list[int]
@@ -42,6 +58,9 @@ class Sequence:
     id: int = field(default_factory=lambda: next(_ids))
     output_ids: list[int] = field(default_factory=list)
     cached: int = 0  # tokens whose K/V are in this row's cache slot
+    written: int = 0  # token columns of its slot it wrote (prefill pads to its batch's longest prompt)
+    first_step: int = 0  # the engine step that admitted it (0 = not yet) ...
+    last_step: int = 0  # ... and the one that finished it: a row decodes one token per step in between
     sent: int = 0  # characters of the output text already released
     finish_reason: str | None = None
     text: str = ""
@@ -75,6 +94,11 @@ class Sequence:
     def reserved_tokens(self) -> int:
         """Cache columns this request may need: prompt + max_new_tokens (its prefix sits in the prefix area)."""
         return len(self.prompt_ids) + self.params.max_new_tokens
+
+    @property
+    def steps(self) -> int:
+        """Engine steps from admission to finish (= tokens sampled, unless something held it back)."""
+        return self.last_step - self.first_step + 1 if self.first_step and self.last_step else 0
 
     @property
     def last_token(self) -> int:

@@ -1,22 +1,24 @@
 """``ptserve train``: train a P-Tuning v2 prefix (and head) on the serving backbone, write it out, optionally
-upload it. Progress (a rich bar with loss and eval accuracy) goes to stderr; ``--json`` prints the summary."""
+upload it (the connection options are the client's). Progress (a rich bar with loss and eval accuracy) goes to
+stderr; ``--json`` prints the summary."""
 
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
+
+from ptserve.client.cli.context import Connection, connected, fail, print_json, stderr
 
 
 def register(app: typer.Typer) -> None:
     app.command("train")(train)
 
 
+@connected
 def train(
+    conn: Connection,
     data: Path = typer.Option(..., "--data", help="Training data: .jsonl, .json, .csv or .tsv."),
     out: Path = typer.Option(..., "--out", help="Write adapter.safetensors, peft/ and training.json here."),
     eval_data: Optional[Path] = typer.Option(
@@ -53,34 +55,25 @@ def train(
     dropout: float = typer.Option(0.1, help="Dropout on the head's input while training."),
     threads: int = typer.Option(0, help="torch threads on cpu (0 = torch's default)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
-    upload: Optional[str] = typer.Option(None, help="Upload the trained adapter as tenant/name."),
-    server: Optional[str] = typer.Option(
-        None, "--server", "-s", envvar="PTSERVE_URL", help="Server for --upload."
+    upload: Optional[str] = typer.Option(
+        None, help="Upload the trained adapter as tenant/name (to --server, with --api-key)."
     ),
-    api_key: Optional[str] = typer.Option(
-        None, "--api-key", envvar="PTSERVE_API_KEY", help="API key for --upload."
-    ),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON on stdout."),
 ) -> None:
     """Train a P-Tuning v2 prefix on the frozen serving backbone: with a classification head on encoders
     (labelled texts), or for causal-LM generation on decoders (prompt/completion pairs, loss on the
-    completion)."""
+    completion). --json prints the summary as JSON on stdout."""
     import torch
 
     from ptserve.server.backbone import load_backbone
     from ptserve.server.training.classify import TrainConfig
     from ptserve.server.training.data import DataError
-    from ptserve.server.training.outputs import BLOB_FILE, write_outputs
+    from ptserve.client.wire.layout import BLOB_FILE
+    from ptserve.server.training.outputs import write_outputs
     from ptserve.server.training.progress import RichProgress
 
-    err = Console(stderr=True, soft_wrap=True)
-
-    def fail(message: str, code: int = 2):
-        err.print(f"[bold red]error:[/] {message}", highlight=False)
-        raise typer.Exit(code)
-
+    err = stderr()
     if upload and "/" not in upload:
-        fail(f"--upload {upload!r} must be tenant/name")
+        fail(f"--upload {upload!r} must be tenant/name", 2)
     try:
         task = _resolve_task(task, backbone)
         fields = (text_field, label_field) if task == "classify" else (prompt_field, completion_field)
@@ -89,9 +82,9 @@ def train(
             torch.set_num_threads(threads)
         bb = load_backbone(backbone, device=device, dtype="float32")
     except DataError as exc:
-        fail(str(exc))
+        fail(str(exc), 2)
     except (OSError, ValueError) as exc:
-        fail(f"cannot load backbone {backbone!r}: {exc}")
+        fail(f"cannot load backbone {backbone!r}: {exc}", 2)
     cfg = TrainConfig(
         virtual_tokens=virtual_tokens,
         prefix_projection=prefix_projection,
@@ -115,7 +108,7 @@ def train(
     try:
         result = _run(task, bb, train_set, eval_set, cfg, progress)
     except (DataError, ValueError) as exc:
-        fail(str(exc))
+        fail(str(exc), 2)
     finally:
         progress.stop()
     write_outputs(result.adapter, out, result.record())
@@ -125,13 +118,12 @@ def train(
         from ptserve.client.sdk import Client
 
         try:
-            with Client(server, api_key) as c:
+            with Client(conn.server, conn.api_key) as c:
                 summary["uploaded"] = c.upload(upload, out / BLOB_FILE).raw
         except PtserveClientError as exc:
             fail(f"upload failed ({exc}); the adapter is saved in {out}", 1)
-    if as_json:
-        sys.stdout.write(json.dumps(summary, indent=2) + "\n")
-        return
+    if conn.as_json:
+        return print_json(summary)
     err.print(
         f"best epoch {summary['best_epoch']} of {summary['epochs_run']}: {_shown(summary)}; "
         f"{summary['train_seconds']}s; wrote {out}/{{{BLOB_FILE}, peft/, training.json}}",

@@ -156,3 +156,33 @@ def test_missing_key_and_unreachable_server(server):
     assert res.exit_code == 1 and "error: 401 unauthorized:" in res.stderr and "--api-key" in res.stderr
     down = cli(f"http://127.0.0.1:{free_port()}", "adapters", "list")
     assert down.exit_code == 1 and "cannot reach the server" in down.stderr
+
+
+def test_connection_options_before_or_after_the_subcommand(server):
+    """``--server``/``--api-key``/``--json`` are read once into the command's context: before the subcommand
+    (the root's) or after it (how they have always been given, and they win), either over the environment."""
+    refused = f"http://127.0.0.1:{free_port()}"
+    env = {"PTSERVE_URL": refused, "PTSERVE_API_KEY": "wrong-key", "COLUMNS": "200"}
+
+    def run(*args):
+        return runner.invoke(app, list(args), env=env)
+
+    after = json.loads(ok(run("adapters", "list", "--server", server, "--api-key", ADMIN, "--json")))
+    before = json.loads(ok(run("--server", server, "--api-key", ADMIN, "--json", "adapters", "list")))
+    short = json.loads(ok(run("-s", server, "adapters", "list", "--api-key", ADMIN, "--json")))
+    assert after == before == short and isinstance(after, list)
+    overridden = run("--server", refused, "--api-key", "wrong-key", "adapters", "list",
+                     "--server", server, "--api-key", ADMIN, "--json")
+    assert json.loads(ok(overridden)) == after
+    env_only = run("adapters", "list")
+    assert env_only.exit_code == 1 and "cannot reach the server" in env_only.stderr
+    wrong_key = run("adapters", "list", "--server", server)  # the environment's key, the flag's server
+    assert wrong_key.exit_code == 1 and "error: 401 unauthorized:" in wrong_key.stderr
+    table = run("--server", server, "--api-key", ADMIN, "keys", "list", "cli-opts")
+    assert table.exit_code == 0 and "has no keys" in table.stdout  # no --json anywhere: a human answer
+
+
+def test_server_commands_take_the_same_connection_options():
+    for args in (["train", "--help"], ["adapters", "import-thudm", "--help"]):
+        res = runner.invoke(app, args, env={"COLUMNS": "200"})
+        assert res.exit_code == 0 and all(flag in res.stdout for flag in ("--server", "--api-key", "--json"))

@@ -30,7 +30,8 @@ from ptserve.client import (
     StreamError,
     UnprocessableEntityError,
 )
-from ptserve.client._core import SSEDecoder, iter_events, parse_retry_after
+from ptserve.client.sse import SSEDecoder, iter_events
+from ptserve.client.wire.errors import parse_retry_after
 from ptserve.adapters_store.peft_folder import blob_to_adapter
 from ptserve.client.types import AdapterInfo, ClassifyResult, Completion, CreatedKey, GenerateResult, KeyInfo, Model
 from tests.client.conftest import ADMIN, CUT_SHORT, error_body

@@ -1,6 +1,6 @@
 """The developer and CI entry points: .ci/run (strict bash; it runs `make test` and passes its failure on,
-installing missing deploy tools with apt-get) and the Makefile's recipes (dry runs: venv, serve, test, bench,
-topology)."""
+installing missing deploy tools with apt-get) and the Makefile's recipes (dry runs: venv, client-venv, serve,
+test, bench, topology)."""
 from __future__ import annotations
 
 import os
@@ -94,10 +94,32 @@ def test_makefile_serve_target(make):
     assert ".venv/bin/ptserve serve" in dry_run(make, "serve")
 
 
-def test_makefile_test_target_points_at_reference_env(make):
-    assert re.search(r"^test\s*:.*\bvenv\b.*\bref-venv\b", MAKEFILE.read_text(), re.M)
-    out = dry_run(make, "test")
-    assert f"PTSERVE_REF_PYTHON={ROOT}/.venv-ref/bin/python .venv/bin/pytest -q" in out
+def test_makefile_test_target_points_at_reference_and_client_envs(make):
+    assert re.search(r"^test\s*:.*\bvenv\b.*\bref-venv\b.*\bclient-venv\b", MAKEFILE.read_text(), re.M)
+    out = dry_run(make, "test").replace("\\\n", " ")
+    assert re.search(
+        rf"PTSERVE_REF_PYTHON={ROOT}/\.venv-ref/bin/python "
+        rf"PTSERVE_CLIENT_PYTHON={ROOT}/\.venv-client/bin/python\s+\.venv/bin/pytest -q", out), out
+
+
+def test_makefile_client_venv_is_the_readmes_client_install_and_nothing_else(make, tmp_path):
+    # -B: print the recipe even when the stamp is fresh (-n still runs nothing).
+    lines = [line.strip() for line in dry_run(make, "-B", "client-venv").splitlines()]
+    installs = [line for line in lines if "pip install" in line]
+    assert installs == [".venv-client/bin/pip install ./client"], lines  # no torch, nothing of the server
+    assert "rm -rf .venv-client" in lines and "python3 -m venv .venv-client" in lines  # fresh, not an upgrade
+    readme = (ROOT / "README.md").read_text()
+    assert "pip install ./client" in readme  # the README's one command for the client alone
+    # The install copies the client (not editable), so a change to any of its files rebuilds the environment.
+    stamp = tmp_path / "client" / ".ptserve-client-installed"
+    stamp.parent.mkdir()
+    stamp.touch()
+    fresh = max(p.stat().st_mtime for p in [MAKEFILE, *(ROOT / "client").rglob("*")]) + 60
+    os.utime(stamp, (fresh, fresh))
+    assert "pip install" not in dry_run(make, "client-venv", f"CLIENT_VENV={stamp.parent}")
+    for name in ("__init__.py", "wire/records.py", "cli/context.py", "pyproject.toml"):
+        rebuilt = dry_run(make, "-W", f"client/{name}", "client-venv", f"CLIENT_VENV={stamp.parent}")
+        assert "pip install ./client" in rebuilt, name
 
 
 def test_makefile_installs_pinned_torch_before_anything_else(make):
@@ -115,18 +137,23 @@ def test_makefile_installs_pinned_torch_before_anything_else(make):
 @pytest.mark.parametrize(("pytest_rc", "make_ok"), [(0, True), (1, False), (5, True)])
 def test_make_test_exit_status(tmp_path, make, pytest_rc, make_ok):
     # Point the recipe at stand-in environments whose stamps are fresh, so only the pytest line runs.
-    venv, ref = tmp_path / "venv", tmp_path / "ref"
-    (venv / "bin").mkdir(parents=True)
-    (ref / "bin").mkdir(parents=True)
+    venv, ref, client = tmp_path / "venv", tmp_path / "ref", tmp_path / "client"
+    for env in (venv, ref, client):
+        (env / "bin").mkdir(parents=True)
     fake = venv / "bin" / "pytest"
-    fake.write_text(f'#!/bin/sh\necho "ref=$PTSERVE_REF_PYTHON args=$*"\nexit {pytest_rc}\n')
+    fake.write_text(f'#!/bin/sh\necho "ref=$PTSERVE_REF_PYTHON client=$PTSERVE_CLIENT_PYTHON args=$*"\n'
+                    f"exit {pytest_rc}\n")
     fake.chmod(0o755)
-    fresh = max(path.stat().st_mtime for path in (MAKEFILE, ROOT / "pyproject.toml")) + 60
-    for stamp in (venv / ".ptserve-installed", ref / ".ptserve-ref-installed"):
+    inputs = [MAKEFILE, ROOT / "pyproject.toml", *(ROOT / "client").rglob("*")]
+    fresh = max(path.stat().st_mtime for path in inputs) + 60
+    stamps = (venv / ".ptserve-installed", ref / ".ptserve-ref-installed", client / ".ptserve-client-installed")
+    for stamp in stamps:
         stamp.touch()
         os.utime(stamp, (fresh, fresh))
     # PYTHON=false: should make still decide to build an environment, it fails at once instead of installing.
-    done = subprocess.run([make, "-C", str(ROOT), "test", f"VENV={venv}", f"REF_VENV={ref}", "PYTHON=false"],
+    done = subprocess.run([make, "-C", str(ROOT), "test", f"VENV={venv}", f"REF_VENV={ref}",
+                           f"CLIENT_VENV={client}", "PYTHON=false"],
                           env=clean_make_env(), capture_output=True, text=True, timeout=60)
-    assert f"ref={ref}/bin/python args=-q" in done.stdout, done.stdout + done.stderr
+    expected = f"ref={ref}/bin/python client={client}/bin/python args=-q"
+    assert expected in done.stdout, done.stdout + done.stderr
     assert (done.returncode == 0) == make_ok, done.stdout + done.stderr

@@ -124,20 +124,37 @@ def test_openai_client_completions_and_models(server, llama):
 
 
 def test_concurrent_streams_over_tenants_each_equal_alone(server, llama):
+    """Twelve SSE streams of three adapters (two tenants) open at once and decode in shared steps; each stream's
+    tokens and text equal that request generated alone, and each ends with its finish event and [DONE]."""
     jobs = [(aid, PROMPTS[i % len(PROMPTS)]) for i, aid in enumerate(["acme/gen3", "acme/gen11", "globex/bot"] * 4)]
+    shared_before = _steps_with_company(server)
 
     async def one(client, aid, prompt):
-        r = await client.post("/v1/generate", json={"adapter": aid, "prompt": prompt, "max_new_tokens": 8,
-                                                    "temperature": 0})
-        return r
+        body = {"adapter": aid, "prompt": prompt, "max_new_tokens": 8, "temperature": 0, "stream": True}
+        async with client.stream("POST", "/v1/generate", json=body) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            return [line[6:] async for line in r.aiter_lines() if line.startswith("data: ")]
 
     async def fire():
         async with httpx.AsyncClient(base_url=server, timeout=60) as client:
             return await asyncio.gather(*(one(client, aid, p) for aid, p in jobs))
 
-    for (aid, prompt), r in zip(jobs, asyncio.run(fire())):
-        assert r.status_code == 200, r.text
-        assert r.json()["text"] == _alone(llama, aid, prompt, 8, temperature=0)[0]
+    for (aid, prompt), events in zip(jobs, asyncio.run(fire())):
+        assert events[-1] == "[DONE]"
+        chunks = [json.loads(e) for e in events[:-1]]
+        text, finish = _alone(llama, aid, prompt, 8, temperature=0)
+        assert "".join(c["text"] for c in chunks) == text
+        assert chunks[-1]["finish_reason"] == finish and chunks[-1]["adapter"] == aid
+        assert all("finish_reason" not in c for c in chunks[:-1])
+    assert _steps_with_company(server) > shared_before  # the streams really decoded together
+
+
+def _steps_with_company(url: str) -> float:
+    """Engine steps so far that left more than one sequence running (from the batch-size histogram)."""
+    text = httpx.get(f"{url}/metrics").text
+    count = float(re.search(r"^ptserve_generation_batch_size_count ([0-9.e+]+)$", text, re.M).group(1))
+    alone = float(re.search(r'^ptserve_generation_batch_size_bucket{le="1.0"} ([0-9.e+]+)$', text, re.M).group(1))
+    return count - alone
 
 
 def _gauge(url: str, name: str) -> float:

@@ -289,7 +289,9 @@ def test_deadline_is_504_and_counted(tmp_path, minilm):
                          timeout=30).status_code != 200:
             assert time.monotonic() < deadline, "the server never recovered from a missed deadline"
             time.sleep(0.2)
-        assert_healthy(url)
+        # The loop's 200 is the proof of recovery: a second classify could itself miss this server's 0.5 s
+        # deadline on a loaded machine, so only readiness is asked again.
+        assert httpx.get(f"{url}/readyz", timeout=10).status_code == 200
         line = next(x for x in httpx.get(f"{url}/metrics").text.splitlines()
                     if x.startswith('ptserve_requests_rejected_total{reason="deadline_exceeded"}'))
         assert float(line.split()[-1]) >= 1, line

@@ -2,8 +2,10 @@
 
 Greedy equivalence: each request's tokens in a mixed continuous batch (rows joining and leaving at different
 steps, different adapters and prefix lengths) equal generating it alone, and equal PEFT's greedy tokens for the
-same adapter — in process via PEFT's own forward (PEFT's ``generate`` ignores the prefix on transformers 5.24), and
-out of process via PEFT ``generate`` on transformers 4.57 (``PTSERVE_REF_PYTHON``) from ptserve's PEFT export.
+same adapter, and every step's logits equal PEFT's logits (not only their argmax) — in process via PEFT's own
+forward (PEFT's ``generate`` ignores the prefix on transformers 5.24), and out of process via PEFT ``generate`` on
+transformers 4.57 (``PTSERVE_REF_PYTHON``) from ptserve's PEFT export. The tiny models are initialised so that
+the prefix decides the output (asserted here), so equal tokens are evidence, not a coincidence of flat logits.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ PROMPTS = ["hello world the fox", "the lazy dog", "prefix tuning adds virtual to
 # (adapter index, prompt index, max_new_tokens): 7 requests through 3 slots, so rows join as others leave
 JOBS = [(0, 0, 6), (1, 1, 12), (2, 2, 3), (3, 3, 9), (1, 0, 5), (3, 2, 14), (0, 3, 2)]
 PREFIX_LENGTHS = (1, 5, 12, 30)
+LOGITS_ATOL = 5e-5  # fp32 logits of magnitude <= 7: measured max |ours - PEFT| 8.2e-6 (Llama, Qwen2), 4.1e-6 (GPT-2)
 
 
 @pytest.fixture(scope="module", params=["gpt2", "llama", "qwen2"])
@@ -70,32 +73,79 @@ def test_mixed_continuous_batch_equals_alone(decoder):
     assert mixed == alone
 
 
-def test_greedy_tokens_equal_peft(decoder):
+class _LogitsSpy:
+    """Records the logits the engine samples each row's token from (the real ``sample_tokens`` still chooses)."""
+
+    def __init__(self, monkeypatch):
+        import ptserve.server.generation.engine as engine_module
+
+        self.by_seq: dict[int, list[torch.Tensor]] = {}
+        real = engine_module.sample_tokens
+
+        def spy(logits, seqs):
+            for row, seq in zip(logits, seqs):
+                self.by_seq.setdefault(seq.id, []).append(row.clone())
+            return real(logits, seqs)
+
+        monkeypatch.setattr(engine_module, "sample_tokens", spy)
+
+
+def _run_recorded(engine, adapters, jobs, monkeypatch) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """Tokens per job and the per-step logits [steps, vocab] the engine chose them from."""
+    spy = _LogitsSpy(monkeypatch)
+    before = set(spy.by_seq)
+    tokens = _run(engine, adapters, jobs)
+    ids = sorted(set(spy.by_seq) - before)  # sequence ids grow in creation order = job order
+    return tokens, [torch.stack(spy.by_seq[i]) for i in ids]
+
+
+def test_the_prefix_decides_the_output(decoder):
+    """The tiny models are initialised so that the prefix matters (tests/factories.py): no job repeats one token,
+    and each job's tokens change under a near-zero prefix and under another adapter of the same length."""
+    bb, adapters = decoder
+    near_zero = [make_adapter(bb.fingerprint, p, seed=p, task="generate", scale=1e-3) for p in PREFIX_LENGTHS]
+    other = [make_adapter(bb.fingerprint, p, seed=p + 100, task="generate") for p in PREFIX_LENGTHS]
+    ours = _run(_greedy_without_eos(bb, adapters), adapters, JOBS)
+    assert all(len(set(tokens)) > 1 for tokens, (_, _, n) in zip(ours, JOBS) if n >= 3)
+    for alt in (near_zero, other):
+        theirs = _run(_greedy_without_eos(bb, alt), alt, JOBS)
+        assert [a != b for a, b in zip(ours, theirs)] == [True] * len(JOBS)
+
+
+def test_greedy_tokens_and_per_step_logits_equal_peft(decoder, monkeypatch):
+    """In process, PEFT's own CAUSAL_LM forward on transformers 5 (its generate() ignores the prefix there: see
+    the module docstring): each step's logits, computed by ptserve inside the mixed continuous batch, equal
+    PEFT's logits for the same adapter, prompt and tokens so far; so do the greedy tokens."""
     from peft import PrefixTuningConfig, TaskType, get_peft_model, set_peft_model_state_dict
     from transformers import AutoModelForCausalLM
 
     bb, adapters = decoder
-    mixed = _run(_greedy_without_eos(bb, adapters), adapters, JOBS)
+    mixed, mixed_logits = _run_recorded(_greedy_without_eos(bb, adapters), adapters, JOBS, monkeypatch)
     base = AutoModelForCausalLM.from_pretrained(bb.path, attn_implementation="eager").eval()
-    for (a, p, n), ours in zip(JOBS, mixed):
+    for (a, p, n), ours, our_logits in zip(JOBS, mixed, mixed_logits):
         peft = get_peft_model(base, PrefixTuningConfig(
             task_type=TaskType.CAUSAL_LM, num_virtual_tokens=adapters[a].config.num_virtual_tokens)).eval()
         set_peft_model_state_dict(peft, {"prompt_embeddings": adapters[a].prompt_embeddings})
-        ids, reference = bb.tokenizer([PROMPTS[p]], return_tensors="pt").input_ids, []
+        ids, reference, ref_logits = bb.tokenizer([PROMPTS[p]], return_tensors="pt").input_ids, [], []
         with torch.no_grad():
             for _ in range(n):  # PEFT's forward is right on 5.24; its generate() is not (see module docstring)
-                nxt = int(peft(input_ids=ids).logits[0, -1].argmax())
-                reference.append(nxt)
-                ids = torch.cat([ids, torch.tensor([[nxt]])], dim=1)
+                step = peft(input_ids=ids).logits[0, -1]
+                ref_logits.append(step)
+                reference.append(int(step.argmax()))
+                ids = torch.cat([ids, torch.tensor([[reference[-1]]])], dim=1)
         assert ours == reference, f"job {(a, p, n)}"
+        torch.testing.assert_close(our_logits, torch.stack(ref_logits), rtol=0, atol=LOGITS_ATOL,
+                                   msg=lambda m: f"job {(a, p, n)}: {m}")
         base = peft.base_model
 
 
 @pytest.mark.peft_ref
 @pytest.mark.skipif(not os.environ.get("PTSERVE_REF_PYTHON"), reason="PTSERVE_REF_PYTHON not set")
-def test_greedy_tokens_equal_peft_generate_on_its_working_transformers(decoder, tmp_path):
+def test_greedy_tokens_and_per_step_logits_equal_peft_generate_on_its_working_transformers(
+    decoder, tmp_path, monkeypatch
+):
     bb, adapters = decoder
-    mixed = _run(_greedy_without_eos(bb, adapters), adapters, JOBS)
+    mixed, mixed_logits = _run_recorded(_greedy_without_eos(bb, adapters), adapters, JOBS, monkeypatch)
     for a, adapter in enumerate(adapters):
         jobs = [(i, job) for i, job in enumerate(JOBS) if job[0] == a]
         if not jobs:
@@ -111,9 +161,11 @@ def test_greedy_tokens_equal_peft_generate_on_its_working_transformers(decoder, 
             capture_output=True, text=True, cwd=Path(__file__).resolve().parents[3], timeout=300,
         )
         assert proc.returncode == 0, proc.stderr[-3000:]
-        reference = json.loads(result.read_text())["tokens"]
-        for (i, (_, _, n)), ref in zip(jobs, reference):
+        answer = json.loads(result.read_text())
+        for (i, (_, _, n)), ref, ref_logits in zip(jobs, answer["tokens"], answer["logits"]):
             assert mixed[i] == ref[:n], f"job {JOBS[i]}"
+            torch.testing.assert_close(mixed_logits[i], torch.tensor(ref_logits[:n]), rtol=0, atol=LOGITS_ATOL,
+                                       msg=lambda m: f"job {JOBS[i]}: {m}")
 
 
 def test_seeded_sampling_is_reproducible_whatever_the_batch(decoder):

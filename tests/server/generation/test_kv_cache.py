@@ -1,5 +1,5 @@
-"""The decoder's slot KV cache: exact round trips of prefix, prompt and per-token writes, slot moves that copy
-only what they promise, and a decode step through ``prefix_attention`` that equals plain SDPA over each row's
+"""The decoder's slot KV cache: exact round trips of prefix, prompt and per-token writes, slot moves and clears
+that touch only what they promise (a departing row leaves zeros), and a decode step through ``prefix_attention`` that equals plain SDPA over each row's
 [prefix, tokens] keys and values."""
 from __future__ import annotations
 
@@ -97,27 +97,50 @@ def test_read_is_a_view():
     assert (c.k[0][:2, :, 1: CAP + 3] == 1).all() and not c.k[0][:2, :, CAP + 3:].any()
 
 
-def test_move_copies_prefix_area_and_cached_tokens_only():
+def test_move_copies_the_occupants_columns_and_zeroes_the_source():
     c = cache()
     fill_random(c)
+    c.clear(1, CAP, MAX_TOKENS)  # the destination was cleared by its departing occupant
     before = snapshot(c)
-    tokens = 4
-    c.move(src=3, dst=1, tokens=tokens)
-    end = CAP + tokens
+    p, tokens = 3, 4
+    c.move(src=3, dst=1, prefix_len=p, tokens=tokens)
+    cols = slice(CAP - p, CAP + tokens)
     for layer in range(LAYERS):
         for now, then in ((c.k[layer], before[layer]), (c.v[layer], before[LAYERS + layer])):
-            assert torch.equal(now[1, :, :end], then[3, :, :end])  # prefix area + the cached tokens
-            assert torch.equal(now[1, :, end:], then[1, :, end:])  # columns past them are not copied
-            assert torch.equal(now[[0, 2, 3]], then[[0, 2, 3]])  # source and bystanders untouched
+            assert torch.equal(now[1, :, cols], then[3, :, cols])  # its prefix + the tokens it wrote
+            assert not now[1, :, : CAP - p].any() and not now[1, :, CAP + tokens:].any()  # nothing else
+            assert not now[3, :, cols].any()  # the source gives its columns up
+            assert torch.equal(now[3, :, : CAP - p], then[3, :, : CAP - p])  # and touches nothing else
+            assert torch.equal(now[[0, 2]], then[[0, 2]])  # bystanders untouched
 
 
-def test_move_with_no_tokens_copies_the_prefix_area():
+def test_clear_zeroes_exactly_the_occupants_columns():
     c = cache()
     fill_random(c, seed=3)
     before = snapshot(c)
-    c.move(src=0, dst=2, tokens=0)
-    assert torch.equal(c.k[0][2, :, :CAP], before[0][0, :, :CAP])
-    assert torch.equal(c.k[0][2, :, CAP:], before[0][2, :, CAP:])
+    c.clear(2, prefix_len=2, tokens=5)
+    for now, then in zip((*c.k, *c.v), before):
+        assert not now[2, :, CAP - 2: CAP + 5].any()
+        assert torch.equal(now[2, :, : CAP - 2], then[2, :, : CAP - 2])
+        assert torch.equal(now[2, :, CAP + 5:], then[2, :, CAP + 5:])
+        assert torch.equal(now[[0, 1, 3]], then[[0, 1, 3]])
+    c.clear_all()
+    assert all(not t.any() for t in (*c.k, *c.v))
+
+
+def test_a_stale_non_finite_value_in_a_masked_column_poisons_attention():
+    """Why departing rows are zeroed: SDPA reads masked columns too, and NaN (or an infinite key score against
+    the mask's -inf) in one of them turns the row's output into NaN."""
+    query = rand(1, HEADS, 1, HEAD_DIM, seed=1)
+    keys, values = rand(1, KV_HEADS, 5, HEAD_DIM, seed=2), rand(1, KV_HEADS, 5, HEAD_DIM, seed=3)
+    mask = torch.tensor([True, True, True, False, False])[None, None, None, :]  # the last two are masked
+    clean = F.scaled_dot_product_attention(query, keys, values, attn_mask=mask, enable_gqa=True)
+    assert clean.isfinite().all()
+    stale_v, stale_k = values.clone(), keys.clone()
+    stale_v[:, :, 4] = float("nan")
+    stale_k[:, :, 3] = float("inf")
+    for k, v in ((keys, stale_v), (stale_k, values)):
+        assert F.scaled_dot_product_attention(query, k, v, attn_mask=mask, enable_gqa=True).isnan().any()
 
 
 class _Layer(torch.nn.Module):

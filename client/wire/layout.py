@@ -1,5 +1,4 @@
-"""What client and server agree on, defined once and torch-free (the server distribution imports it from here):
-the folder layout that ``ptserve train --out`` writes and uploads read."""
+"""The folder layout that ``ptserve train --out`` writes and uploads read; the PEFT folder's file names."""
 
 from __future__ import annotations
 

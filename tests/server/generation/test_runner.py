@@ -1,0 +1,69 @@
+"""The generation runner (engine thread + per-request event delivery) on a tiny GPT-2: a sequence's failure
+reaches its own caller as its own error while the others stream on, and a caller whose event loop died
+cannot stop the engine thread for everyone else."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from ptserve.adapters_store.errors import NonFiniteLogits
+from ptserve.server.backbone import load_backbone
+from ptserve.server.generation.engine import GenerationEngine, GenerationLimits
+from ptserve.server.generation.runner import GenerationRunner
+from ptserve.server.generation.sequence import SamplingParams
+from tests.factories import make_adapter, save_tiny_decoder
+
+GREEDY = SamplingParams(max_new_tokens=12, temperature=0)
+
+
+@pytest.fixture(scope="module")
+def gpt2(tmp_path_factory):
+    bb = load_backbone(str(save_tiny_decoder("gpt2", tmp_path_factory.mktemp("gpt2"))), device="cpu",
+                       dtype="float32")
+    return bb, make_adapter(bb.fingerprint, 4, seed=4, task="generate"), \
+        make_adapter(bb.fingerprint, 8, seed=1, task="generate", scale=1e30)
+
+
+@pytest.fixture
+def runner(gpt2):
+    bb, _, _ = gpt2
+    engine = GenerationEngine(bb, GenerationLimits(max_running=4, max_seq_tokens=64, prefix_cap=16))
+    engine.eos_ids = frozenset()
+    r = GenerationRunner(engine)
+    r.start()
+    yield r
+    r.stop()
+
+
+def _seq(runner, adapter, tenant: str, prompt: str = "hello world"):
+    engine = runner.engine
+    return engine.new_sequence(engine.make_resident(adapter, f"{tenant}/x", 1), prompt, GREEDY)
+
+
+async def _tokens(runner, seq) -> list[int]:
+    return [ev.token async for ev in runner.generate(seq) if ev.token is not None]
+
+
+async def test_a_failing_sequence_raises_in_its_own_caller_only(runner, gpt2):
+    _, good, huge = gpt2
+    alone = await _tokens(runner, _seq(runner, good, "bravo"))
+    results = await asyncio.gather(_tokens(runner, _seq(runner, good, "bravo")),
+                                   _tokens(runner, _seq(runner, huge, "alpha")),
+                                   _tokens(runner, _seq(runner, good, "charlie")), return_exceptions=True)
+    assert results[0] == results[2] == alone and len(alone) == 12
+    assert isinstance(results[1], NonFiniteLogits)
+
+
+def test_a_caller_whose_event_loop_is_gone_does_not_stop_the_engine(runner, gpt2):
+    _, good, _ = gpt2
+    dead = asyncio.new_event_loop()
+    events = runner.generate(_seq(runner, good, "alpha", "the lazy dog"))
+    assert dead.run_until_complete(events.__anext__()).token is not None  # it is running
+    dead.close()  # gone without closing its stream: the engine's next delivery to it finds a closed loop
+
+    async def later():
+        return await asyncio.wait_for(_tokens(runner, _seq(runner, good, "bravo")), timeout=60)
+
+    assert len(asyncio.run(later())) == 12
+    assert runner.running == 0
