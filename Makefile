@@ -74,13 +74,10 @@ $(CLIENT_STAMP): $(CLIENT_FILES) Makefile
 serve: venv
 	$(VENV)/bin/ptserve serve $(ARGS)
 
-# pytest exits 5 when it collects no test at all; that is not a failure of the code under test.
+# pytest's exit status is make's: 5 (no test collected) fails too, since a run that tests nothing proves nothing.
 test: venv ref-venv client-venv
 	PTSERVE_REF_PYTHON=$(abspath $(REF_VENV))/bin/python PTSERVE_CLIENT_PYTHON=$(abspath $(CLIENT_VENV))/bin/python \
-		$(VENV)/bin/pytest -q $(PYTEST_ARGS); \
-	rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "pytest collected no tests"; rc=0; fi; \
-	exit $$rc
+		$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 
 bench: venv
 	$(VENV)/bin/python -m benchmarks.bench_classify $(ARGS)

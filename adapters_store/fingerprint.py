@@ -44,12 +44,21 @@ class BackboneFingerprint:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "BackboneFingerprint":
-        names = {f.name for f in fields(cls)}
-        missing = names - set(data)
+    def from_dict(cls, data: object) -> "BackboneFingerprint":
+        """From ``to_dict``'s output (read from an upload: every field's type is checked; ValueError if wrong)."""
+        if not isinstance(data, dict):
+            raise ValueError(f"fingerprint must be an object, got {type(data).__name__}")
+        types = {f.name: f.type for f in fields(cls)}
+        missing = set(types) - set(data)
         if missing:
             raise ValueError(f"fingerprint lacks {sorted(missing)}")
-        return cls(**{k: data[k] for k in names})
+        for name, kind in types.items():
+            value = data[name]
+            if kind == "str" and not isinstance(value, str):
+                raise ValueError(f"fingerprint field {name!r} must be a string")
+            if kind == "int" and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+                raise ValueError(f"fingerprint field {name!r} must be an integer >= 0")
+        return cls(**{k: data[k] for k in types})
 
     def differences(self, other: "BackboneFingerprint") -> list[str]:
         """Human-readable list of fields where ``other`` (an adapter's) differs from ``self`` (the server's)."""

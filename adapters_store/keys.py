@@ -27,8 +27,8 @@ from ptserve.adapters_store.ids import check_tenant
 from ptserve.client.wire.errors import KeyNotFound  # noqa: F401
 
 KEY_PREFIX = "ptk_"
-KEY_ID_RE = re.compile(r"^[0-9a-f]{16}$")
-_KEY_RE = re.compile(r"^ptk_([0-9a-f]{16})_[A-Za-z0-9_-]{20,100}$")
+KEY_ID_RE = re.compile(r"[0-9a-f]{16}")  # always fullmatch: "$" also matches before a final "\n"
+_KEY_RE = re.compile(r"ptk_([0-9a-f]{16})_[A-Za-z0-9_-]{20,100}")
 
 
 @dataclass(frozen=True)
@@ -50,7 +50,7 @@ def hash_key(key: str) -> str:
 
 def key_id_of(key: str) -> str | None:
     """The key id a presented key names, or None when it does not look like a tenant key."""
-    m = _KEY_RE.match(key)
+    m = _KEY_RE.fullmatch(key)
     return m[1] if m else None
 
 
@@ -96,7 +96,7 @@ class LocalKeyStore(KeyStore):
         await self._call(self._write, record)
 
     async def get(self, key_id: str) -> KeyRecord | None:
-        if not KEY_ID_RE.match(key_id):
+        if not KEY_ID_RE.fullmatch(key_id):
             return None
         return await self._call(self._read, self.dir / f"{key_id}.json")
 

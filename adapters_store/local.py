@@ -24,7 +24,7 @@ from ptserve.adapters_store.ids import NAME_RE, TENANT_RE, AdapterId, check_tena
 from ptserve.adapters_store.store import AdapterInfo, AdapterMeta, AdapterStore, Page, register_store
 
 KEEP_PREVIOUS = 2  # older versions stay readable for readers that resolved current.json just before a put
-_VERSION_FILE = re.compile(r"^v(\d+)\.(?:safetensors|json)$")
+_VERSION_FILE = re.compile(r"v(\d+)\.(?:safetensors|json)")  # fullmatch
 _TMP_PREFIX = ".tmp-"
 
 
@@ -176,14 +176,14 @@ def _next_version(d: Path) -> int:
         counted = int((d / ".next_version").read_text())
     except (FileNotFoundError, ValueError):
         counted = 1
-    on_disk = max((int(m[1]) for e in os.scandir(d) if (m := _VERSION_FILE.match(e.name))), default=0)
+    on_disk = max((int(m[1]) for e in os.scandir(d) if (m := _VERSION_FILE.fullmatch(e.name))), default=0)
     return max(counted, on_disk + 1)
 
 
 def _prune(d: Path, below: int | None) -> None:
     """Remove versions older than ``below`` (all when None) and temp files of writers that died mid-write."""
     for entry in os.scandir(d):
-        m = _VERSION_FILE.match(entry.name)
+        m = _VERSION_FILE.fullmatch(entry.name)
         if entry.name.startswith(_TMP_PREFIX) or (m and (below is None or int(m[1]) < below)):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(entry.path)
@@ -228,4 +228,4 @@ def _subdirs(path: Path) -> list[str]:
 
 
 def _valid(tenant: str, name: str) -> bool:
-    return bool(TENANT_RE.match(tenant) and NAME_RE.match(name) and ".." not in name)
+    return bool(TENANT_RE.fullmatch(tenant) and NAME_RE.fullmatch(name) and ".." not in name)

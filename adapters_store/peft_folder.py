@@ -2,6 +2,8 @@
 
 A PEFT folder is ``adapter_config.json`` + ``adapter_model.safetensors`` holding ``prompt_embeddings``
 [P, layers * 2 * kv_heads * head_dim] and, for ``SEQ_CLS``, the head saved as ``base_model.classifier.*``.
+Task types map to ptserve tasks: ``SEQ_CLS`` -> classify, ``CAUSAL_LM`` -> generate, ``FEATURE_EXTRACTION`` ->
+embed (a prefix only: the embedding is the mean-pooled hidden state under it).
 PEFT records no backbone fingerprint: a folder is accepted when its geometry fits the loaded backbone,
 whatever its ``base_model_name_or_path`` says (DESIGN decision 4); a differing name becomes a note.
 """
@@ -9,21 +11,23 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Collection
 
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from ptserve.adapters_store import untrusted_json
 from ptserve.adapters_store.errors import BackboneMismatch, InvalidAdapter, PayloadTooLarge
 from ptserve.adapters_store.fingerprint import BackboneFingerprint
-from ptserve.adapters_store.format import PREFIX_KEY, Adapter, AdapterConfig, encode_blob
+from ptserve.adapters_store.format import PEFT_TASK_TYPE, PREFIX_KEY, Adapter, AdapterConfig, encode_blob
+from ptserve.adapters_store.untrusted_json import JSONRejected
+from ptserve.adapters_store.validation import Limits, check_finite, decode_blob, read_header
 from ptserve.client.wire import LABELS_FILE
 from ptserve.client.wire import PEFT_CONFIG_FILE as CONFIG_FILE
 from ptserve.client.wire import PEFT_WEIGHTS_FILE as WEIGHTS_FILE
-from ptserve.adapters_store.validation import Limits, check_finite, decode_blob, read_header
-
 
 MAX_CONFIG_BYTES = 64 << 10
-_TASKS = {"SEQ_CLS": "classify", "CAUSAL_LM": "generate"}
+_TASKS = {peft: task for task, peft in PEFT_TASK_TYPE.items()}  # SEQ_CLS, CAUSAL_LM, FEATURE_EXTRACTION
 _PEFT_HEAD_PREFIXES = ("base_model.model.", "base_model.")
 
 
@@ -37,23 +41,46 @@ def _peft_head_name(key: str) -> str | None:
     return key if key.startswith("classifier.") else None
 
 
+def _show(value: object) -> str:
+    """A value from the upload, for an error message: repr, cut short."""
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def parse_peft_config(raw: bytes) -> dict:
     if len(raw) > MAX_CONFIG_BYTES:
         raise PayloadTooLarge(f"{CONFIG_FILE} is {len(raw)} bytes; at most {MAX_CONFIG_BYTES}")
     try:
-        cfg = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise InvalidAdapter(f"{CONFIG_FILE} is not valid JSON") from None
+        cfg = untrusted_json.loads(raw)
+    except JSONRejected as exc:
+        raise InvalidAdapter(f"{CONFIG_FILE} {exc.message}") from None
     if not isinstance(cfg, dict):
         raise InvalidAdapter(f"{CONFIG_FILE} must be a JSON object")
     if cfg.get("peft_type") != "PREFIX_TUNING":
-        raise InvalidAdapter(f"peft_type is {cfg.get('peft_type')!r}; ptserve serves PREFIX_TUNING adapters")
-    if cfg.get("task_type") not in _TASKS:
-        raise InvalidAdapter(f"task_type {cfg.get('task_type')!r} is not one of {sorted(_TASKS)}")
+        raise InvalidAdapter(f"peft_type is {_show(cfg.get('peft_type'))}; ptserve serves PREFIX_TUNING adapters")
+    if not isinstance(cfg.get("task_type"), str) or cfg["task_type"] not in _TASKS:
+        raise InvalidAdapter(f"task_type {_show(cfg.get('task_type'))} is not one of {sorted(_TASKS)}")
     for key in ("num_virtual_tokens", "num_layers", "token_dim", "num_attention_heads"):
         if not isinstance(cfg.get(key), int) or isinstance(cfg.get(key), bool):
-            raise InvalidAdapter(f"{CONFIG_FILE} field {key!r} must be an integer, got {cfg.get(key)!r}")
+            raise InvalidAdapter(f"{CONFIG_FILE} field {key!r} must be an integer, got {_show(cfg.get(key))}")
+    if not isinstance(cfg.get("base_model_name_or_path"), (str, type(None))):
+        raise InvalidAdapter(f"{CONFIG_FILE} field 'base_model_name_or_path' must be a string or null")
     return cfg
+
+
+MAX_LABELS_FIELD_BYTES = 1 << 20  # 1024 labels of 128 characters, each escaped to 6 bytes, fit
+
+
+def parse_labels(raw: str) -> list[str]:
+    """The ``labels`` form field sent beside a PEFT folder (PEFT folders carry no label names): a JSON list of
+    strings. Their number and lengths are checked with the adapter (``validation.check_config``)."""
+    try:
+        labels = untrusted_json.loads(raw, max_bytes=MAX_LABELS_FIELD_BYTES)
+    except JSONRejected:
+        labels = None
+    if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+        raise InvalidAdapter('labels must be a JSON list of strings, e.g. ["negative", "positive"]')
+    return labels
 
 
 def peft_to_blob(
@@ -64,8 +91,10 @@ def peft_to_blob(
     head_kind: str | None,
     labels: list[str] | None = None,
     limits: Limits = Limits(),
+    serves: Collection[str] | None = None,
 ) -> tuple[bytes, Adapter, list[str]]:
-    """Convert an uploaded PEFT folder to a validated ptserve blob: (blob, adapter, notes for the answer)."""
+    """Convert an uploaded PEFT folder to a validated ptserve blob: (blob, adapter, notes for the answer).
+    ``serves``: the tasks the server serves (``decode_blob``)."""
     if len(weights_raw) > limits.max_bytes:
         raise PayloadTooLarge(f"{WEIGHTS_FILE} is {len(weights_raw)} bytes; at most {limits.max_bytes}")
     cfg = parse_peft_config(config_raw)
@@ -97,7 +126,7 @@ def peft_to_blob(
         base_model_name_or_path=str(cfg.get("base_model_name_or_path") or ""),
     )
     blob = encode_blob(Adapter(config, tensors))
-    adapter = decode_blob(blob, server, head_kind, limits)  # the one validation path for every upload
+    adapter = decode_blob(blob, server, head_kind, limits, serves)  # the one validation path for every upload
     notes = []
     if config.base_model_name_or_path and config.base_model_name_or_path != server_name:
         notes.append(
@@ -136,7 +165,7 @@ def read_peft_folder(folder: str | Path) -> tuple[bytes, bytes]:
     return (folder / CONFIG_FILE).read_bytes(), (folder / WEIGHTS_FILE).read_bytes()
 
 
-__all__ = ["peft_to_blob", "adapter_to_peft", "write_peft_folder", "read_peft_folder"]
+__all__ = ["parse_labels", "parse_peft_config", "peft_to_blob", "adapter_to_peft", "write_peft_folder", "read_peft_folder"]
 
 
 def blob_to_adapter(blob: bytes) -> Adapter:

@@ -36,12 +36,13 @@ class AdapterService:
         self.store, self.engine, self.limits = store, engine, limits
         self.fp = engine.fp
         self.head_kind = engine.backbone.family.head_kind
+        self.serves = engine.backbone.family.tasks  # an upload of another task could never be used: refused
         self.cache: AdapterCache[ResidentAdapter] = AdapterCache(cache_bytes, self._load)
         self._tasks: set[asyncio.Task] = set()
 
     # --- uploads ----------------------------------------------------------------------------------------------
     def decode(self, blob: bytes) -> Adapter:
-        return decode_blob(blob, self.fp, self.head_kind, self.limits)
+        return decode_blob(blob, self.fp, self.head_kind, self.limits, self.serves)
 
     async def put_blob(self, adapter_id: AdapterId, blob: bytes) -> Uploaded:
         adapter = await asyncio.to_thread(self.decode, blob)
@@ -52,7 +53,7 @@ class AdapterService:
     ) -> Uploaded:
         blob, adapter, notes = await asyncio.to_thread(
             peft_to_blob, config_raw, weights_raw, self.fp, self.engine.backbone.name, self.head_kind, labels,
-            self.limits,
+            self.limits, self.serves,
         )
         return Uploaded(await self._publish(adapter_id, blob, adapter), notes)
 

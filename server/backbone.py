@@ -33,6 +33,11 @@ class Family:
     head_kind: str | None  # classification head kind (encoders)
     causal: bool = False  # decoder LM: serves /v1/generate instead of /v1/classify
 
+    @property
+    def tasks(self) -> frozenset[str]:
+        """The adapter tasks this family serves: an upload of another is refused (it could never be used)."""
+        return frozenset({"generate"}) if self.causal else frozenset({"classify", "embed"})
+
 
 def family_for(config: dict) -> Family:
     model_type = config.get("model_type", "")

@@ -2,7 +2,8 @@
 
 Callers ``submit`` rows and await their own results. One engine thread drains the queue: it waits up to
 ``max_wait_ms`` for a batch to fill (rows that already waited behind a running pass go at once), takes one pass's
-worth of rows **by start-time fair queuing across tenants** (each tenant's rows served so far are its virtual
+worth of rows (``max_batch_size`` rows within ``max_batch_tokens``, so a big request is spread over many rounds)
+**by start-time fair queuing across tenants** (each tenant's rows served so far are its virtual
 time; the next row comes from the waiting tenant that is furthest behind, so a tenant with a deep backlog gets
 only what others leave, and a light tenant's rows go in the very next pass),
 plans passes with ``plan_batches``, runs them back to back and hands each row's result to its caller's event
@@ -233,22 +234,31 @@ class Batcher(Generic[Item]):
             return taken
 
     def _take(self, n: int) -> list[_Pending[Item]]:
-        """Up to ``n`` live rows, each from the waiting tenant with the least virtual time (ties: longest
-        waiting tenant first), each tenant's in arrival order."""
-        taken, now = [], time.monotonic()
+        """Up to ``n`` live rows that fit one pass's token budget together, each from the waiting tenant with the
+        least virtual time (ties: longest waiting tenant first), each tenant's in arrival order.
+
+        One pass's worth, not more: a big request (256 long inputs) is spread over many rounds, and every round
+        starts with this fair choice, so another tenant's request arriving meanwhile runs in the next pass
+        instead of waiting for the whole big request."""
+        taken, longest, now = [], 0, time.monotonic()
         while len(taken) < n and self._queues:
             tenant = min(self._queues, key=self._vtime.__getitem__)
             queue = self._queues[tenant]
-            p = queue.popleft()
+            p = queue[0]
+            live = p.queued and not p.future.done() and (p.deadline is None or p.deadline >= now)
+            if live and taken and not self.policy.fits(len(taken) + 1, max(longest, p.length)):
+                break  # the pass is full: this row leads the next round
+            queue.popleft()
             if not queue:
                 del self._queues[tenant]
             if not p.queued:  # its caller gave up
                 continue
             self._forget(p)
-            if p.future.done() or (p.deadline is not None and p.deadline < now):
+            if not live:
                 continue  # the caller's own timer raises DeadlineExceeded
             self._vclock = self._vtime[tenant]
             self._vtime[tenant] += 1.0
+            longest = max(longest, p.length)
             taken.append(p)
         if len(self._vtime) > 4 * len(self._queues) + 1024:  # forget idle tenants that owe nothing
             self._vtime = {t: v for t, v in self._vtime.items() if t in self._queues or v > self._vclock}

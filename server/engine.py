@@ -1,8 +1,10 @@
-"""The engine: tokenise, gather each row's prefix, run the whole mixed batch in one forward pass, apply heads.
+"""The engine: tokenise, gather each row's prefix, run the whole mixed batch in one forward pass, then give
+each row its own output: its adapter's head's logits (classification) or its pooled embedding.
 
-Rows of one batch may use different adapters with different prefix lengths. Prefixes are left-padded to the
-longest one and the pad slots masked; real tokens are right-padded; each row's position ids start at its own
-prefix length (DESIGN decision 1), so every row computes exactly what it would compute alone.
+Rows of one batch may use different adapters with different prefix lengths, and the bare backbone (a prefix of
+length 0). Prefixes are left-padded to the longest one and the pad slots masked; real tokens are right-padded;
+each row's position ids start at its own prefix length (DESIGN decision 1), so every row computes exactly what
+it would compute alone.
 """
 from __future__ import annotations
 
@@ -11,20 +13,26 @@ from dataclasses import dataclass
 import torch
 
 from ptserve.adapters_store.errors import InputTooLong
-from ptserve.adapters_store.format import Adapter
+from ptserve.adapters_store.format import Adapter, AdapterConfig
 from ptserve.server.backbone import Backbone
 from ptserve.server.heads import apply_heads
+from ptserve.server.pooling import mean_pool
 from ptserve.server.prefix_attention import PrefixContext
 from ptserve.server.resident import ResidentAdapter, gather_prefixes, make_resident
 from ptserve.server.transfer import to_device
 
 
+LOGITS, EMBEDDING = "logits", "embedding"  # what a row asks of the pass (Row.output)
+
+
 @dataclass(frozen=True)
 class Row:
-    """One input text under one adapter."""
+    """One input text under one adapter, and the output it wants: ``LOGITS`` (through the adapter's head) or
+    ``EMBEDDING`` (the mean-pooled, L2-normalised last hidden state; any adapter's prefix, or the bare backbone)."""
 
     adapter: ResidentAdapter
     input_ids: tuple[int, ...]  # token ids with the tokenizer's special tokens
+    output: str = LOGITS
 
     @property
     def length(self) -> int:  # positions this row occupies: virtual + real tokens
@@ -49,6 +57,13 @@ class Engine:
     def __init__(self, backbone: Backbone):
         self.backbone = backbone
         self.fp = backbone.fingerprint
+        self.bare = self._bare_backbone()
+
+    def _bare_backbone(self) -> ResidentAdapter:
+        """The backbone without a prefix, as an adapter of length 0 (embeddings under the backbone's own name)."""
+        fp, bb = self.fp, self.backbone
+        kv = torch.zeros(fp.num_layers, 2, fp.num_kv_heads, 0, fp.head_dim, device=bb.device, dtype=bb.dtype)
+        return ResidentAdapter(bb.name, 0, AdapterConfig(task="embed", num_virtual_tokens=0, backbone=fp), kv, {})
 
     # --- adapters -------------------------------------------------------------------------------------------
     def make_resident(self, adapter: Adapter, adapter_id: str, version: int) -> ResidentAdapter:
@@ -88,12 +103,35 @@ class Engine:
         )
         return EncoderOutput(hidden, pooled, [len(r.input_ids) for r in rows]), stats
 
-    def classify(self, rows: list[Row]) -> tuple[list[torch.Tensor], BatchStats]:
-        """Logits per row ([num_labels] float32, cpu), all rows in one forward pass."""
+    def run(self, rows: list[Row]) -> tuple[list[torch.Tensor], BatchStats]:
+        """All rows in one forward pass; per row its own output (float32, cpu): logits [num_labels] for
+        ``LOGITS`` rows, an embedding [hidden] for ``EMBEDDING`` rows. What the batcher runs."""
         enc, stats = self.encode(rows)
         with torch.inference_mode():
-            logits = apply_heads([r.adapter for r in rows], enc.hidden, enc.pooled)
-        return logits, stats
+            return row_outputs(rows, enc), stats
+
+    def classify(self, rows: list[Row]) -> tuple[list[torch.Tensor], BatchStats]:
+        """Logits per row ([num_labels] float32, cpu) of ``LOGITS`` rows (the default), in one forward pass."""
+        return self.run(rows)
+
+
+def row_outputs(rows: list[Row], enc: EncoderOutput) -> list[torch.Tensor]:
+    """The per-row output stage: head rows through their adapters' heads, embedding rows mean-pooled."""
+    out: list[torch.Tensor | None] = [None] * len(rows)
+    heads = [i for i, r in enumerate(rows) if r.output == LOGITS]
+    pooled_rows = [i for i, r in enumerate(rows) if r.output == EMBEDDING]
+    if heads:
+        idx = torch.tensor(heads, device=enc.hidden.device)
+        pooler = enc.pooled.index_select(0, idx) if enc.pooled is not None else None
+        logits = apply_heads([rows[i].adapter for i in heads], enc.hidden[:, 0].index_select(0, idx), pooler)
+        for i, row_logits in zip(heads, logits):
+            out[i] = row_logits
+    if pooled_rows:
+        idx = torch.tensor(pooled_rows, device=enc.hidden.device)
+        vectors = mean_pool(enc.hidden.index_select(0, idx), [enc.lengths[i] for i in pooled_rows]).cpu()
+        for i, vector in zip(pooled_rows, vectors):
+            out[i] = vector
+    return out
 
 
 def encoder_forward(

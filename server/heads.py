@@ -22,12 +22,12 @@ HEADS = {"pooler_linear": _pooler_linear, "cls_mlp": _cls_mlp}
 
 def apply_heads(
     adapters: list[ResidentAdapter],  # one per row
-    hidden: torch.Tensor,  # [B, T, H] last hidden state (real tokens start at column 0)
+    first: torch.Tensor,  # [B, H] last hidden state of each row's first real token
     pooled: torch.Tensor | None,  # [B, H] backbone pooler output, if the backbone has a pooler
 ) -> list[torch.Tensor]:
     """Logits per row ([num_labels] float32 on cpu), each row through its own adapter's head; one device-to-host
     copy for the whole pass."""
-    first, pooled = hidden[:, 0].float(), (pooled.float() if pooled is not None else None)  # [B, H]
+    first, pooled = first.float(), (pooled.float() if pooled is not None else None)  # [B, H]
     groups: dict[int, list[int]] = {}
     for row, a in enumerate(adapters):
         groups.setdefault(id(a), []).append(row)

@@ -1,4 +1,5 @@
-"""Structured logs: one JSON object per line, and the per-request context every access-log line carries.
+"""Structured logs: one JSON object per line (or, ``PTSERVE_LOG_FORMAT=text``, one plain line with control
+characters escaped), and the per-request context every access-log line carries.
 
 The request middleware opens a ``RequestContext`` for each request; authentication, authorisation and the
 adapter lease ``note`` the tenant, adapter and version into it, wherever they run (a context variable), and the
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from contextvars import ContextVar
 from dataclasses import asdict, dataclass
@@ -75,11 +77,39 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(out, default=str)
 
 
+# C0 and C1 control characters (\n, \r, ESC, ...), DEL and the Unicode line/paragraph separators: what a reader
+# or a terminal would take for a new line or a command. Text logs show them escaped, as \n or \x1b.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every control character escaped, so that a value from a request (a path with ``%0A``) can
+    never start a line of its own in a text log."""
+    return _CONTROL.sub(lambda m: repr(m[0])[1:-1], text)  # repr writes each of them as an escape
+
+
+class TextFormatter(logging.Formatter):
+    """``PTSERVE_LOG_FORMAT=text``: one line per record, its message escaped (``escape_controls``); a traceback
+    follows on lines indented by four spaces, escaped the same way, so no line of it can pass for a record."""
+
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def formatMessage(self, record: logging.LogRecord) -> str:
+        return escape_controls(super().formatMessage(record))
+
+    def formatException(self, ei) -> str:
+        return "\n".join("    " + escape_controls(line) for line in super().formatException(ei).splitlines())
+
+    def formatStack(self, stack_info: str) -> str:
+        return "\n".join("    " + escape_controls(line) for line in stack_info.splitlines())
+
+
 def configure_logging(level: str, fmt: str = "json") -> None:
     """Root logging for ``ptserve serve``: JSON lines (or plain text) on stderr; uvicorn's loggers go the same way."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(
-        JsonFormatter() if fmt == "json" else logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s")
+        JsonFormatter() if fmt == "json" else TextFormatter()
     )
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -89,6 +89,12 @@ class Metrics:
             "ptserve_generation_batch_size", "Sequences running after an engine step.", buckets=BATCH_BUCKETS,
             registry=r,
         )
+        # embeddings (encoder backbones)
+        self.embedding_inputs = Counter("ptserve_embedding_inputs", "Texts embedded by /v1/embeddings.", registry=r)
+        self.embedding_tokens = Counter(
+            "ptserve_embedding_tokens", "Input tokens of /v1/embeddings requests (their usage.prompt_tokens).",
+            registry=r,
+        )
         self.rejections = Counter(
             "ptserve_requests_rejected", "Requests refused (overload, deadline, draining, auth) by reason.", ["reason"],
             registry=r,
@@ -131,6 +137,10 @@ class Metrics:
         self.batch_overhead.set(cost.overhead_tokens)
         self.pass_fixed.set(cost.fixed_s)
         self.pass_token.set(cost.per_token_s)
+
+    def observe_embeddings(self, inputs: int, tokens: int) -> None:
+        self.embedding_inputs.inc(inputs)
+        self.embedding_tokens.inc(tokens)
 
     def watch_cache(self, cache: AdapterCache) -> None:
         self.registry.register(_CacheCollector(cache))

@@ -9,6 +9,7 @@ import time
 import uvicorn
 
 from ptserve.server.api.state import ServerState
+from ptserve.server.http_protocol import ConnectionLimits, GuardedHttpToolsProtocol
 
 log = logging.getLogger(__name__)
 AFTER_DRAIN_S = 5.0  # uvicorn's own graceful window once the drain ended (idle connections, stragglers)
@@ -49,8 +50,12 @@ class DrainingServer(uvicorn.Server):
 
 
 def serve_app(app, state: ServerState, host: str, port: int, log_level: str, drain_timeout_s: float) -> None:
+    s = state.settings
+    limits = ConnectionLimits(head_bytes=s.max_header_bytes, head_timeout_s=s.header_timeout_s,
+                              body_timeout_s=s.body_timeout_s)
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, log_config=None, access_log=False,  # ptserve logs requests
-        timeout_graceful_shutdown=AFTER_DRAIN_S,
+        timeout_graceful_shutdown=AFTER_DRAIN_S, timeout_keep_alive=s.keep_alive_timeout_s,
+        http=GuardedHttpToolsProtocol.factory(limits),  # bounds a request head's size and time, a body's silence
     )
     DrainingServer(config, state, drain_timeout_s).run()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
@@ -54,11 +55,16 @@ class Settings(BaseSettings):
         "fair", description="Who takes a free KV cache slot: fair = the oldest request of the least-served tenant, "
         "fifo = the oldest request."
     )
+    chat_template: str | None = Field(
+        None, description="Jinja chat template file for /v1/chat/completions (default: the tokenizer's own).",
+    )
 
     # limits
     max_adapter_bytes: int = Field(64 * 2**20, ge=1024, description="Largest adapter upload.")
     max_virtual_tokens: int = Field(256, ge=1, description="Largest prefix an adapter may carry.")
-    max_inputs_per_request: int = Field(256, ge=1, description="Texts per classify request.")
+    max_inputs_per_request: int = Field(
+        256, ge=1, description="Texts per classify request; choices (prompts x n) per completion request.",
+    )
     max_body_bytes: int = Field(1 * 2**20, ge=1024, description="Largest JSON request body.")
 
     # adapter cache
@@ -83,11 +89,30 @@ class Settings(BaseSettings):
     drain_timeout_s: float = Field(30.0, ge=0, description="On SIGTERM, how long in-flight and queued work may finish.")
     log_format: Literal["json", "text"] = Field("json", description="json = one JSON object per log line.")
 
+    # --- HTTP connections (issue 10; server/http_protocol.py) ---
+    max_header_bytes: int = Field(64 * 2**10, ge=1024, le=16 * 2**20,
+                                  description="Largest request head (request line + headers): 431 past it.")
+    header_timeout_s: float = Field(10.0, gt=0, le=600, description="Time a client has to send a request head, "
+                                    "from connecting or from the previous response: 408 and close past it.")
+    body_timeout_s: float = Field(30.0, gt=0, le=3600, description="Longest silence while a request body "
+                                  "arrives: 408 and close past it.")
+    keep_alive_timeout_s: float = Field(5.0, gt=0, le=600,
+                                        description="How long an idle keep-alive connection stays open.")
+
     @field_validator("preload", mode="before")
     @classmethod
     def _split_ids(cls, v):
         if isinstance(v, str):
             return [x.strip() for x in v.split(",") if x.strip()]
+        return v
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_file(cls, v: str | None) -> str | None:
+        if not v:
+            return None
+        if not Path(v).expanduser().is_file():
+            raise ValueError(f"chat template file {v!r} does not exist")
         return v
 
     @field_validator("store")

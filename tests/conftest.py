@@ -5,8 +5,28 @@ import time
 
 import pytest
 
+from tests.components import IN_CI, need_binary, ref_python
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.hookimpl(tryfirst=True)  # before skipif marks are read: under CI a missing reference must fail, not skip
+def pytest_runtest_setup(item):
+    if item.get_closest_marker("peft_ref") is not None:
+        ref_python()
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Under CI no test may skip, whatever skipped it: a skip there means a component CI should have had."""
+    outcome = yield
+    report = outcome.get_result()
+    if IN_CI and report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        report.outcome = "failed"
+        report.longrepr = f"skipped under CI: {reason}. CI must run every test: install what it needs."
 
 
 @pytest.fixture(scope="session")
@@ -98,9 +118,9 @@ def redis_server(tmp_path_factory):
 @pytest.fixture
 def redis_server_factory(tmp_path):
     """Start dedicated redis-servers (``RedisServer``) a test may kill and restart; all die afterwards.
-    ``start(port, persistent=True)`` restarts one on its port with the data it had acknowledged."""
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server is not on PATH")
+    ``start(port, persistent=True)`` restarts one on its port with the data it had acknowledged. Without the
+    binary: skipped, and a failure under CI (``tests.components``)."""
+    need_binary("redis-server")
     servers: list[RedisServer] = []
 
     def start(port: int | None = None, persistent: bool = False) -> RedisServer:

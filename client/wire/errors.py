@@ -130,6 +130,12 @@ class MethodNotAllowedError(APIError):
     status = 405
 
 
+class RequestTimeoutError(APIError):
+    """408: the request's head (or its body) did not arrive in time; the server closed the connection."""
+
+    status = 408
+
+
 class ConflictError(APIError):
     """409: the request conflicts with the current state."""
 
@@ -146,6 +152,12 @@ class UnsupportedMediaTypeError(APIError):
     """415: an upload that is neither a blob nor a PEFT folder's multipart form."""
 
     status = 415
+
+
+class HeaderFieldsTooLargeError(APIError):
+    """431: the request line and headers are over ``PTSERVE_MAX_HEADER_BYTES``."""
+
+    status = 431
 
 
 class UnprocessableEntityError(APIError):
@@ -183,6 +195,12 @@ class BadRequest(BadRequestError):
     """A request the server cannot read (e.g. a multipart upload without the PEFT files)."""
 
     type = "bad_request"
+
+
+class InvalidHTTP(BadRequestError):
+    """Bytes that are not an HTTP/1.1 request (answered by the connection, before any route)."""
+
+    type = "invalid_http"
 
 
 class InvalidAdapterId(BadRequestError):
@@ -231,6 +249,19 @@ class MethodNotAllowed(MethodNotAllowedError):
     type = "method_not_allowed"
 
 
+class RequestTimeout(RequestTimeoutError):
+    """A request head not complete within ``PTSERVE_HEADER_TIMEOUT_S``, or a body silent for
+    ``PTSERVE_BODY_TIMEOUT_S``."""
+
+    type = "request_timeout"
+
+
+class HeaderTooLarge(HeaderFieldsTooLargeError):
+    """A request head over ``PTSERVE_MAX_HEADER_BYTES``."""
+
+    type = "header_too_large"
+
+
 class PayloadTooLarge(PayloadTooLargeError):
     """A body, an uploaded blob or a PEFT file over its limit (answered while the body streams)."""
 
@@ -274,7 +305,8 @@ class InputTooLong(InvalidInput):
 
 
 class WrongTask(InvalidInput):
-    """An adapter of the other task (a generation adapter asked to classify, ...)."""
+    """An adapter of another task (a generation adapter asked to classify or embed, an embed adapter asked to
+    classify, ...), or a backbone that does not serve the endpoint (embeddings on a decoder)."""
 
     type = "wrong_task"
 
@@ -291,6 +323,12 @@ class ClientDisconnected(APIError):
     it; it keeps a client's disconnect out of the 5xx counts (nginx's "client closed request")."""
 
     status, type = 499, "client_closed_request"
+
+
+class NoChatTemplate(InvalidInput):
+    """A chat request to a decoder with no chat template (neither the tokenizer's nor PTSERVE_CHAT_TEMPLATE)."""
+
+    type = "no_chat_template"
 
 
 class Overloaded(RateLimitError):

@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 from ptserve.client.wire.errors import InvalidAdapterId
 
-TENANT_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
+TENANT_RE = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")  # always fullmatch: "$" also matches before a final "\n"
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}")
 
 
 @dataclass(frozen=True, order=True)
@@ -30,11 +30,11 @@ class AdapterId:
 
     @classmethod
     def of(cls, tenant: str, name: str) -> "AdapterId":
-        if not TENANT_RE.match(tenant):
+        if not TENANT_RE.fullmatch(tenant):
             raise InvalidAdapterId(
                 f"tenant {tenant!r} must match {TENANT_RE.pattern} (lowercase letters, digits, '_' and '-')"
             )
-        if not NAME_RE.match(name) or ".." in name:
+        if not NAME_RE.fullmatch(name) or ".." in name:
             raise InvalidAdapterId(
                 f"adapter name {name!r} must match {NAME_RE.pattern} and contain no '..'"
             )
@@ -42,6 +42,6 @@ class AdapterId:
 
 
 def check_tenant(tenant: str) -> str:
-    if not TENANT_RE.match(tenant):
+    if not TENANT_RE.fullmatch(tenant):
         raise InvalidAdapterId(f"tenant {tenant!r} must match {TENANT_RE.pattern}")
     return tenant

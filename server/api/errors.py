@@ -43,6 +43,9 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _validation(request: Request, exc: RequestValidationError):
         parts = []
         for err in exc.errors()[:5]:
+            if err.get("type") == "json_invalid":  # raised by ``json_body``, whose message says it all
+                parts.append(str((err.get("ctx") or {}).get("error") or "the body is not valid JSON"))
+                continue
             where = ".".join(str(x) for x in err.get("loc", ()) if x != "body")
             parts.append(f"{where or 'body'}: {err.get('msg')}")
         return answer(InvalidRequest("; ".join(parts)))

@@ -72,7 +72,7 @@ async def _send_413(send: Send, limit: int) -> None:
 
 
 OPS_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # never refused while draining, not "in flight"
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")  # fullmatch: "$" also matches before "\n"
 
 
 class RequestMiddleware:
@@ -89,7 +89,7 @@ class RequestMiddleware:
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         given = headers.get(b"x-request-id", b"").decode("latin-1")
-        ctx = RequestContext(given if _REQUEST_ID.match(given) else _new_request_id(),
+        ctx = RequestContext(given if _REQUEST_ID.fullmatch(given) else _new_request_id(),
                              scope["method"], scope["path"])
         token, start, status = bind(ctx), time.perf_counter(), 500
         rid_header = (b"x-request-id", ctx.request_id.encode())

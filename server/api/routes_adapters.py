@@ -1,20 +1,19 @@
 """Adapter routes: upload (ptserve blob or PEFT folder), list, show, download, delete."""
 from __future__ import annotations
 
-import json
-
 from fastapi import APIRouter, Query, Request, Response
 from starlette.datastructures import UploadFile
 
 from ptserve.adapters_store.errors import InvalidAdapter
 from ptserve.adapters_store.ids import AdapterId, check_tenant
-from ptserve.adapters_store.peft_folder import CONFIG_FILE, WEIGHTS_FILE
+from ptserve.adapters_store.peft_folder import CONFIG_FILE, WEIGHTS_FILE, parse_labels
 from ptserve.client.wire.records import AdapterInfo
 from ptserve.server.api.deps import AdaptersDep, Principal, authorize, authorize_tenant
 from ptserve.server.api.errors import BadRequest, UnsupportedMediaType, answer
+from ptserve.server.api.json_body import JSONBodyRoute
 from ptserve.server.api.schemas import AdapterList, AdapterPublic, ErrorResponse
 
-router = APIRouter(prefix="/v1/adapters", tags=["adapters"])
+router = APIRouter(prefix="/v1/adapters", tags=["adapters"], route_class=JSONBodyRoute)
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 413, 415, 422, 503)}
 
 
@@ -70,12 +69,9 @@ async def _read_peft_form(request: Request, max_bytes: int) -> tuple[bytes, byte
         parts[field] = await part.read()
     labels = None
     if (raw := form.get("labels")) is not None:
-        try:
-            labels = json.loads(raw) if isinstance(raw, str) else None
-        except json.JSONDecodeError:
-            labels = None
-        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
-            raise InvalidAdapter('labels must be a JSON list of strings, e.g. ["negative", "positive"]')
+        if not isinstance(raw, str):
+            raise InvalidAdapter('labels must be a form field (not a file) holding a JSON list of strings')
+        labels = parse_labels(raw)
     return parts[CONFIG_FILE], parts[WEIGHTS_FILE], labels
 
 

@@ -6,10 +6,11 @@ from fastapi import APIRouter
 
 from ptserve.adapters_store.errors import InvalidInput, WrongTask
 from ptserve.server.api.deps import Principal, ReadyDep, authorize, request_deadline
+from ptserve.server.api.json_body import JSONBodyRoute
 from ptserve.server.api.schemas import ClassifyRequest, ClassifyResponse, ErrorResponse, Prediction, Usage
 from ptserve.server.engine import Row
 
-router = APIRouter(tags=["inference"])
+router = APIRouter(tags=["inference"], route_class=JSONBodyRoute)
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429, 503, 504)}
 
 
@@ -26,7 +27,8 @@ async def classify(req: ClassifyRequest, principal: Principal, state: ReadyDep) 
         state.batcher.check_room(adapter_id.tenant, len(req.inputs))  # refuse before loading or tokenising
         async with state.adapters.lease(adapter_id) as adapter:
             if adapter.config.task != "classify":
-                raise WrongTask(f"adapter {req.adapter} is a {adapter.config.task!r} adapter; use /v1/generate")
+                route = {"embed": "/v1/embeddings"}.get(adapter.config.task, "/v1/generate")
+                raise WrongTask(f"adapter {req.adapter} is a {adapter.config.task!r} adapter; use {route}")
             token_ids = state.engine.tokenize(req.inputs, adapter.num_virtual_tokens, req.truncate)
             rows = [Row(adapter, ids) for ids in token_ids]
             logits = await state.batcher.submit(rows, [r.length for r in rows], adapter_id.tenant, deadline)

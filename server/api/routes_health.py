@@ -9,9 +9,10 @@ from fastapi import APIRouter, Response
 from ptserve.adapters_store.errors import PtserveError
 from ptserve.server.api.deps import StateDep
 from ptserve.server.api.errors import Draining, NotReady, error_response
+from ptserve.server.api.json_body import JSONBodyRoute
 from ptserve.server.metrics import CONTENT_TYPE
 
-router = APIRouter(tags=["operations"])
+router = APIRouter(tags=["operations"], route_class=JSONBodyRoute)
 
 
 @router.get("/healthz")

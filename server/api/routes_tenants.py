@@ -8,10 +8,11 @@ from ptserve.adapters_store.errors import StoreUnavailable
 from ptserve.adapters_store.ids import check_tenant
 from ptserve.adapters_store.keys import KEY_ID_RE, KeyNotFound, KeyStore
 from ptserve.server.api.deps import AdminPrincipal, StateDep
+from ptserve.server.api.json_body import JSONBodyRoute
 from ptserve.server.api.schemas import ErrorResponse
 from ptserve.server.api.state import ServerState
 
-router = APIRouter(prefix="/v1/tenants", tags=["tenants"])
+router = APIRouter(prefix="/v1/tenants", tags=["tenants"], route_class=JSONBodyRoute)
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 403, 404, 422, 503)}
 
 
@@ -57,7 +58,7 @@ async def list_keys(tenant: str, _: AdminPrincipal, state: StateDep):
 async def revoke_key(tenant: str, key_id: str, _: AdminPrincipal, state: StateDep):
     """Revoke at once here, and on every replica sharing the store within ``key_cache_ttl_s``."""
     check_tenant(tenant)
-    if not KEY_ID_RE.match(key_id):
+    if not KEY_ID_RE.fullmatch(key_id):
         raise KeyNotFound(f"tenant {tenant} has no key {key_id}")
     await _keys(state).revoke(tenant, key_id)
     state.auth.forget(key_id)

@@ -18,6 +18,7 @@ from ptserve.server.batch_plan import BatchPolicy
 from ptserve.server.auth import Authenticator
 from ptserve.server.batcher import Batcher
 from ptserve.server.calibrate import measure_pass_cost, warm_up
+from ptserve.server.chat_template import ChatTemplate
 from ptserve.server.cost_model import PassCost, from_setting
 from ptserve.server.engine import Engine
 from ptserve.server.generation.engine import GenerationEngine, GenerationLimits
@@ -39,14 +40,16 @@ class ServerState:
     engine: Engine | None = None
     store: AdapterStore | None = None
     adapters: AdapterService | None = None
-    batcher: Batcher | None = None  # encoder backbones: classification passes
+    batcher: Batcher | None = None  # encoder backbones: passes of classification and embedding rows
     generator: GenerationRunner | None = None  # decoder backbones: continuous batching on its own thread
+    chat: ChatTemplate | None = None  # decoder backbones: renders chat messages to prompts
     load_error: str | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     watcher: asyncio.Task | None = None
     keys: KeyStore | None = None
     auth: Authenticator | None = None
     limiter: TenantLimiter | None = None
+    started_at: float = field(default_factory=time.time)  # the bare backbone's `created` in /v1/models
     draining: bool = False  # SIGTERM received: /readyz 503, new requests 503, in-flight ones finish
     inflight: int = 0  # requests inside the app (operations endpoints excluded)
     threads: ThreadsChoice | None = None  # torch intra-op threads and why
@@ -87,6 +90,7 @@ class ServerState:
             self.adapters = AdapterService(self.store, self.engine, s.cache_bytes, limits)
             self.metrics.watch_cache(self.adapters.cache)
             if causal:
+                self.chat = ChatTemplate(self.backbone.tokenizer, s.backbone, s.chat_template)
                 self.generator = GenerationRunner(self.engine, on_step=self.metrics.observe_step)
                 self.generator.start()
                 self.metrics.watch_generation(self.generator)
@@ -99,7 +103,7 @@ class ServerState:
                     overhead_tokens=self.pass_cost.overhead_tokens,
                 )
                 self.batcher = Batcher(
-                    self.engine.classify, policy, s.max_wait_ms, on_pass=self.metrics.observe_pass,
+                    self.engine.run, policy, s.max_wait_ms, on_pass=self.metrics.observe_pass,
                     max_queue_rows=s.max_queue_rows, max_queue_rows_per_tenant=s.max_queue_rows_per_tenant,
                 )
                 self.batcher.start()

@@ -28,8 +28,14 @@ def train(
     label_field: str = typer.Option("label", help="Field (column) holding the label (classify)."),
     prompt_field: str = typer.Option("prompt", help="Field holding the prompt (generate)."),
     completion_field: str = typer.Option("completion", help="Field holding the completion (generate)."),
+    query_field: str = typer.Option(
+        "query", help="Field holding the query (embed pairs; data without it is read as labelled texts)."
+    ),
+    positive_field: str = typer.Option("positive", help="Field holding the query's positive text (embed)."),
+    negative_field: str = typer.Option("negative", help="Field holding an optional hard negative (embed)."),
     task: str = typer.Option(
-        "auto", help="classify, generate, or auto: classify on encoders, generate on decoders."
+        "auto", help="classify, embed (encoders), generate (decoders), or auto: classify on encoders, generate on "
+        "decoders."
     ),
     backbone: str = typer.Option("minilm", help="The serving backbone: 'minilm', a model folder or hub id."),
     virtual_tokens: int = typer.Option(16, help="Prefix length P (virtual tokens in every layer)."),
@@ -53,6 +59,9 @@ def train(
         None, help="Cut texts to this many tokens (default: what fits)."
     ),
     dropout: float = typer.Option(0.1, help="Dropout on the head's input while training."),
+    temperature: float = typer.Option(
+        0.05, help="Temperature of the contrastive loss (embed; sentence-transformers' scale 20)."
+    ),
     threads: int = typer.Option(0, help="torch threads on cpu (0 = torch's default)."),
     device: str = typer.Option("auto", help="auto, cpu or cuda."),
     upload: Optional[str] = typer.Option(
@@ -60,12 +69,14 @@ def train(
     ),
 ) -> None:
     """Train a P-Tuning v2 prefix on the frozen serving backbone: with a classification head on encoders
-    (labelled texts), or for causal-LM generation on decoders (prompt/completion pairs, loss on the
-    completion). --json prints the summary as JSON on stdout."""
+    (labelled texts), for embeddings on encoders (--task embed: query/positive[/negative] pairs or labelled texts,
+    same label = positive; contrastive loss with in-batch negatives), or for causal-LM generation on decoders
+    (prompt/completion pairs, loss on the completion). --json prints the summary as JSON on stdout."""
     import torch
 
     from ptserve.server.backbone import load_backbone
     from ptserve.server.training.classify import TrainConfig
+    from ptserve.server.training.embed import EmbedConfig
     from ptserve.server.training.data import DataError
     from ptserve.client.wire.layout import BLOB_FILE
     from ptserve.server.training.outputs import write_outputs
@@ -76,7 +87,8 @@ def train(
         fail(f"--upload {upload!r} must be tenant/name", 2)
     try:
         task = _resolve_task(task, backbone)
-        fields = (text_field, label_field) if task == "classify" else (prompt_field, completion_field)
+        fields = {"classify": (text_field, label_field), "generate": (prompt_field, completion_field),
+                  "embed": (text_field, label_field, query_field, positive_field, negative_field)}[task]
         train_set, eval_set = _load_data(task, data, eval_data, *fields)
         if threads:
             torch.set_num_threads(threads)
@@ -85,19 +97,26 @@ def train(
         fail(str(exc), 2)
     except (OSError, ValueError) as exc:
         fail(f"cannot load backbone {backbone!r}: {exc}", 2)
-    cfg = TrainConfig(
-        virtual_tokens=virtual_tokens,
-        prefix_projection=prefix_projection,
-        projection_hidden=projection_hidden,
-        lr=lr,
-        head_lr=head_lr,
-        epochs=epochs,
-        batch_size=batch_size,
-        seed=seed,
-        patience=patience,
-        dropout=dropout,
-        max_length=max_length,
-    )
+    if task == "embed":
+        cfg = EmbedConfig(
+            virtual_tokens=virtual_tokens, prefix_projection=prefix_projection, projection_hidden=projection_hidden,
+            lr=lr, epochs=epochs, batch_size=batch_size, seed=seed, patience=patience, temperature=temperature,
+            max_length=max_length,
+        )
+    else:
+        cfg = TrainConfig(
+            virtual_tokens=virtual_tokens,
+            prefix_projection=prefix_projection,
+            projection_hidden=projection_hidden,
+            lr=lr,
+            head_lr=head_lr,
+            epochs=epochs,
+            batch_size=batch_size,
+            seed=seed,
+            patience=patience,
+            dropout=dropout,
+            max_length=max_length,
+        )
     err.print(
         f"{task}: training {virtual_tokens} virtual tokens on {backbone} ({bb.fingerprint.model_type}, "
         f"{bb.fingerprint.num_layers} layers) with {len(train_set)} examples"
@@ -137,21 +156,34 @@ def _resolve_task(task: str, backbone: str) -> str:
     causal = _is_causal(backbone)
     if task == "auto":
         return "generate" if causal else "classify"
-    if task not in ("classify", "generate") or (task == "generate") != causal:
+    if task not in ("classify", "generate", "embed") or (task == "generate") != causal:
         from ptserve.server.training.data import DataError
 
         raise DataError(
             f"--task {task} does not fit backbone {backbone!r}: "
-            + ("a decoder trains 'generate' adapters" if causal else "an encoder trains 'classify' adapters")
+            + ("a decoder trains 'generate' adapters" if causal else "an encoder trains 'classify' or 'embed' adapters")
         )
     return task
 
 
-def _load_data(task: str, data: Path, eval_data: Path | None, first: str, second: str):
-    from ptserve.server.training.data import load_examples, load_pairs
+def _load_data(task: str, data: Path, eval_data: Path | None, *fields: str):
+    from ptserve.server.training.data import has_field, load_examples, load_pairs, load_text_pairs
 
-    load = load_examples if task == "classify" else load_pairs
-    return load(data, first, second), (load(eval_data, first, second) if eval_data else None)
+    def load(path: Path):
+        if task == "classify":
+            return load_examples(path, *fields)
+        if task == "generate":
+            return load_pairs(path, *fields)
+        text_field, label_field, *pair_fields = fields  # embed: pairs when the query field is there
+        return load_text_pairs(path, *pair_fields) if has_field(path, pair_fields[0]) else load_examples(
+            path, text_field, label_field)
+
+    train_set, eval_set = load(data), (load(eval_data) if eval_data else None)
+    if eval_set is not None and type(eval_set[0]) is not type(train_set[0]):
+        from ptserve.server.training.data import DataError
+
+        raise DataError(f"{data} and {eval_data} must both be pairs or both labelled texts")
+    return train_set, eval_set
 
 
 def _run(task: str, bb, train_set, eval_set, cfg, progress):
@@ -159,6 +191,10 @@ def _run(task: str, bb, train_set, eval_set, cfg, progress):
         from ptserve.server.training.classify import train_classifier
 
         return train_classifier(bb, train_set, eval_set, cfg, progress)
+    if task == "embed":
+        from ptserve.server.training.embed import train_embedder
+
+        return train_embedder(bb, train_set, eval_set, cfg, progress)
     from ptserve.server.training.causal_lm import train_causal_lm
 
     return train_causal_lm(bb, train_set, eval_set, cfg, progress)
@@ -176,12 +212,19 @@ def _summary(task: str, result, out: Path) -> dict:
     ev = result.eval
     if task == "classify":
         summary.update(labels=result.labels, eval_accuracy=ev.accuracy if ev else None)
+    elif task == "embed":
+        base = result.baseline
+        summary.update(eval_recall_at_1=ev.recall_at_1 if ev else None, eval_mrr=ev.mrr if ev else None,
+                       bare_recall_at_1=base.recall_at_1 if base else None, bare_mrr=base.mrr if base else None)
     else:
         summary.update(eval_loss=ev.loss if ev else None, eval_exact_match=ev.exact_match if ev else None)
     return summary
 
 
 def _shown(summary: dict) -> str:
+    if summary.get("eval_mrr") is not None:
+        return (f"eval recall@1 {summary['eval_recall_at_1']:.3f}, MRR {summary['eval_mrr']:.3f} "
+                f"(bare backbone {summary['bare_recall_at_1']:.3f}, {summary['bare_mrr']:.3f})")
     if summary.get("eval_accuracy") is not None:
         return f"eval accuracy {summary['eval_accuracy']:.3f}"
     if summary.get("eval_loss") is not None:

@@ -1,5 +1,6 @@
-"""Training data from JSONL, JSON or CSV/TSV files: labelled texts (classification) or prompt/completion pairs
-(causal LM), checked with messages that name the file and line."""
+"""Training data from JSONL, JSON or CSV/TSV files: labelled texts (classification, embeddings), prompt/completion
+pairs (causal LM) or query/positive[/negative] pairs (embeddings), checked with messages that name the file and
+line."""
 
 from __future__ import annotations
 
@@ -58,6 +59,50 @@ def load_pairs(
     if not pairs:
         raise DataError(f"{path}: no examples")
     return pairs
+
+
+@dataclass(frozen=True)
+class TextPair:
+    """An embedding training pair: ``query`` should lie closer to ``positive`` than to any other text (and
+    in particular to ``negative``, a hard negative, when given)."""
+
+    query: str
+    positive: str
+    negative: str | None = None
+
+
+def load_text_pairs(
+    path: str | Path, query_field: str = "query", positive_field: str = "positive",
+    negative_field: str = "negative",
+) -> list[TextPair]:
+    """Query/positive pairs (the negative is optional, per record), from the same formats as ``load_examples``."""
+    path = Path(path)
+    pairs = []
+    for where, rec in _records(path):
+        if not isinstance(rec, dict):
+            raise DataError(f"{path} {where}: expected an object with {query_field!r} and {positive_field!r}")
+        for field in (query_field, positive_field):
+            value = rec.get(field)
+            if not isinstance(value, str) or not value.strip():
+                raise DataError(
+                    f"{path} {where}: {field!r} must be a non-empty string (has {sorted(rec)}); "
+                    "see --query-field/--positive-field"
+                )
+        negative = rec.get(negative_field)
+        if negative in (None, ""):
+            negative = None
+        elif not isinstance(negative, str) or not negative.strip():
+            raise DataError(f"{path} {where}: {negative_field!r} must be a non-empty string when given")
+        pairs.append(TextPair(rec[query_field], rec[positive_field], negative))
+    if not pairs:
+        raise DataError(f"{path}: no examples")
+    return pairs
+
+
+def has_field(path: str | Path, field: str) -> bool:
+    """Whether the first record of a data file has ``field`` (tells pairs from labelled texts)."""
+    records = _records(Path(path))
+    return bool(records) and isinstance(records[0][1], dict) and field in records[0][1]
 
 
 def _records(path: Path) -> list[tuple[str, object]]:

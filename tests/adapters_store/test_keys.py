@@ -50,14 +50,23 @@ async def test_malformed_ids_and_tenants(url):
         assert await store.get("../../etc/passwd") is None and await store.get("ABC") is None
         with pytest.raises(InvalidAdapterId):
             await store.create("Not A Tenant")
+        for tenant in ("acme\n", "acme\r\n", "\nacme"):  # "$" would let a final newline through
+            with pytest.raises(InvalidAdapterId):
+                await store.create(tenant)
+            with pytest.raises(InvalidAdapterId):
+                await store.list(tenant)
         assert await store.list("nobody") == []
+        _, record = await store.create("acme")
+        assert await store.get(record.key_id) == record
+        assert await store.get(record.key_id + "\n") is None
     finally:
         await store.close()
 
 
 def test_key_id_of_accepts_only_well_formed_keys():
     assert key_id_of("ptk_0123456789abcdef_" + "a" * 43) == "0123456789abcdef"
-    for bad in ("", "ptk_", "ptk_0123456789abcdef_short", "ptk_0123456789ABCDEF_" + "a" * 43, "admin"):
+    for bad in ("", "ptk_", "ptk_0123456789abcdef_short", "ptk_0123456789ABCDEF_" + "a" * 43, "admin",
+                "ptk_0123456789abcdef_" + "a" * 43 + "\n", "ptk_0123456789abcdef_" + "a" * 43 + "\r\n"):
         assert key_id_of(bad) is None
 
 

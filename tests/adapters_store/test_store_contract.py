@@ -291,7 +291,19 @@ async def test_list_skips_directories_that_are_not_adapters(local, root):
     (root / "acme" / ".hidden").mkdir()
     (root / "acme" / "stray-file").write_text("not an adapter")
     (root / "Bad Tenant" / "x").mkdir(parents=True)
+    (root / "acme\n" / "x").mkdir(parents=True)  # "$" would let a final newline through
+    (root / "acme" / "nl\n").mkdir()
     assert [i.id for i in (await local.list()).items] == ["acme/sentiment"]
+
+
+@pytest.mark.parametrize("tenant,name", [("acme\n", "x"), ("acme", "x\n"), ("acme", "x\r"), ("\nacme", "x"),
+                                         ("acme", "x\n\n"), ("acme\x00", "x"), ("acme", "x\x1b")])
+def test_ids_with_control_characters_are_invalid(tenant, name):
+    with pytest.raises(InvalidAdapterId):
+        AdapterId.of(tenant, name)
+    with pytest.raises(InvalidAdapterId):
+        AdapterId.parse(f"{tenant}/{name}")
+    assert AdapterId.of(tenant.strip("\n\r\x00"), name.strip("\n\r\x1b")) == AdapterId("acme", "x")
 
 
 @pytest.mark.parametrize("form", ["abs", "rel", "bare"])

@@ -16,6 +16,7 @@ from ptserve.adapters_store.format import PREFIX_KEY, Adapter, AdapterConfig, en
 from ptserve.adapters_store.peft_folder import (
     CONFIG_FILE,
     WEIGHTS_FILE,
+    parse_labels,
     peft_to_blob,
     read_peft_folder,
     write_peft_folder,
@@ -432,3 +433,147 @@ def test_peft_weights_over_the_size_limit_are_refused(fp, head, tmp_path):
     cfg, weights = peft_files(fp, tmp_path)
     with pytest.raises(PayloadTooLarge, match=f"at most {len(weights) - 1}"):
         peft_to_blob(json.dumps(cfg).encode(), weights, fp, "minilm", head, None, Limits(max_bytes=len(weights) - 1))
+
+
+# --- hostile content (issue 10): a typed 4xx error, never a crash -------------------------------------------
+def with_header(header: bytes, body: bytes = b"") -> bytes:
+    """A safetensors file made by hand: 8-byte length, this header, this data."""
+    return struct.pack("<Q", len(header)) + header + body
+
+
+@pytest.mark.parametrize("header,needle", [
+    (b"[" * 100_000, "nests deeper than"),
+    (b'{"t": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nests deeper than"),
+    (b'{"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4], "x": ' + b"[" * 40 + b"]" * 40 + b"}}",
+     "nests deeper than"),
+    (b'{"t": {"dtype": "F32", "shape": [1], "data_offsets": ["0", "4"]}}', "data_offsets must be two integers"),
+    (b'{"t": {"dtype": "F32", "shape": [1], "data_offsets": [null, null]}}', "data_offsets must be two integers"),
+    (b'{"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4.0]}}', "data_offsets must be two integers"),
+    (b'{"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4, 8]}}', "data_offsets must be two integers"),
+    (b'{"t": {"dtype": "F32", "shape": [1], "data_offsets": {"0": 4}}}', "data_offsets must be two integers"),
+    (b'{"t": {"dtype": "F32", "shape": [1], "data_offsets": [-4, 0]}}', "data_offsets must be two integers"),
+    (b'{"t": {"dtype": ["F32"], "shape": [1], "data_offsets": [0, 4]}}', "dtype must be a string"),
+    (b'{"t": {"dtype": {"F32": 1}, "shape": [1], "data_offsets": [0, 4]}}', "dtype must be a string"),
+    (b'{"t": {"dtype": null, "shape": [1], "data_offsets": [0, 4]}}', "dtype must be a string"),
+    (b'{"t": {"dtype": "F32", "shape": ["1"], "data_offsets": [0, 4]}}', "shape must be a list"),
+    (b'{"t": {"dtype": "F32", "shape": [true], "data_offsets": [0, 4]}}', "shape must be a list"),
+    (b'{"t": {"dtype": "F32", "shape": [1.0], "data_offsets": [0, 4]}}', "shape must be a list"),
+    (b'{"t": {"dtype": "F32", "shape": 1, "data_offsets": [0, 4]}}', "shape must be a list"),
+    (b'{"t": {"dtype": "F32", "shape": [1, 1, 1, 1, 1, 1, 1, 1, 1], "data_offsets": [0, 4]}}', "shape must be"),
+    (b'{"t": 5}', "malformed header entry"),
+    (b'{"t": ["F32", [1], [0, 4]]}', "malformed header entry"),
+    (b'{"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4], "extra": 1}}', "malformed header entry"),
+    (b'{"t": {"dtype": "F32", "shape": [1]}}', "malformed header entry"),
+    (b'{"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "__metadata__": {"ptserve": 5}}',
+     "__metadata__ must map strings to strings"),
+    (b'{"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "__metadata__": "x"}', "__metadata__"),
+    (b'{"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "__metadata__": []}', "__metadata__"),
+    (b'{"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}, "__metadata__": 0}', "__metadata__"),
+    (b'{"t": {"dtype": "F32", "shape": [1], "data_offsets": [0, 1e999]}}', "out of the range"),
+    (b'{"t": {"dtype": "F32", "shape": [NaN], "data_offsets": [0, 4]}}', "NaN is not a JSON number"),
+    (b'{"t\\ud800": {"dtype": "F32", "shape": [1], "data_offsets": [0, 4]}}', "lone surrogate"),
+])
+def test_hostile_safetensors_header_is_refused_with_a_reason(fp, head, header, needle):
+    assert needle in refuse(with_header(header, b"\0" * 4), fp, head)
+
+
+@pytest.mark.parametrize("ptserve_meta,needle", [
+    ("[]", "a JSON object expected, got list"),
+    ("x", "malformed ptserve metadata"),
+    ('"x"', "a JSON object expected, got str"),
+    ("5", "a JSON object expected, got int"),
+    ("null", "a JSON object expected"),
+    ("[" * 50_000, "nests deeper than"),
+    ('{"format": "ptserve.adapter", "format_version": 1, "task": ["classify"]}', "task ['classify']"),
+])
+def test_hostile_ptserve_metadata_is_refused_with_a_reason(fp, head, ptserve_meta, needle):
+    data = st_save(make_adapter(fp, 2).tensors, metadata={"format": "pt", "ptserve": ptserve_meta})
+    assert needle in refuse(data, fp, head)
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"head": ["pooler_linear"]}, "head must be a string"),
+    ({"labels": "negative"}, "labels must be a list of strings"),
+    ({"labels": [1, 2, 3]}, "labels must be a list of strings"),
+    ({"base_model_name_or_path": {"a": 1}}, "base_model_name_or_path must be a string"),
+    ({"backbone": ["bert"]}, "fingerprint must be an object"),
+    ({"backbone": "bert"}, "fingerprint must be an object"),
+    ({"num_virtual_tokens": 2.0}, "num_virtual_tokens must be an integer"),
+    ({"format_version": True}, "format_version True is not supported"),
+    ({"format_version": 1.0}, "format_version 1.0 is not supported"),
+])
+def test_ptserve_metadata_of_the_wrong_types_is_refused(fp, head, change, needle):
+    adapter = make_adapter(fp, 2)
+    body = {**json.loads(adapter.config.to_metadata()["ptserve"]), **change}
+    data = st_save(adapter.tensors, metadata={"format": "pt", "ptserve": json.dumps(body)})
+    assert needle in refuse(data, fp, head)
+
+
+@pytest.mark.parametrize("field,value", [("num_layers", "6"), ("num_layers", True), ("head_dim", -32),
+                                         ("model_type", 5), ("config_hash", None)])
+def test_fingerprint_of_the_wrong_types_is_refused(fp, head, field, value):
+    adapter = make_adapter(fp, 2)
+    body = json.loads(adapter.config.to_metadata()["ptserve"])
+    body["backbone"][field] = value
+    data = st_save(adapter.tensors, metadata={"format": "pt", "ptserve": json.dumps(body)})
+    assert f"fingerprint field {field!r}" in refuse(data, fp, head)
+
+
+def test_adapter_config_json_nested_deep_within_the_size_cap_is_refused(fp, head, tmp_path):
+    _, weights = peft_files(fp, tmp_path)
+    raw = b'{"peft_type": "PREFIX_TUNING", "x": ' + b"[" * 30_000 + b"]" * 30_000 + b"}"
+    assert len(raw) < 64 << 10
+    assert "nests deeper than" in refuse_peft(None, weights, fp, head, config_raw=raw)
+    assert "NaN is not a JSON number" in refuse_peft(None, weights, fp, head, config_raw=b'{"num_layers": NaN}')
+
+
+@pytest.mark.parametrize("change,needle", [
+    ({"task_type": ["SEQ_CLS"]}, "task_type ['SEQ_CLS'] is not one of"),
+    ({"task_type": {"a": 1}}, "is not one of"),
+    ({"base_model_name_or_path": ["m"]}, "'base_model_name_or_path' must be a string or null"),
+    ({"num_layers": 6.0}, "'num_layers' must be an integer"),
+])
+def test_peft_config_fields_of_the_wrong_types_are_refused(fp, head, tmp_path, change, needle):
+    cfg, weights = peft_files(fp, tmp_path)
+    assert needle in refuse_peft({**cfg, **change}, weights, fp, head)
+
+
+@pytest.mark.parametrize("raw", ["[" * 50_000, '["a", "\\ud800"]', '"negative"', '[1, 2]', "a,b", "[NaN]",
+                                 '["x"' + ', "y"' * 300_000 + "]"])
+def test_hostile_labels_field_is_refused(raw):
+    with pytest.raises(InvalidAdapter, match="labels must be a JSON list of strings"):
+        parse_labels(raw)
+
+
+def test_labels_field_reads_a_json_list_of_strings():
+    assert parse_labels('["négatif", "positive"]') == ["négatif", "positive"]
+
+
+# --- an adapter the server can never serve is refused (issue 10 finding 7) ---------------------------------
+def test_generate_adapter_is_refused_by_a_server_that_serves_classify(fp, head, tmp_path):
+    gen = make_blob(fp, 2, task="generate")
+    assert decode_blob(gen, fp, head).config.task == "generate"  # offline tools convert either task
+    with pytest.raises(InvalidAdapter) as refused:
+        decode_blob(gen, fp, head, Limits(), serves={"classify", "embed"})
+    assert "'generate' adapter (PEFT task_type CAUSAL_LM) cannot be served here" in refused.value.message
+    assert "serves only 'classify' and 'embed' adapters (PEFT task_type SEQ_CLS, FEATURE_EXTRACTION)" in (
+        refused.value.message)
+    cfg, weights = peft_files(fp, tmp_path, task="generate")
+    with pytest.raises(InvalidAdapter, match="CAUSAL_LM"):
+        peft_to_blob(json.dumps(cfg).encode(), weights, fp, "minilm", head, None, Limits(), serves={"classify"})
+
+
+def test_embed_adapter_is_served_by_an_encoder_and_refused_by_a_decoder(fp, head):
+    embed = make_blob(fp, 2, task="embed")
+    assert decode_blob(embed, fp, head, Limits(), serves={"classify", "embed"}).config.task == "embed"
+    with pytest.raises(InvalidAdapter, match="'embed' adapter .* cannot be served here"):
+        decode_blob(embed, fp, None, Limits(), serves={"generate"})
+
+
+def test_classify_adapter_is_refused_by_a_server_that_serves_generate(fp, head, tmp_path):
+    with pytest.raises(InvalidAdapter) as refused:
+        decode_blob(make_blob(fp, 2), fp, None, Limits(), serves={"generate"})
+    assert "'classify' adapter (PEFT task_type SEQ_CLS) cannot be served here" in refused.value.message
+    cfg, weights = peft_files(fp, tmp_path)
+    with pytest.raises(InvalidAdapter, match="SEQ_CLS"):
+        peft_to_blob(json.dumps(cfg).encode(), weights, fp, "tiny", None, None, Limits(), serves={"generate"})

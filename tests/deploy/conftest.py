@@ -3,22 +3,11 @@ a developer machine, a failure in CI (.ci/run installs them) — and the parsed 
 topology itself is the package ``scripts.topology``, imported like any other module."""
 from __future__ import annotations
 
-import os
-import shutil
-
 import pytest
 import yaml
 
+from tests.components import need_binary
 from tests.deploy.deploy_files import COMPOSE, DOCKERFILE, Instruction, parse_dockerfile
-
-
-def need_binary(name: str) -> str:
-    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/sbin")
-    if found:
-        return found
-    if os.environ.get("CI"):
-        pytest.fail(f"{name} is missing: .ci/run installs it (apt-get install -y {name})")
-    pytest.skip(f"{name} is not installed (apt-get install -y {name})")
 
 
 @pytest.fixture(scope="session")

@@ -5,9 +5,7 @@ the files are parsed (promtool checks the Prometheus config where it is installe
 from __future__ import annotations
 
 import json
-import os
 import re
-import shutil
 import subprocess
 from pathlib import Path
 
@@ -16,6 +14,7 @@ import yaml
 
 from ptserve.server.serving import AFTER_DRAIN_S
 from scripts.topology.compose import INTERPOLATION
+from tests.components import need_binary
 from tests.deploy.deploy_files import (
     DOCKERFILE, ROOT, compose_env, effective_port, load_settings, mounts, replicas, resolve,
 )
@@ -108,11 +107,7 @@ def test_prometheus_scrapes_every_replica(compose):
 
 
 def test_promtool_accepts_the_prometheus_config():
-    promtool = shutil.which("promtool")
-    if promtool is None:
-        if os.environ.get("CI"):
-            pytest.fail("promtool is missing: .ci/run installs the prometheus package")
-        pytest.skip("promtool is not installed (apt-get install -y prometheus)")
+    promtool = need_binary("promtool", "prometheus")
     done = subprocess.run([promtool, "check", "config", str(ROOT / "docker/prometheus/prometheus.yml")],
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr

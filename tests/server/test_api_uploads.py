@@ -130,9 +130,9 @@ def raw_http(url: str, head: str, body: bytes = b"", timeout: float = 10) -> tup
     return status, data[data.find(b"\r\n\r\n") + 4:]
 
 
-def peft_parts(fp, tmp_path: Path, p: int = 4, seed: int = 0, **cfg_changes) -> dict:
-    adapter = make_adapter(fp, p, seed)
-    config_raw, weights_raw = read_peft_folder(write_peft_folder(adapter, tmp_path / f"peft-{p}-{seed}"))
+def peft_parts(fp, tmp_path: Path, p: int = 4, seed: int = 0, task: str = "classify", **cfg_changes) -> dict:
+    adapter = make_adapter(fp, p, seed, task=task)
+    config_raw, weights_raw = read_peft_folder(write_peft_folder(adapter, tmp_path / f"peft-{p}-{seed}-{task}"))
     cfg = {**json.loads(config_raw), **cfg_changes}
     return {CONFIG_FILE: (CONFIG_FILE, json.dumps(cfg).encode(), "application/json"),
             WEIGHTS_FILE: (WEIGHTS_FILE, weights_raw, "application/octet-stream")}
@@ -156,7 +156,28 @@ def _bad_blobs(fp) -> dict[str, tuple[bytes, int, str, str]]:
     torch.save(adapter.tensors, buf)
     over = make_blob(fp, 109)  # valid, under the HTTP body limit, over max_adapter_bytes
     assert MAX_ADAPTER_BYTES < len(over) < MAX_ADAPTER_BYTES + (64 << 10)
+
+    def header(text: bytes) -> bytes:  # a hand-made safetensors file: this header, 4 bytes of data
+        return struct.pack("<Q", len(text)) + text + b"\0" * 4
+
+    def entry(dtype: bytes = b'"F32"', offsets: bytes = b"[0, 4]") -> bytes:
+        return b'{"t": {"dtype": ' + dtype + b', "shape": [1], "data_offsets": ' + offsets + b"}}"
+
     return {
+        # hostile content that answered 500 before (issue 10 finding 2)
+        "nested-header": (header(b"[" * 100_000), 422, "invalid_adapter", "nests deeper than"),
+        "offsets-strings": (header(entry(offsets=b'["0", "4"]')), 422, "invalid_adapter", "data_offsets"),
+        "offsets-null": (header(entry(offsets=b"[null, null]")), 422, "invalid_adapter", "data_offsets"),
+        "dtype-list": (header(entry(dtype=b'["F32"]')), 422, "invalid_adapter", "dtype must be a string"),
+        "metadata-list": (st_save(adapter.tensors, metadata={"format": "pt", "ptserve": "[]"}), 422,
+                          "invalid_adapter", "JSON object expected"),
+        "metadata-x": (st_save(adapter.tensors, metadata={"format": "pt", "ptserve": "x"}), 422,
+                       "invalid_adapter", "malformed ptserve metadata"),
+        "metadata-str": (st_save(adapter.tensors, metadata={"format": "pt", "ptserve": '"x"'}), 422,
+                         "invalid_adapter", "JSON object expected, got str"),
+        # an adapter this encoder could never serve (issue 10 finding 7)
+        "generate-adapter": (make_blob(fp, 2, task="generate"), 422, "invalid_adapter",
+                             "'generate' adapter (PEFT task_type CAUSAL_LM) cannot be served here"),
         "empty": (b"", 422, "invalid_adapter", "truncated"),
         "truncated-header": (good[:40], 422, "invalid_adapter", "truncated"),
         "truncated-data": (good[: len(good) - 100], 422, "invalid_adapter", "truncated"),
@@ -179,7 +200,9 @@ def _bad_blobs(fp) -> dict[str, tuple[bytes, int, str, str]]:
 
 BAD_BLOB_CASES = ["empty", "truncated-header", "truncated-data", "wrong-prefix-shape", "wrong-head-shape", "int64",
                   "float64", "nan", "inf", "other-backbone", "pickle", "torch-save", "huge-header",
-                  "header-not-json", "no-ptserve-metadata", "over-max-adapter-bytes"]
+                  "header-not-json", "no-ptserve-metadata", "over-max-adapter-bytes", "nested-header",
+                  "offsets-strings", "offsets-null", "dtype-list", "metadata-list", "metadata-x", "metadata-str",
+                  "generate-adapter"]
 
 
 @pytest.fixture(scope="module")
@@ -328,7 +351,8 @@ def test_multipart_with_parts_sent_as_plain_fields_is_400(server, client, fp, tm
 
 
 @pytest.mark.parametrize("case", ["peft_type", "geometry", "config-not-json", "labels-not-json", "labels-count",
-                                  "weights-pickle", "weights-too-large"])
+                                  "weights-pickle", "weights-too-large", "config-nested", "labels-nested",
+                                  "labels-surrogate", "causal-lm"])
 def test_bad_peft_folder_is_refused(server, client, fp, tmp_path, case):
     parts, data = peft_parts(fp, tmp_path), {}
     if case == "peft_type":
@@ -346,6 +370,19 @@ def test_bad_peft_folder_is_refused(server, client, fp, tmp_path, case):
     elif case == "labels-count":
         data = {"labels": json.dumps(["negative", "positive"])}  # the head has 3 rows
         expected = (422, "invalid_adapter", "classifier")
+    elif case == "config-nested":  # within the 64 KiB cap (issue 10 finding 2)
+        raw = b'{"peft_type": "PREFIX_TUNING", "x": ' + b"[" * 30_000 + b"]" * 30_000 + b"}"
+        parts[CONFIG_FILE] = (CONFIG_FILE, raw, "application/json")
+        expected = (422, "invalid_adapter", "nests deeper than")
+    elif case == "labels-nested":
+        data = {"labels": "[" * 50_000}
+        expected = (422, "invalid_adapter", "JSON list of strings")
+    elif case == "labels-surrogate":  # stored, it would have made every answer naming the labels a 500
+        data = {"labels": '["neg\\ud800", "neutral", "positive"]'}
+        expected = (422, "invalid_adapter", "JSON list of strings")
+    elif case == "causal-lm":  # an encoder can never serve it (issue 10 finding 7)
+        parts = peft_parts(fp, tmp_path, task="generate")
+        expected = (422, "invalid_adapter", "CAUSAL_LM")
     elif case == "weights-pickle":
         parts[WEIGHTS_FILE] = (WEIGHTS_FILE, pickle.dumps({"x": 1}), "application/octet-stream")
         expected = (422, "invalid_adapter", "pickle")
@@ -483,12 +520,6 @@ def test_classify_too_many_inputs_is_422(client, classifier):
                  422, "invalid_input", f"at most {MAX_INPUTS}")
 
 
-def test_classify_generate_adapter_is_wrong_task(client, fp):
-    blob = make_blob(fp, 2, task="generate")
-    assert client.put("/v1/adapters/acme/gen", content=blob, headers=OCTET).status_code == 201
-    assert_error(client.post("/v1/classify", json={"adapter": "acme/gen", "inputs": ["x"]}),
-                 422, "wrong_task", "generate")
-    assert client.delete("/v1/adapters/acme/gen").status_code == 204
 
 
 @pytest.mark.parametrize("body,needle", [

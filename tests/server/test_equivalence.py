@@ -15,6 +15,7 @@ exactness, bf16 carries only rounding on top of them."""
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
 import random
 from pathlib import Path
@@ -98,14 +99,19 @@ def test_mixed_batch_equals_alone(engine, num_adapters, prefix_lengths):
 
 
 def _pairing_rows(engine: Engine) -> list[Row]:
+    """Every prefix length x input lengths from one word to the limit: 1000 words are cut to exactly what fits
+    beside the prefix, so those rows fill all ``max_position_embeddings`` positions (P + T = 512 on MiniLM)."""
     residents = _residents(engine, [1, 8, 16, 64], seed=10)
     return [Row(r, engine.tokenize([" ".join(["word"] * n)], r.num_virtual_tokens, truncate=True)[0])
-            for r, n in itertools.product(residents, [1, 5, 40, 200])]
+            for r, n in itertools.product(residents, [1, 5, 40, 200, 1000])]
 
 
 def test_every_pairing_of_prefix_and_input_length(minilm_engine):
-    """All combinations of prefix lengths x input lengths (incl. one-token-long and near-limit inputs) in one batch."""
-    _assert_rows_match_alone(minilm_engine, _pairing_rows(minilm_engine))
+    """All combinations of prefix lengths x input lengths, from one token to the position limit, in one batch."""
+    rows = _pairing_rows(minilm_engine)
+    at_limit = [r for r in rows if r.length == minilm_engine.backbone.max_positions]
+    assert len(at_limit) == 4 and {r.adapter.num_virtual_tokens for r in at_limit} == {1, 8, 16, 64}
+    _assert_rows_match_alone(minilm_engine, rows)
 
 
 def test_in_float64_a_mixed_batch_equals_alone_to_rounding():
@@ -135,15 +141,45 @@ def test_prefix_changes_the_output_and_rows_do_not_leak(minilm_engine):
     assert (enc.hidden[0, : len(ids)] - alone_a).abs().max() <= TOL
 
 
-def test_positions_start_at_the_rows_prefix_length(minilm_engine):
-    """A row keeps its own position offset (P) whatever the longest prefix in its batch is."""
-    engine = minilm_engine
-    short, long_ = _residents(engine, [1, 64], seed=30)
-    ids = engine.tokenize(["positions matter here"], 64)[0]
-    mixed, _ = engine.encode([Row(short, ids), Row(long_, ids)])
-    enc_long, _ = engine.encode([Row(long_, ids)])
-    assert (mixed.hidden[1, : len(ids)] - enc_long.hidden[0, : len(ids)]).abs().max() <= TOL
+def _hf_reference_hidden(model, adapter, ids: tuple[int, ...], start: int) -> torch.Tensor:
+    """HF's own eager forward of one row, the prefix given as a cache (PEFT's and THUDM's way) and the real
+    tokens' position ids given explicitly as start, start + 1, ...: [T, hidden]."""
+    from transformers import DynamicCache
 
+    fp, p, t = adapter.config.backbone, adapter.config.num_virtual_tokens, len(ids)
+    kv = adapter.prompt_embeddings.view(1, p, fp.num_layers * 2, fp.num_kv_heads, fp.head_dim)
+    kv = kv.permute(2, 0, 3, 1, 4).split(2)  # per layer: [2 (key, value), 1, heads, P, head_dim]
+    cache = DynamicCache(ddp_cache_data=[(x[0], x[1]) for x in kv])
+    cache_arg = "cache" if "cache" in inspect.signature(type(model).forward).parameters else "past_key_values"
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, p + t, dtype=torch.long),
+                    token_type_ids=torch.zeros(1, t, dtype=torch.long), position_ids=(start + torch.arange(t))[None],
+                    **{cache_arg: cache})
+    return out.last_hidden_state[0]
+
+
+def test_positions_start_at_the_rows_prefix_length(minilm_engine):
+    """Each row's real tokens take positions P_row, P_row + 1, ... (DESIGN decision 1) whatever the longest prefix
+    in its batch: every row of a batch mixing P = 1, 5 and 64 equals HF's eager forward given the row's prefix as
+    a cache and those position ids explicitly; positions from 0, or from the batch's longest prefix, differ far
+    beyond the tolerance, so the check bites."""
+    from transformers import AutoModel
+
+    engine = minilm_engine
+    adapters = [make_adapter(engine.fp, p, seed=30 + i) for i, p in enumerate([1, 5, 64])]
+    residents = [engine.make_resident(a, f"t/pos{i}", 1) for i, a in enumerate(adapters)]
+    ids = engine.tokenize(["positions matter here, in every layer of the model"], 64)[0]
+    mixed, _ = engine.encode([Row(r, ids) for r in residents])
+    model = AutoModel.from_pretrained(engine.backbone.path, attn_implementation="eager", local_files_only=True)
+    first, p_max = engine.backbone.family.first_position, 64
+    for i, adapter in enumerate(adapters):
+        p = adapter.config.num_virtual_tokens
+        got = mixed.hidden[i, : len(ids)]
+        reference = _hf_reference_hidden(model.eval(), adapter, ids, first + p)
+        scale = max(1.0, float(reference.abs().max()))
+        assert float((got - reference).abs().max()) / scale <= TOL, p
+        for wrong in {first, first + p_max} - {first + p}:
+            assert float((got - _hf_reference_hidden(model, adapter, ids, wrong)).abs().max()) > 1e-2, (p, wrong)
 
 
 # --- bfloat16 -------------------------------------------------------------------------------------------------

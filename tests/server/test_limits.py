@@ -36,7 +36,8 @@ async def batchers():
     made: list[Batcher] = []
 
     def make(runner, **kw) -> Batcher:
-        policy = BatchPolicy(max_batch_size=kw.pop("max_batch_size", 8))
+        policy = BatchPolicy(max_batch_size=kw.pop("max_batch_size", 8),
+                             max_batch_tokens=kw.pop("max_batch_tokens", 16384))
         b = Batcher(runner, policy, kw.pop("max_wait_ms", 0), **kw)
         b.start()
         made.append(b)
@@ -133,6 +134,27 @@ async def test_a_light_tenant_goes_before_a_backlogged_one(batchers):
     assert where <= seen + 1, (where, seen)  # the pass running when it arrived, or the next one
     assert runner.passes[where][0] == "light"
     await heavy
+
+
+async def test_a_huge_request_is_spread_over_passes_and_a_light_tenant_runs_in_the_next_one(batchers):
+    """One classify request at the configured limits (256 inputs of ~504 tokens + prefix, 64 rows and 16384
+    tokens per pass) takes one pass's worth of rows per round, not ``max_batch_size`` rows (two passes here): a
+    light tenant arriving while its first pass runs is in the very next pass."""
+    runner = GatedRunner()
+    batcher = batchers(runner, max_batch_size=64, max_batch_tokens=16384, max_queue_rows=1024,
+                       max_queue_rows_per_tenant=256)
+    heavy = asyncio.create_task(batcher.submit([f"h{i}" for i in range(256)], [508] * 256, tenant="heavy"))
+    assert await asyncio.to_thread(runner.entered.wait, 5)  # the heavy request's first pass is running
+    light = asyncio.create_task(batcher.submit(["light"], [12], tenant="light"))
+    await asyncio.sleep(0.02)
+    runner.gate.set()
+    assert await light == ["lightlight"]
+    assert len(await heavy) == 256
+    assert runner.passes[0] == [f"h{i}" for i in range(32)]  # 32 rows x 508 tokens fill the budget
+    assert "light" in runner.passes[1], [len(p) for p in runner.passes]
+    for p in runner.passes:
+        assert len(p) * max(12 if x == "light" else 508 for x in p) <= 16384
+    assert sorted(x for p in runner.passes for x in p) == sorted(["light"] + [f"h{i}" for i in range(256)])
 
 
 async def test_a_missed_deadline_raises_and_its_rows_are_never_run(batchers):

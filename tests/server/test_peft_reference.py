@@ -58,7 +58,6 @@ def test_mixed_batch_matches_peft_feature_extraction(minilm, minilm_engine):
         base = peft.unload() if hasattr(peft, "unload") else peft.base_model
 
 
-needs_ref = pytest.mark.skipif(not REF_PYTHON, reason="PTSERVE_REF_PYTHON not set (make ref-venv; make test sets it)")
 
 
 def _ref(*args: str) -> dict:
@@ -81,7 +80,6 @@ def server(tmp_path_factory):
         yield url
 
 
-@needs_ref
 @pytest.mark.peft_ref
 @pytest.mark.parametrize("virtual_tokens", [4, 16])
 def test_peft_seq_cls_folder_served_with_peft_logits(minilm, server, texts_file, tmp_path, virtual_tokens):
@@ -102,7 +100,6 @@ def test_peft_seq_cls_folder_served_with_peft_logits(minilm, server, texts_file,
     assert (reference[0] - reference[1]).abs().max() > 1e-3  # the texts give different answers: the check bites
 
 
-@needs_ref
 @pytest.mark.peft_ref
 def test_exported_peft_folder_loads_in_peft_with_same_logits(minilm, server, texts_file, tmp_path):
     blob = make_adapter(minilm.fingerprint, 12, seed=7)

@@ -106,7 +106,6 @@ def test_served_adapter_generates_the_trainers_greedy_completions(decoder, train
 
 @pytest.mark.slow
 @pytest.mark.peft_ref
-@pytest.mark.skipif(not REF_PYTHON, reason="PTSERVE_REF_PYTHON not set (make ref-venv; make test sets it)")
 def test_exported_causal_lm_folder_generates_the_same_tokens_in_peft(decoder, trained, tmp_path):
     result, out = trained
     cfg = json.loads((out / PEFT_DIR / "adapter_config.json").read_text())

@@ -154,7 +154,6 @@ def test_served_adapter_predicts_what_the_trainer_evaluated(trained, server):
 
 @pytest.mark.slow
 @pytest.mark.peft_ref
-@pytest.mark.skipif(not REF_PYTHON, reason="PTSERVE_REF_PYTHON not set (make ref-venv; make test sets it)")
 def test_exported_peft_folder_gives_the_same_logits_in_peft(trained, minilm, tmp_path):
     result, out, held_out = trained
     texts = [e.text for e in held_out[:8]]
