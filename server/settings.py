@@ -27,10 +27,14 @@ class Settings(BaseSettings):
     backbone: str = Field(DEFAULT_BACKBONE, description="'minilm' (bundled), a local HF model folder or a hub id.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available, else cpu.")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="auto = float32 on cpu, bfloat16 on cuda."
+        "auto", description="auto = bfloat16 on cuda and on cpus with amx_bf16/avx512_bf16, else float32 "
+        "(heads and sampling run in float32 either way).",
     )
-    threads: int = Field(0, ge=0, description="torch intra-op threads on cpu (0 = torch's default).")
+    threads: int = Field(0, ge=0, description="torch intra-op threads on cpu (0 = usable cpus - 1, left to the API; "
+                         "docs/design.md 'Threads').")
     allow_download: bool = Field(False, description="Let a hub id be fetched; off = local files only.")
+    compile: bool = Field(False, description="torch.compile the encoder pass (dynamic shapes), warmed up at "
+                          "start-up: faster passes for minutes of compiling; encoders only (docs/design.md).")
 
     # store
     store: str = Field("file://./data/adapters", description="file://PATH or redis://HOST:PORT/DB.")
@@ -39,8 +43,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(64, ge=1, le=4096, description="Rows (inputs) per forward pass.")
     max_batch_tokens: int = Field(16384, ge=64, description="Padded (prefix + input) tokens per forward pass.")
     max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="How long a batch waits to fill.")
-    batch_overhead_tokens: int = Field(
-        64, ge=0, description="Cost of one forward pass in tokens: larger = fewer, more padded passes."
+    batch_overhead_tokens: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        "auto", description="Fixed cost of one forward pass in tokens: larger = fewer, more padded passes "
+        "(auto = measured at start-up for the loaded backbone, device and dtype).",
     )
 
     # generation (decoder backbones)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -20,6 +21,7 @@ from ptserve.adapters_store.format import Adapter, AdapterConfig, encode_blob
 from ptserve.adapters_store.heads import head_shapes
 
 MINILM_LABELS = ("negative", "neutral", "positive")
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def make_adapter(
@@ -67,6 +69,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Test servers compute in float32 with a fixed planner, so their answers can be compared with float32 references
+# to 1e-5 and their passes do not depend on a start-up measurement; the defaults (dtype and pass cost chosen at
+# start-up) are tested on their own (tests/server/test_hardware_defaults.py). A test's env overrides these.
+FIXED_SERVER_SETTINGS = {"PTSERVE_THREADS": "2", "PTSERVE_DTYPE": "float32", "PTSERVE_BATCH_OVERHEAD_TOKENS": "64"}
+
+
 @dataclass
 class ServerProcess:
     url: str
@@ -82,7 +90,7 @@ def server_process(env: dict[str, str], timeout: float = 120.0):
     """``ptserve serve`` in a subprocess on a free loopback port; yields a ``ServerProcess`` once /readyz is 200
     (the test may signal ``proc`` itself; whatever still runs at the end is terminated)."""
     port = free_port()
-    full_env = {**os.environ, "PTSERVE_HOST": "127.0.0.1", "PTSERVE_PORT": str(port), "PTSERVE_THREADS": "2", **env}
+    full_env = {**os.environ, "PTSERVE_HOST": "127.0.0.1", "PTSERVE_PORT": str(port), **FIXED_SERVER_SETTINGS, **env}
     exe = shutil.which("ptserve", path=str(Path(sys.executable).parent)) or "ptserve"
     log_file = tempfile.NamedTemporaryFile(prefix="ptserve-", suffix=".log", delete=False)
     log_path = Path(log_file.name)
@@ -176,6 +184,21 @@ def save_tiny_decoder(kind: str, out: Path, seed: int = 0, initializer_range: fl
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def real_texts() -> list[str]:
+    """The project's own review sentences (360), then sentences of Python's own documentation as the interpreter
+    ships it (``pydoc_data``: written by people, far from the reviews' domain), when the stdlib has it."""
+    from ptserve.server.training.data import load_examples
+
+    texts = [e.text for e in load_examples(EXAMPLES / "sentiment" / "reviews.csv")]
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:  # some distributions strip it; the reviews alone are still a few hundred
+        return texts
+    prose = " ".join(topics[k] for k in sorted(topics))
+    sentences = (s.strip() for s in re.split(r"(?<=[.!?])\s+", prose))
+    return texts + sorted({s for s in sentences if 40 <= len(s) <= 200 and "\n" not in s and s[0].isupper()})
 
 
 def peft_prefix_lm(model_path: str, adapter: Adapter):

@@ -79,8 +79,18 @@ class Sequence:
     _read_offset: int = 0  # ... and output_ids[_read_offset:] are not in ``text`` yet
 
     def __post_init__(self):
-        seed = self.params.seed if self.params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-        self.generator = torch.Generator().manual_seed(seed)
+        seed = self.params.seed
+        self._seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        self.generator = torch.Generator().manual_seed(self._seed)
+        self._device_generator: torch.Generator | None = None
+
+    def generator_for(self, device: torch.device) -> torch.Generator:
+        """The request's own random stream on ``device`` (seeded alike; CUDA's stream differs from the cpu's)."""
+        if device.type == "cpu":
+            return self.generator
+        if self._device_generator is None:
+            self._device_generator = torch.Generator(device).manual_seed(self._seed)
+        return self._device_generator
 
     @property
     def prefix_len(self) -> int:
