@@ -69,8 +69,9 @@ def train(
     ),
 ) -> None:
     """Train a P-Tuning v2 prefix on the frozen serving backbone: with a classification head on encoders
-    (labelled texts), for embeddings on encoders (--task embed: query/positive[/negative] pairs or labelled texts,
-    same label = positive; contrastive loss with in-batch negatives), or for causal-LM generation on decoders
+    (labelled texts), for embeddings on encoders (--task embed: query/positive pairs, optionally with a
+    negative, or labelled texts, same label = positive; contrastive loss with in-batch negatives), or for
+    causal-LM generation on decoders
     (prompt/completion pairs, loss on the completion). --json prints the summary as JSON on stdout."""
     import torch
 
