@@ -269,13 +269,14 @@ def test_a_tenant_key_uses_only_its_own_adapters_and_the_backbone(server, admin,
     assert_error(unauthorised, 401, "unauthorized")
 
 
-def test_classify_refuses_an_embed_adapter_and_embeddings_a_generate_one(admin, adapters, minilm):
+def test_classify_refuses_an_embed_adapter_and_an_encoder_refuses_a_generate_upload(admin, adapters, minilm):
     r = admin.post("/v1/classify", json={"adapter": "alpha/e", "inputs": ["hi"]})
     assert_error(r, 422, "wrong_task", "/v1/embeddings")
+    # a generate adapter can never be served by an encoder: refused at upload (issue 10), so no route meets one
     generate = make_adapter(minilm.fingerprint, 4, seed=9, task="generate")
-    assert admin.put("/v1/adapters/alpha/g", content=encode_blob(generate), headers=OCTET).status_code == 201
-    r = admin.post("/v1/embeddings", json={"model": "alpha/g", "input": "hi"})
-    assert_error(r, 422, "wrong_task", "'generate' adapter", "embed or classify")
+    r = admin.put("/v1/adapters/alpha/g", content=encode_blob(generate), headers=OCTET)
+    assert_error(r, 422, "invalid_adapter", "'generate' adapter", "cannot be served here", "'classify' and 'embed'")
+    assert admin.get("/v1/adapters/alpha/g").status_code == 404
 
 
 def test_a_decoder_backbone_answers_422(tmp_path):
