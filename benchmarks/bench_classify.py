@@ -11,6 +11,11 @@ ptserve's mixed logits are checked against PEFT's for every request before anyth
 the issue's targets, and writes its section of ``RESULTS.md`` and ``classify.png`` into ``--out``.
 
     python -m benchmarks.bench_classify [--repeats 5] [--threads 2] [--requests 64] [--adapters 32]
+                                        [--dtypes float32 bfloat16] [--device cpu] [--only-dtypes]
+
+Then the hardware section (issue 13, ``benchmarks/classify_dtypes.py``): the same workload per dtype, the
+planner's start-up calibration beside a sweep of fixed ``overhead_tokens``, PEFT one at a time in each dtype, and
+bf16-vs-fp32 label agreement on real texts; its own section of ``RESULTS.md`` per device.
 """
 from __future__ import annotations
 
@@ -94,11 +99,14 @@ def load_peft(path: str, adapters: list[Adapter]) -> torch.nn.Module:
 
 
 def peft_classify(model, tokenizer, adapter: Adapter, index: int, texts: list[str]) -> torch.Tensor:
-    """[len(texts), labels] logits: PEFT forward under adapter ``index``, then its linear head on the pooler."""
+    """[len(texts), labels] logits (float32, cpu): PEFT forward under adapter ``index`` (on the model's device, in
+    its dtype), then its linear head on the pooler in float32."""
     model.set_adapter(f"a{index}", inference_mode=True)
-    enc = tokenizer(texts, padding=True, return_tensors="pt")
+    dev = next(model.parameters()).device
+    enc = tokenizer(texts, padding=True, return_tensors="pt").to(dev)
     out = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"])
-    return F.linear(out.pooler_output, adapter.tensors["classifier.weight"], adapter.tensors["classifier.bias"])
+    weight, bias = (adapter.tensors[k].to(dev) for k in ("classifier.weight", "classifier.bias"))
+    return F.linear(out.pooler_output.float(), weight, bias).cpu()
 
 
 def run_peft_single(model, tokenizer, adapters, requests) -> list[torch.Tensor]:
@@ -243,12 +251,55 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--adapters", type=int, default=32, help="number of adapters the requests are spread over")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent, help="where RESULTS.md and the PNG go")
     p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md and the PNG alone")
+    # issue 13: dtypes, the calibrated planner vs a sweep of fixed overhead_tokens, PEFT one at a time per dtype
+    p.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"],
+                   help="dtypes of the hardware section (none: skip it)")
+    p.add_argument("--device", default="cpu", help="device of the hardware section (cpu, cuda)")
+    p.add_argument("--peft-requests", type=int, default=64, help="requests PEFT runs one at a time per round there")
+    p.add_argument("--only-dtypes", action="store_true", help="run the hardware section only")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     torch.set_num_threads(args.threads)
+    if not args.only_dtypes:
+        classify_vs_peft(args, argv)
+    if args.dtypes:
+        hardware_section(args, argv)
+
+
+def hardware_section(args, argv) -> None:
+    from benchmarks.classify_dtypes import dtypes_md, label_agreement, measure_dtype
+
+    load_before = os.getloadavg()
+    requests = make_requests(args.requests, args.adapters)
+    runs = {dt: measure_dtype(dt, args.device, requests, args.adapters, args.repeats, args.peft_requests)
+            for dt in args.dtypes}
+    agreement = label_agreement(args.device)
+    info = machine_info(transformers=transformers.__version__, peft=peft.__version__)
+    command = "python -m benchmarks.bench_classify " + shlex.join(argv if argv is not None else sys.argv[1:])
+    device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else info["cpu"]
+    report = "\n".join([
+        f"- date: {info['date']}; device: {device}; {info['versions']}; torch threads {args.threads}",
+        f"- load average (1 min) before / after: {load_before[0]:.2f} / {os.getloadavg()[0]:.2f}",
+        f"- command: `{command.strip()}`",
+        f"- workload: as above ({args.requests} texts over {args.adapters} adapters of {VIRTUAL_TOKENS} virtual "
+        f"tokens), per dtype: the start-up calibration, then ptserve mixed with the calibrated overhead and with "
+        f"each fixed overhead, and PEFT one request at a time ({min(args.peft_requests, args.requests)} requests "
+        f"per round) in the same dtype; one warm-up, {args.repeats} rotating rounds, best round",
+        f"- labels: a prefix trained 2 epochs on examples/sentiment/train.jsonl, applied in float32 and bfloat16 to "
+        f"the 360 example reviews and sentences of Python's own documentation (tests.factories.real_texts)",
+        "", dtypes_md(runs, agreement),
+    ]) + "\n"
+    print(report)
+    if not args.no_write:
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_section(args.out / "RESULTS.md", f"bench_classify_dtypes_{args.device.split(':')[0]}",
+                      f"## Classification in float32 and bfloat16, calibrated planner ({args.device}; issue 13)", report)
+
+
+def classify_vs_peft(args, argv) -> None:
     load_before = os.getloadavg()
     backbone = load_backbone("minilm", device="cpu", dtype="float32")
     engine, tok = Engine(backbone), backbone.tokenizer

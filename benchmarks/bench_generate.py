@@ -21,19 +21,28 @@ tenant-fair admission and under FIFO admission (the policy before commit 9de53a4
 its admission policy. The pieces live in ``benchmarks/generate/``.
 
     python -m benchmarks.bench_generate [--tokens 128] [--streams 16] [--threads 2] [--repeats 3] [--out DIR]
+                                        [--dtypes float32 bfloat16] [--device cpu] [--only-dtypes]
+
+Then the hardware section (issue 13, ``benchmarks/generate/dtypes.py``): (a) and (c″) in float32 and bfloat16 on
+``--device``, the bf16 ÷ fp32 ratio of (a)'s tokens/s; its own section of ``RESULTS.md`` per device.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+import peft
 import torch
+import transformers
 
-from benchmarks._report import write_section
+from benchmarks._report import machine_info, write_section
 from benchmarks.generate.correctness import check_correctness
+from benchmarks.generate.dtypes import dtypes_md, measure_dtypes
 from benchmarks.generate.fairness import fairness_md, measure_fairness
 from benchmarks.generate.latency import latency_md, measure_latency
 from benchmarks.generate.peft_runs import load_peft
@@ -60,6 +69,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent,
                    help="where RESULTS.md and generate.png go")
     p.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md and the PNG alone")
+    # issue 13: (a) and (c″) in each dtype, on a device
+    p.add_argument("--dtypes", nargs="*", default=["float32", "bfloat16"],
+                   help="dtypes of the hardware section (none: skip it)")
+    p.add_argument("--device", default="cpu", help="device of the hardware section (cpu, cuda)")
+    p.add_argument("--only-dtypes", action="store_true", help="run the hardware section only")
     return p.parse_args(argv)
 
 
@@ -76,6 +90,35 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     started, load_before = time.perf_counter(), os.getloadavg()
     s = build_setup(args)
+    if not args.only_dtypes:
+        issue4_sections(s, args, argv, started, load_before)
+    if args.dtypes:
+        hardware_section(s, args, argv)
+
+
+def hardware_section(s: Setup, args, argv) -> None:
+    load_before = os.getloadavg()[0]
+    runs = measure_dtypes(s, args)
+    info = machine_info(transformers=transformers.__version__, peft=peft.__version__)
+    device = torch.cuda.get_device_name(0) if args.device.startswith("cuda") else info["cpu"]
+    command = "python -m benchmarks.bench_generate " + shlex.join(argv if argv is not None else sys.argv[1:])
+    report = "\n".join([
+        f"- date: {info['date']}; device: {device}; {info['versions']}; torch threads {args.threads}",
+        f"- load average (1 min) before / after: {load_before:.2f} / {os.getloadavg()[0]:.2f}",
+        f"- command: `{command.strip()}`",
+        f"- workload: as above ({args.streams} streams × {args.tokens} greedy tokens; (c″) "
+        f"{min(args.peft_requests, args.streams)} requests per round), per dtype on {args.device}; one warm-up, "
+        f"{args.repeats} rotating rounds, median",
+        "", dtypes_md(runs),
+    ]) + "\n"
+    print(report)
+    if not args.no_write:
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_section(args.out / "RESULTS.md", f"bench_generate_dtypes_{args.device.split(':')[0]}",
+                      f"## Generation in float32 and bfloat16 ({args.device}; issue 13)", report)
+
+
+def issue4_sections(s: Setup, args, argv, started: float, load_before) -> None:
     engine = new_engine(s.bb, max(32, args.streams))
     residents = residents_of(engine, s.adapters)
     peft_jobs = [Job(p, i) for i, p in enumerate(s.prompts)][: args.peft_requests]

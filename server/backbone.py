@@ -14,7 +14,9 @@ import torch
 from ptserve.adapters_store.fingerprint import BackboneFingerprint, fingerprint_from_config
 from ptserve.adapters_store.heads import head_kind_for
 from ptserve.server import hf_compat
+from ptserve.server.hardware import pick_dtype
 from ptserve.server.prefix_attention import ATTENTION_NAME
+from ptserve.server.tasks import backbone_kind, served_tasks
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +36,9 @@ class Family:
 
     @property
     def tasks(self) -> frozenset[str]:
-        """The adapter tasks this family serves: an upload of another is refused (it could never be used)."""
-        return frozenset({"generate"}) if self.causal else frozenset({"classify", "embed"})
+        """The adapter tasks this family serves (``ptserve.server.tasks``, the one table): an upload of another is
+        refused (it could never be used), and ``/v1/models`` lists these."""
+        return served_tasks(backbone_kind(self.causal))
 
 
 def family_for(config: dict) -> Family:
@@ -62,6 +65,7 @@ class Backbone:
     family: Family
     device: torch.device
     dtype: torch.dtype
+    dtype_reason: str = ""  # why this dtype (``hardware.choose_dtype``): logged, in /readyz and build_info
 
     @property
     def max_positions(self) -> int:
@@ -87,12 +91,6 @@ def pick_device(device: str) -> torch.device:
     return torch.device(device)
 
 
-def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    return _DTYPES[dtype]
-
-
 def load_backbone(
     name: str, device: str = "auto", dtype: str = "auto", allow_download: bool = False
 ) -> Backbone:
@@ -101,10 +99,11 @@ def load_backbone(
     config = hf_compat.load_config(path, local_only)
     family = family_for(config)
     dev = pick_device(device)
-    dt = pick_dtype(dtype, dev)
+    choice = pick_dtype(dtype, dev)  # bfloat16 where the device computes it fast (hardware.choose_dtype)
+    dt = _DTYPES[choice.dtype]
     model = hf_compat.load_model(path, ATTENTION_NAME, dt, local_only, causal_lm=family.causal).to(dev).eval()
     model.requires_grad_(False)
     tokenizer = hf_compat.load_tokenizer(path, local_only)
     fp = fingerprint_from_config(config)
-    log.info("backbone %s (%s) on %s/%s: %s", name, fp.model_type, dev, dt, fp)
-    return Backbone(name, path, model, tokenizer, fp, family, dev, dt)
+    log.info("backbone %s (%s) on %s in %s (%s): %s", name, fp.model_type, dev, choice.dtype, choice.reason, fp)
+    return Backbone(name, path, model, tokenizer, fp, family, dev, dt, choice.reason)

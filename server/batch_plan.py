@@ -13,9 +13,9 @@ from dataclasses import dataclass
 class BatchPolicy:
     max_batch_size: int = 64
     max_batch_tokens: int = 16384  # rows * padded length
-    # Fixed cost of one forward pass, in token-equivalents. Measured on a 2-core CPU with MiniLM
-    # (benchmarks/RESULTS.md): 32-64 beat 256 by 20-35%, because smaller passes stay in cache there; a GPU,
-    # where a pass costs kernel launches, wants a larger value (PTSERVE_BATCH_OVERHEAD_TOKENS).
+    # Fixed cost of one forward pass, in token-equivalents: the server measures it at start-up for its backbone,
+    # device and dtype (calibrate.py, cost_model.py); 64 is the fallback, fitted on a 2-core EPYC with MiniLM in
+    # float32 (benchmarks/RESULTS.md: 32-64 beat 256 by 20-35% there). PTSERVE_BATCH_OVERHEAD_TOKENS overrides.
     overhead_tokens: int = 64
 
     def fits(self, rows: int, max_len: int) -> bool:

@@ -19,6 +19,7 @@ from ptserve.server.heads import apply_heads
 from ptserve.server.pooling import mean_pool
 from ptserve.server.prefix_attention import PrefixContext
 from ptserve.server.resident import ResidentAdapter, gather_prefixes, make_resident
+from ptserve.server.transfer import to_device
 
 
 LOGITS, EMBEDDING = "logits", "embedding"  # what a row asks of the pass (Row.output)
@@ -155,11 +156,11 @@ def encoder_forward(
     prefix_valid = torch.arange(p_max)[None, :] >= (p_max - p_lens)[:, None]  # [B, P_max]
     positions = bb.family.first_position + p_lens[:, None] + torch.arange(t_max)[None, :]
     positions = positions.clamp(max=bb.fingerprint.max_positions - 1)  # pad columns only; real ones fit
-    mask = torch.cat([prefix_valid, token_valid], dim=1)[:, None, None, :].to(dev)  # [B, 1, 1, P_max + T_max]
+    mask = torch.cat([prefix_valid, token_valid], dim=1)[:, None, None, :]  # [B, 1, 1, P_max + T_max]
     out = bb.model(
-        input_ids=input_ids.to(dev),
+        input_ids=to_device(input_ids, dev),
         token_type_ids=torch.zeros_like(input_ids, device=dev),
-        position_ids=positions.to(dev),
-        ptserve_prefix=PrefixContext(keys=kv[:, 0], values=kv[:, 1], mask=mask),
+        position_ids=to_device(positions, dev),
+        ptserve_prefix=PrefixContext(keys=kv[:, 0], values=kv[:, 1], mask=to_device(mask, dev)),
     )
     return out.last_hidden_state, getattr(out, "pooler_output", None)

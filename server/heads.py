@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 
 from ptserve.server.resident import ResidentAdapter
+from ptserve.server.transfer import to_device
 
 
 def _pooler_linear(pooled: torch.Tensor, first: torch.Tensor, head: dict) -> torch.Tensor:
@@ -24,18 +25,25 @@ def apply_heads(
     first: torch.Tensor,  # [B, H] last hidden state of each row's first real token
     pooled: torch.Tensor | None,  # [B, H] backbone pooler output, if the backbone has a pooler
 ) -> list[torch.Tensor]:
-    """Logits per row ([num_labels] float32 on cpu), each row through its own adapter's head."""
+    """Logits per row ([num_labels] float32 on cpu), each row through its own adapter's head; one device-to-host
+    copy for the whole pass."""
     first, pooled = first.float(), (pooled.float() if pooled is not None else None)  # [B, H]
     groups: dict[int, list[int]] = {}
     for row, a in enumerate(adapters):
         groups.setdefault(id(a), []).append(row)
-    out: list[torch.Tensor | None] = [None] * len(adapters)
+    per_group = []  # [rows of the group, num_labels] on the device
     for rows in groups.values():
         a = adapters[rows[0]]
-        idx = torch.tensor(rows, device=first.device)
-        logits = HEADS[a.config.head](
+        idx = to_device(torch.tensor(rows), first.device)
+        per_group.append(HEADS[a.config.head](
             pooled.index_select(0, idx) if pooled is not None else None, first.index_select(0, idx), a.head
-        ).cpu()
+        ))
+    flat = torch.cat([g.flatten() for g in per_group]).cpu()
+    out: list[torch.Tensor | None] = [None] * len(adapters)
+    at = 0
+    for rows, g in zip(groups.values(), per_group):
+        logits = flat[at: at + g.numel()].view(g.shape)
+        at += g.numel()
         for i, row in enumerate(rows):
             out[row] = logits[i]
     return out

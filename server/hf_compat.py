@@ -41,3 +41,10 @@ def decoder_parts(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Mod
 
 def load_tokenizer(path: str, local_only: bool):
     return AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+
+
+def apply_chat_template(tokenizer, messages: list[dict], template: str | None) -> list[int]:
+    """Token ids of ``messages`` rendered by ``template`` (None: the tokenizer's own), the assistant's turn
+    opened (``add_generation_prompt``); tokenised without adding special tokens again, as transformers does."""
+    return list(tokenizer.apply_chat_template(messages, chat_template=template, add_generation_prompt=True,
+                                              tokenize=True, return_dict=False))

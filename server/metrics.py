@@ -5,6 +5,8 @@ values grow with tenants or adapters (DESIGN decision 7): endpoints are route te
 """
 from __future__ import annotations
 
+import math
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, PlatformCollector, ProcessCollector
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 
@@ -13,6 +15,7 @@ from prometheus_client.registry import Collector
 
 from ptserve.adapters_store.cache import AdapterCache
 from ptserve.server.batcher import PassReport
+from ptserve.server.cost_model import PassCost
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -52,6 +55,21 @@ class Metrics:
         self.queue_depth = Gauge("ptserve_queue_depth", "Rows waiting in the batcher queue.", registry=r)
         self.uploads = Counter("ptserve_adapter_uploads", "Adapter uploads by result.", ["result"], registry=r)
         self.build = Info("ptserve_build", "Server build and backbone.", registry=r)
+        # the batch planner's pass cost (encoder backbones), measured at start-up unless set (NaN = not measured)
+        self.batch_overhead = Gauge(
+            "ptserve_batch_overhead_tokens", "The planner's fixed cost of one forward pass, in padded tokens.",
+            registry=r,
+        )
+        self.pass_fixed = Gauge(
+            "ptserve_batch_pass_fixed_seconds", "Fitted fixed cost of one forward pass (NaN unless measured).",
+            registry=r,
+        )
+        self.pass_token = Gauge(
+            "ptserve_batch_pass_token_seconds", "Fitted cost of one padded token in a pass (NaN unless measured).",
+            registry=r,
+        )
+        for gauge in (self.batch_overhead, self.pass_fixed, self.pass_token):
+            gauge.set(math.nan)  # decoder backbones plan no passes
         # generation (decoder backbones)
         self.time_to_first_token = Histogram(
             "ptserve_time_to_first_token_seconds", "Request arrival to its first generated token.",
@@ -114,6 +132,11 @@ class Metrics:
         if stats is not None and stats.real_tokens:
             self.batch_tokens.observe(stats.computed_tokens)
             self.padding_ratio.observe(stats.computed_tokens / stats.real_tokens)
+
+    def observe_pass_cost(self, cost: PassCost) -> None:
+        self.batch_overhead.set(cost.overhead_tokens)
+        self.pass_fixed.set(cost.fixed_s)
+        self.pass_token.set(cost.per_token_s)
 
     def observe_embeddings(self, inputs: int, tokens: int) -> None:
         self.embedding_inputs.inc(inputs)

@@ -7,6 +7,7 @@ import torch
 
 from ptserve.adapters_store.format import Adapter, AdapterConfig
 from ptserve.adapters_store.fingerprint import BackboneFingerprint
+from ptserve.server.transfer import to_device, upload
 
 
 @dataclass(frozen=True)
@@ -43,10 +44,11 @@ def make_resident(
     adapter: Adapter, adapter_id: str, version: int, fp: BackboneFingerprint,
     device: torch.device, dtype: torch.dtype,
 ) -> ResidentAdapter:
-    kv = prefix_kv(adapter.prompt_embeddings.to(torch.float32), fp).to(device=device, dtype=dtype)
-    # Heads stay float32 on the device: they are tiny and it keeps logits comparable across dtypes. Always a
-    # copy: on the cpu a no-op ``to`` would keep the decoded blob's buffers (and the heap around them) alive.
-    head = {k: v.to(device=device, dtype=torch.float32, copy=True) for k, v in adapter.head_tensors().items()}
+    # ``upload`` always copies (on the cpu a no-op ``to`` would keep the decoded blob's buffers, and the heap
+    # around them, alive) and on CUDA copies from pinned memory on a side stream, so loading never stalls the engine.
+    kv = upload(prefix_kv(adapter.prompt_embeddings.to(torch.float32), fp), device, dtype)
+    # Heads stay float32 on the device: they are tiny and it keeps logits comparable across dtypes.
+    head = {k: upload(v, device, torch.float32) for k, v in adapter.head_tensors().items()}
     return ResidentAdapter(adapter_id, version, adapter.config, kv, head)
 
 
@@ -64,5 +66,5 @@ def gather_prefixes(
         groups.setdefault(id(a), []).append(i)
     for members in groups.values():
         a = adapters[members[0]]
-        kv[:, :, torch.tensor(members, device=device), :, p_max - a.num_virtual_tokens:] = a.kv.unsqueeze(2)
+        kv[:, :, to_device(torch.tensor(members), device), :, p_max - a.num_virtual_tokens:] = a.kv.unsqueeze(2)
     return kv

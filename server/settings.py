@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
@@ -26,10 +27,14 @@ class Settings(BaseSettings):
     backbone: str = Field(DEFAULT_BACKBONE, description="'minilm' (bundled), a local HF model folder or a hub id.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available, else cpu.")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
-        "auto", description="auto = float32 on cpu, bfloat16 on cuda."
+        "auto", description="auto = bfloat16 on cuda and on cpus with amx_bf16/avx512_bf16, else float32 "
+        "(heads and sampling run in float32 either way).",
     )
-    threads: int = Field(0, ge=0, description="torch intra-op threads on cpu (0 = torch's default).")
+    threads: int = Field(0, ge=0, description="torch intra-op threads on cpu (0 = usable cpus - 1, left to the API; "
+                         "docs/design.md 'Threads').")
     allow_download: bool = Field(False, description="Let a hub id be fetched; off = local files only.")
+    compile: bool = Field(False, description="torch.compile the encoder pass (dynamic shapes), warmed up at "
+                          "start-up: faster passes for minutes of compiling; encoders only (docs/design.md).")
 
     # store
     store: str = Field("file://./data/adapters", description="file://PATH or redis://HOST:PORT/DB.")
@@ -38,8 +43,9 @@ class Settings(BaseSettings):
     max_batch_size: int = Field(64, ge=1, le=4096, description="Rows (inputs) per forward pass.")
     max_batch_tokens: int = Field(16384, ge=64, description="Padded (prefix + input) tokens per forward pass.")
     max_wait_ms: float = Field(5.0, ge=0, le=10_000, description="How long a batch waits to fill.")
-    batch_overhead_tokens: int = Field(
-        64, ge=0, description="Cost of one forward pass in tokens: larger = fewer, more padded passes."
+    batch_overhead_tokens: Annotated[int, Field(ge=0)] | Literal["auto"] = Field(
+        "auto", description="Fixed cost of one forward pass in tokens: larger = fewer, more padded passes "
+        "(auto = measured at start-up for the loaded backbone, device and dtype).",
     )
 
     # generation (decoder backbones)
@@ -49,11 +55,16 @@ class Settings(BaseSettings):
         "fair", description="Who takes a free KV cache slot: fair = the oldest request of the least-served tenant, "
         "fifo = the oldest request."
     )
+    chat_template: str | None = Field(
+        None, description="Jinja chat template file for /v1/chat/completions (default: the tokenizer's own).",
+    )
 
     # limits
     max_adapter_bytes: int = Field(64 * 2**20, ge=1024, description="Largest adapter upload.")
     max_virtual_tokens: int = Field(256, ge=1, description="Largest prefix an adapter may carry.")
-    max_inputs_per_request: int = Field(256, ge=1, description="Texts per classify request.")
+    max_inputs_per_request: int = Field(
+        256, ge=1, description="Texts per classify request; choices (prompts x n) per completion request.",
+    )
     max_body_bytes: int = Field(1 * 2**20, ge=1024, description="Largest JSON request body.")
 
     # adapter cache
@@ -93,6 +104,15 @@ class Settings(BaseSettings):
     def _split_ids(cls, v):
         if isinstance(v, str):
             return [x.strip() for x in v.split(",") if x.strip()]
+        return v
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_file(cls, v: str | None) -> str | None:
+        if not v:
+            return None
+        if not Path(v).expanduser().is_file():
+            raise ValueError(f"chat template file {v!r} does not exist")
         return v
 
     @field_validator("store")

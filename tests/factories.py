@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -20,6 +21,7 @@ from ptserve.adapters_store.format import Adapter, AdapterConfig, encode_blob
 from ptserve.adapters_store.heads import head_shapes
 
 MINILM_LABELS = ("negative", "neutral", "positive")
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 
 def make_adapter(
@@ -67,6 +69,12 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+# Test servers compute in float32 with a fixed planner, so their answers can be compared with float32 references
+# to 1e-5 and their passes do not depend on a start-up measurement; the defaults (dtype and pass cost chosen at
+# start-up) are tested on their own (tests/server/test_hardware_defaults.py). A test's env overrides these.
+FIXED_SERVER_SETTINGS = {"PTSERVE_THREADS": "2", "PTSERVE_DTYPE": "float32", "PTSERVE_BATCH_OVERHEAD_TOKENS": "64"}
+
+
 @dataclass
 class ServerProcess:
     url: str
@@ -82,7 +90,7 @@ def server_process(env: dict[str, str], timeout: float = 120.0):
     """``ptserve serve`` in a subprocess on a free loopback port; yields a ``ServerProcess`` once /readyz is 200
     (the test may signal ``proc`` itself; whatever still runs at the end is terminated)."""
     port = free_port()
-    full_env = {**os.environ, "PTSERVE_HOST": "127.0.0.1", "PTSERVE_PORT": str(port), "PTSERVE_THREADS": "2", **env}
+    full_env = {**os.environ, "PTSERVE_HOST": "127.0.0.1", "PTSERVE_PORT": str(port), **FIXED_SERVER_SETTINGS, **env}
     exe = shutil.which("ptserve", path=str(Path(sys.executable).parent)) or "ptserve"
     log_file = tempfile.NamedTemporaryFile(prefix="ptserve-", suffix=".log", delete=False)
     log_path = Path(log_file.name)
@@ -128,9 +136,16 @@ DECODER_CORPUS = [
 ]
 
 
+CHAT_TEMPLATE = (  # a small chat template of the kind hub models carry (ChatML-like, plain text markers)
+    "{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|> {% endif %}"
+)
+
+
 def save_tiny_decoder(kind: str, out: Path, seed: int = 0, initializer_range: float = 0.2,
-                      max_positions: int = 256) -> Path:
-    """A tiny random GPT-2, Llama (grouped-query attention) or Qwen2 with a byte-level BPE tokenizer trained here.
+                      max_positions: int = 256, chat_template: str | None = None) -> Path:
+    """A tiny random GPT-2, Llama (grouped-query attention) or Qwen2 with a byte-level BPE tokenizer trained here
+    (with ``chat_template`` set on the tokenizer when given).
 
     Weights are drawn with std ``initializer_range`` = 0.2, not HF's 0.02: with 0.02 the random model's logits are
     nearly flat, greedy output repeats one token and barely depends on the prefix (GPT-2: 6 of 7 test jobs
@@ -148,6 +163,8 @@ def save_tiny_decoder(kind: str, out: Path, seed: int = 0, initializer_range: fl
         vocab_size=400, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
                                   pad_token="<|endoftext|>")
+    if chat_template is not None:
+        tok.chat_template = chat_template
     eos, vocab = tok.eos_token_id, len(tok)
     special = dict(eos_token_id=eos, bos_token_id=eos, pad_token_id=eos, initializer_range=initializer_range)
     torch.manual_seed(seed)
@@ -166,4 +183,45 @@ def save_tiny_decoder(kind: str, out: Path, seed: int = 0, initializer_range: fl
         raise ValueError(kind)
     model.save_pretrained(out)
     tok.save_pretrained(out)
+    return out
+
+
+def real_texts() -> list[str]:
+    """The project's own review sentences (360), then sentences of Python's own documentation as the interpreter
+    ships it (``pydoc_data``: written by people, far from the reviews' domain), when the stdlib has it."""
+    from ptserve.server.training.data import load_examples
+
+    texts = [e.text for e in load_examples(EXAMPLES / "sentiment" / "reviews.csv")]
+    try:
+        from pydoc_data.topics import topics
+    except ImportError:  # some distributions strip it; the reviews alone are still a few hundred
+        return texts
+    prose = " ".join(topics[k] for k in sorted(topics))
+    sentences = (s.strip() for s in re.split(r"(?<=[.!?])\s+", prose))
+    return texts + sorted({s for s in sentences if 40 <= len(s) <= 200 and "\n" not in s and s[0].isupper()})
+
+
+def peft_prefix_lm(model_path: str, adapter: Adapter):
+    """PEFT's own CAUSAL_LM prefix-tuning model for ``adapter`` (eager attention, eval): the numerical reference
+    for generation. Its forward is right on transformers 5.x; its ``generate`` is not (docs/design.md)."""
+    from peft import PrefixTuningConfig, TaskType, get_peft_model, set_peft_model_state_dict
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(model_path, attn_implementation="eager").eval()
+    peft = get_peft_model(base, PrefixTuningConfig(
+        task_type=TaskType.CAUSAL_LM, num_virtual_tokens=adapter.config.num_virtual_tokens)).eval()
+    set_peft_model_state_dict(peft, {"prompt_embeddings": adapter.prompt_embeddings})
+    return peft
+
+
+def peft_greedy(peft, ids: list[int], max_new: int, eos_ids=()) -> list[int]:
+    """Greedy tokens by a loop over PEFT's forward (stops after an EOS, which it does not return)."""
+    out, x = [], torch.tensor([ids])
+    with torch.no_grad():
+        for _ in range(max_new):
+            nxt = int(peft(input_ids=x).logits[0, -1].argmax())
+            if nxt in eos_ids:
+                break
+            out.append(nxt)
+            x = torch.cat([x, torch.tensor([[nxt]])], dim=1)
     return out

@@ -42,9 +42,10 @@ def peft_prefix_cache_generate(model, adapter: Adapter, prompt: list[int], token
     """(c″) PEFT's prefix as HF's pre-filled cache, then HF ``generate`` on the base model: PEFT's
     ``generate`` as it runs on transformers 4.57 (the prefix is injected once; the request's cache grows)."""
     set_peft_model_state_dict(model, {"prompt_embeddings": adapter.prompt_embeddings})
-    ids = torch.tensor([prompt])
+    dev = next(model.parameters()).device  # the model's device (the dtype section runs it on --device)
+    ids = torch.tensor([prompt], device=dev)
     cache = model.get_prompt(batch_size=1)  # a DynamicCache holding the virtual tokens of every layer
-    mask = torch.ones(1, VIRTUAL_TOKENS + ids.shape[1], dtype=torch.long)
+    mask = torch.ones(1, VIRTUAL_TOKENS + ids.shape[1], dtype=torch.long, device=dev)
     out = model.get_base_model().generate(
         input_ids=ids, attention_mask=mask, cache=cache, max_new_tokens=tokens, min_new_tokens=tokens,
         do_sample=False, pad_token_id=0)

@@ -325,6 +325,12 @@ class ClientDisconnected(APIError):
     status, type = 499, "client_closed_request"
 
 
+class NoChatTemplate(InvalidInput):
+    """A chat request to a decoder with no chat template (neither the tokenizer's nor PTSERVE_CHAT_TEMPLATE)."""
+
+    type = "no_chat_template"
+
+
 class Overloaded(RateLimitError):
     """429: try again after ``retry_after`` seconds (sent as ``Retry-After``, whole seconds in 1..60)."""
 

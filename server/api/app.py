@@ -8,7 +8,8 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from ptserve.server.api import (
-    routes_adapters, routes_classify, routes_embeddings, routes_generate, routes_health, routes_openai, routes_tenants,
+    routes_adapters, routes_chat, routes_classify, routes_embeddings, routes_generate, routes_health, routes_models,
+    routes_openai, routes_tenants,
 )
 from ptserve.server.api.errors import install_error_handlers
 from ptserve.server.api.middleware import BodyLimitMiddleware, RequestMiddleware
@@ -33,8 +34,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="ptserve", version="0.1.0", lifespan=lifespan,
                   description="Multi-tenant inference server for P-Tuning v2 prefixes.")
     app.state.ptserve = state
-    for module in (routes_adapters, routes_classify, routes_generate, routes_openai, routes_embeddings, routes_health,
-                   routes_tenants):
+    for module in (routes_adapters, routes_classify, routes_generate, routes_openai, routes_chat, routes_embeddings,
+                   routes_models, routes_health, routes_tenants):
         app.include_router(module.router)
     install_error_handlers(app)
 

@@ -12,7 +12,7 @@ import asyncio
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import AsyncIterator
 
 from fastapi import APIRouter, Request
@@ -38,28 +38,41 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 @dataclass
 class Generation:
-    """Where a running generation stands, for the answer."""
+    """Where a running generation stands, for the answer: one sequence per choice, ``n`` choices per prompt
+    (choice ``k`` continues prompt ``k // n``, as OpenAI numbers them)."""
 
     adapter_id: str
     version: int
-    seq: Sequence | None = None
+    n: int = 1
+    seqs: list[Sequence] = field(default_factory=list)
+
+    @property
+    def seq(self) -> Sequence:
+        return self.seqs[0]
 
     @property
     def usage(self) -> GenerateUsage:
-        prompt, completion = len(self.seq.prompt_ids), len(self.seq.output_ids)
+        prompt = sum(len(s.prompt_ids) for s in self.seqs[:: self.n])  # each prompt counted once
+        completion = sum(len(s.output_ids) for s in self.seqs)
         return GenerateUsage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
 
 
 async def run_generation(
-    state: ServerState, principal, adapter: str, prompt: str, params: SamplingParams, gen: Generation
+    state: ServerState, principal, adapter: str, prompts: list[str | list[int]], params: list[SamplingParams],
+    gen: Generation, fill: bool = False,
 ) -> AsyncIterator[StepEvent]:
+    """Events of every choice of one request: ``params[k]`` for choice ``k`` of ``prompts[k // gen.n]``. With
+    ``fill``, ``max_new_tokens`` is only a bound: each choice gets as many as fit beside its prompt and prefix."""
     runner = state.generator
     if runner is None:
         raise WrongTask(f"backbone {state.settings.backbone!r} is an encoder: it serves /v1/classify, not generation")
-    limit = state.settings.max_new_tokens_limit
-    if params.max_new_tokens > limit:
-        raise InvalidInput(f"max_new_tokens={params.max_new_tokens}; at most {limit}")
-    if runner.waiting >= state.settings.max_queue_rows:
+    limit, most = state.settings.max_new_tokens_limit, state.settings.max_inputs_per_request
+    if len(params) > most:
+        raise InvalidInput(f"{len(params)} choices (prompts x n); at most {most} per request")
+    asked = max((p.max_new_tokens for p in params), default=0)
+    if asked > limit:
+        raise InvalidInput(f"max_new_tokens={asked}; at most {limit}")
+    if runner.waiting + len(params) > state.settings.max_queue_rows:
         raise QueueFull(f"{runner.waiting} requests are waiting to generate; retry later", retry_after=1.0)
     adapter_id = authorize(principal, adapter)
     with state.limiter.slot(adapter_id.tenant):
@@ -67,15 +80,22 @@ async def run_generation(
             if resident.config.task != "generate":
                 raise WrongTask(f"adapter {adapter} is a {resident.config.task!r} adapter; use /v1/classify")
             gen.adapter_id, gen.version = resident.id, resident.version
-            gen.seq = runner.engine.new_sequence(resident, prompt, params)
-            state.metrics.prompt_tokens.inc(len(gen.seq.prompt_ids))
+            engine = runner.engine
+            for i, prompt in enumerate(prompts):
+                ids = engine.tokenize(prompt)
+                for p in params[i * gen.n: (i + 1) * gen.n]:
+                    if fill:  # as many as fit (one at least: a prompt with no room left is refused as too long)
+                        p = replace(p, max_new_tokens=max(1, min(p.max_new_tokens, engine.room(resident) - len(ids))))
+                    gen.seqs.append(engine.new_sequence(resident, ids, p))
+                state.metrics.prompt_tokens.inc(len(ids))
             try:
-                async for event in _observed(state, runner.generate(gen.seq)):
+                async for event in _observed(state, runner.generate(gen.seqs)):
                     yield event
-            finally:
-                seq = gen.seq  # into the access-log line: what the engine did for this request
-                note(generation={"prompt_tokens": len(seq.prompt_ids), "completion_tokens": len(seq.output_ids),
-                                 "engine_steps": seq.steps, "finish_reason": seq.finish_reason})
+            finally:  # into the access-log line: what the engine did for this request
+                finish = [s.finish_reason for s in gen.seqs]
+                note(generation={**gen.usage.model_dump(exclude={"total_tokens"}), "choices": len(gen.seqs),
+                                 "engine_steps": max(s.steps for s in gen.seqs),
+                                 "finish_reason": finish[0] if len(finish) == 1 else finish})
 
 
 async def _observed(state: ServerState, events: AsyncIterator[StepEvent]) -> AsyncIterator[StepEvent]:
@@ -141,7 +161,7 @@ def sse_error(exc: BaseException) -> str:
     **ERRORS, 200: {"content": {"text/event-stream": {}}}})
 async def generate(req: GenerateRequest, request: Request, principal: Principal, state: ReadyDep):
     gen = Generation(req.adapter, 0)
-    events = run_generation(state, principal, req.adapter, req.prompt, sampling_params(req), gen)
+    events = run_generation(state, principal, req.adapter, [req.prompt], [sampling_params(req)], gen)
     if req.stream:
         first = await _first(events)  # errors before the first event answer as plain 4xx/5xx
         return StreamingResponse(_sse(first, events, gen), media_type="text/event-stream", headers=SSE_HEADERS)

@@ -37,10 +37,17 @@ async def readyz(state: StateDep):
     body = {
         "status": "ready" if store_status == "ok" else "degraded",
         "backbone": state.settings.backbone,
+        "device": str(state.backbone.device),
+        "dtype": str(state.backbone.dtype).removeprefix("torch."),
+        "dtype_reason": state.backbone.dtype_reason,
+        "threads": state.threads.threads,
         "store": _redact(state.store.url),
         "store_status": store_status,
         "resident_adapters": len(state.adapters.cache),
     }
+    if state.pass_cost is not None:
+        body["batch_overhead_tokens"] = state.pass_cost.overhead_tokens
+        body["batch_overhead_source"] = state.pass_cost.source
     # Stores with a change feed (Redis): while it is down, other replicas' updates reach this one only at the
     # resync after it reconnects.
     if (feed := getattr(state.store, "connected", None)) is not None:

@@ -1,4 +1,4 @@
-"""Bodies of the generation API: ptserve's ``/v1/generate`` and the OpenAI-compatible ``/v1/completions``."""
+"""Bodies of ptserve's own generation API, ``/v1/generate`` (the OpenAI-compatible ones: ``schemas_openai``)."""
 from __future__ import annotations
 
 from typing import Literal
@@ -46,58 +46,3 @@ class GenerateResponse(BaseModel):
     text: str
     finish_reason: Literal["stop", "length"]
     usage: GenerateUsage
-
-
-class CompletionRequest(BaseModel):
-    """The OpenAI completions body; fields ptserve does not implement are refused when set, others ignored."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    model: str = Field(..., description="Adapter id, 'tenant/name'.")
-    prompt: str | list[str]
-    max_tokens: int | None = Field(16, ge=1)
-    temperature: float | None = Field(1.0, ge=0, le=2, description=TEMPERATURE_HELP)
-    top_p: float | None = Field(1.0, gt=0, le=1, description=TOP_P_HELP)
-    n: int | None = Field(1, ge=1, le=1, description="Only 1 is supported.")
-    stream: bool | None = False
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0, le=2**63 - 1)
-    echo: bool | None = Field(False, description="Not supported (must be false).")
-    logprobs: int | None = Field(None, le=0, description="Not supported.")
-    best_of: int | None = Field(None, ge=1, le=1)
-    user: str | None = None
-
-    @field_validator("prompt")
-    @classmethod
-    def _one_prompt(cls, v):
-        if isinstance(v, list):
-            if len(v) != 1:
-                raise ValueError("exactly one prompt per request is supported")
-            return v[0]
-        return v
-
-    @field_validator("stop")
-    @classmethod
-    def _stops(cls, v):
-        return _check_stops([v] if isinstance(v, str) else list(v or []))
-
-    @field_validator("echo")
-    @classmethod
-    def _no_echo(cls, v):
-        if v:
-            raise ValueError("echo is not supported")
-        return v
-
-
-class ModelCard(BaseModel):
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str
-    parent: str | None = None
-    root: str | None = None
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelCard]

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -16,10 +17,14 @@ from ptserve.server.backbone import Backbone, load_backbone
 from ptserve.server.batch_plan import BatchPolicy
 from ptserve.server.auth import Authenticator
 from ptserve.server.batcher import Batcher
+from ptserve.server.calibrate import measure_pass_cost, warm_up
+from ptserve.server.chat_template import ChatTemplate
+from ptserve.server.cost_model import PassCost, from_setting
 from ptserve.server.engine import Engine
 from ptserve.server.generation.engine import GenerationEngine, GenerationLimits
 from ptserve.server.generation.runner import GenerationRunner
 from ptserve.server.generation.scheduler import ADMISSION_POLICIES
+from ptserve.server.hardware import ThreadsChoice, choose_threads, cpu_budget
 from ptserve.server.limits import TenantLimiter
 from ptserve.server.metrics import Metrics
 from ptserve.server.settings import Settings
@@ -37,14 +42,18 @@ class ServerState:
     adapters: AdapterService | None = None
     batcher: Batcher | None = None  # encoder backbones: passes of classification and embedding rows
     generator: GenerationRunner | None = None  # decoder backbones: continuous batching on its own thread
+    chat: ChatTemplate | None = None  # decoder backbones: renders chat messages to prompts
     load_error: str | None = None
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     watcher: asyncio.Task | None = None
     keys: KeyStore | None = None
     auth: Authenticator | None = None
     limiter: TenantLimiter | None = None
+    started_at: float = field(default_factory=time.time)  # the bare backbone's `created` in /v1/models
     draining: bool = False  # SIGTERM received: /readyz 503, new requests 503, in-flight ones finish
     inflight: int = 0  # requests inside the app (operations endpoints excluded)
+    threads: ThreadsChoice | None = None  # torch intra-op threads and why
+    pass_cost: PassCost | None = None  # encoder backbones: the planner's pass cost (measured or set)
 
     def __post_init__(self) -> None:
         s = self.settings
@@ -68,8 +77,9 @@ class ServerState:
         """Load the backbone off the event loop, then open the store and start the batcher."""
         s = self.settings
         try:
-            if s.threads:
-                torch.set_num_threads(s.threads)
+            self.threads = choose_threads(s.threads, cpu_budget())
+            torch.set_num_threads(self.threads.threads)
+            log.info("torch intra-op threads: %d (%s)", self.threads.threads, self.threads.reason)
             self.backbone = await asyncio.to_thread(load_backbone, s.backbone, s.device, s.dtype, s.allow_download)
             causal = self.backbone.family.causal
             admission = ADMISSION_POLICIES[s.admission]()
@@ -80,13 +90,17 @@ class ServerState:
             self.adapters = AdapterService(self.store, self.engine, s.cache_bytes, limits)
             self.metrics.watch_cache(self.adapters.cache)
             if causal:
+                self.chat = ChatTemplate(self.backbone.tokenizer, s.backbone, s.chat_template)
                 self.generator = GenerationRunner(self.engine, on_step=self.metrics.observe_step)
                 self.generator.start()
                 self.metrics.watch_generation(self.generator)
             else:
+                self.pass_cost = await asyncio.to_thread(self._prepare_encoder)
+                log.info("batch planner: %s", self.pass_cost.describe())
+                self.metrics.observe_pass_cost(self.pass_cost)
                 policy = BatchPolicy(
                     max_batch_size=s.max_batch_size, max_batch_tokens=s.max_batch_tokens,
-                    overhead_tokens=s.batch_overhead_tokens,
+                    overhead_tokens=self.pass_cost.overhead_tokens,
                 )
                 self.batcher = Batcher(
                     self.engine.run, policy, s.max_wait_ms, on_pass=self.metrics.observe_pass,
@@ -99,12 +113,26 @@ class ServerState:
             self.metrics.build.info({
                 "version": _version(), "backbone": s.backbone, "model_type": fp.model_type,
                 "device": str(self.backbone.device), "dtype": str(self.backbone.dtype).removeprefix("torch."),
+                "dtype_reason": self.backbone.dtype_reason, "threads": str(self.threads.threads),
             })
             self.ready.set()
             log.info("ptserve ready: backbone %s, store %s", s.backbone, s.store)
         except Exception as exc:  # surfaced by /readyz and by every route that needs the engine
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.exception("start-up failed")
+
+    def _prepare_encoder(self) -> PassCost:
+        """Before any request runs: compile the encoder when asked (warmed up here, so no request waits for the
+        compiler), then the planner's pass cost: the setting when given, else measured on the loaded backbone."""
+        s = self.settings
+        if s.compile:
+            started = time.perf_counter()
+            self.backbone.model = torch.compile(self.backbone.model, dynamic=True)
+            warm_up(self.engine, s.max_batch_size, s.max_batch_tokens)
+            log.info("encoder compiled (torch.compile, dynamic shapes) in %.1f s", time.perf_counter() - started)
+        if s.batch_overhead_tokens != "auto":
+            return from_setting(s.batch_overhead_tokens)
+        return measure_pass_cost(self.engine, s.max_batch_size, s.max_batch_tokens)
 
     async def stop(self) -> None:
         if self.watcher:

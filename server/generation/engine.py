@@ -18,12 +18,14 @@ import torch
 from ptserve.adapters_store.errors import APIError, GenerationFailed, InputTooLong, InvalidInput, NonFiniteLogits
 from ptserve.adapters_store.format import Adapter
 from ptserve.server.backbone import Backbone
-from ptserve.server.generation.forward import decode_forward, decoder_forward, lm_logits
+from ptserve.server.generation.forward import FloatLMHead, decode_forward, decoder_forward
 from ptserve.server.generation.kv_cache import SlotKVCache
-from ptserve.server.generation.sampling import finite_rows, sample_next
+from ptserve.server.generation.logprobs import TokenLogprob, log_probs, prompt_logprobs, score, temperature_of
+from ptserve.server.generation.sampling import finite_mask, sample_tokens
 from ptserve.server.generation.scheduler import AdmissionPolicy, Scheduler, TenantFair
 from ptserve.server.generation.sequence import SamplingParams, Sequence
 from ptserve.server.resident import ResidentAdapter, gather_prefixes, make_resident
+from ptserve.server.transfer import to_device
 
 log = logging.getLogger(__name__)
 Forward = Callable[[list[Sequence], int], torch.Tensor]  # (rows, their first slot) -> logits [rows, vocab]
@@ -36,6 +38,8 @@ class StepEvent:
     token: int | None  # the token generated this step (None if the sequence was cancelled or failed)
     done: bool
     error: APIError | None = None  # the sequence failed (done is True); no other sequence is affected
+    logprob: TokenLogprob | None = None  # the token's, when asked for and the token is part of the output
+    text_offset: int = 0  # characters of the output text before this token's
 
 
 @dataclass(frozen=True)
@@ -59,6 +63,7 @@ class GenerationEngine:
         )
         self.scheduler = Scheduler(limits.max_running, limits.max_batch_tokens,
                                    admission=admission if admission is not None else TenantFair())
+        self.lm_head = FloatLMHead(backbone)  # logits in float32 whatever the backbone's dtype
         self.steps = 0  # steps taken so far (a sequence records the steps it joined and finished at)
         self.vocab_size = backbone.model.get_input_embeddings().num_embeddings
         tok = backbone.tokenizer
@@ -70,15 +75,24 @@ class GenerationEngine:
         return make_resident(adapter, adapter_id, version, self.fp, self.backbone.device, self.backbone.dtype)
 
     # --- admission ------------------------------------------------------------------------------------------
-    def new_sequence(self, adapter: ResidentAdapter, prompt: str | list[int], params: SamplingParams) -> Sequence:
-        """Tokenise and check that prefix + prompt + max_new_tokens fit; ``InputTooLong`` otherwise."""
+    def tokenize(self, prompt: str | list[int]) -> list[int]:
+        """A prompt's token ids (token-id prompts are checked against the embedding's vocabulary)."""
         ids = list(prompt) if isinstance(prompt, list) else self.backbone.tokenizer(prompt)["input_ids"]
         if not ids:
             ids = [self.backbone.tokenizer.bos_token_id or next(iter(self.eos_ids))]
         if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in ids):
             raise InvalidInput(f"prompt token ids must be integers in [0, {self.vocab_size})")
+        return ids
+
+    def room(self, adapter: ResidentAdapter) -> int:
+        """Prompt + generated tokens that fit in one row beside the adapter's prefix."""
+        return min(self.backbone.max_positions - adapter.num_virtual_tokens, self.cache.max_tokens)
+
+    def new_sequence(self, adapter: ResidentAdapter, prompt: str | list[int], params: SamplingParams) -> Sequence:
+        """Tokenise and check that prefix + prompt + max_new_tokens fit; ``InputTooLong`` otherwise."""
+        ids = self.tokenize(prompt)
         p, n, new = adapter.num_virtual_tokens, len(ids), params.max_new_tokens
-        room = min(self.backbone.max_positions - p, self.cache.max_tokens)
+        room = self.room(adapter)
         if p > self.cache.prefix_cap:
             raise InputTooLong(f"adapter has {p} virtual tokens; this server holds at most {self.cache.prefix_cap}")
         if n + new > room:
@@ -138,8 +152,12 @@ class GenerationEngine:
                 self.backbone, [s.prompt_ids for s in rows], kv, [s.prefix_len for s in rows],
                 cache=self.cache, slots=slice(first, first + len(rows)),
             )  # [rows, T_max, hidden]
-            last = torch.tensor([len(s.prompt_ids) - 1 for s in rows], device=hidden.device)
-            return lm_logits(self.backbone, hidden[torch.arange(len(rows), device=hidden.device), last])
+            for i, s in enumerate(rows):  # echo + logprobs: every prompt token scored (a pure function of the row)
+                if s.params.prompt_logprobs is not None:
+                    s.prompt_logprobs = prompt_logprobs(lambda a, b, h=hidden[i]: self.lm_head(h[a:b]).cpu(),
+                                                        s.prompt_ids, s.params.prompt_logprobs, s.params.temperature)
+            last = to_device(torch.tensor([len(s.prompt_ids) - 1 for s in rows]), hidden.device)
+            return self.lm_head(hidden[torch.arange(len(rows), device=hidden.device), last])
 
         ok, logits, failed = self._isolated(seqs, first_slot, forward)
         for s in ok:
@@ -155,7 +173,7 @@ class GenerationEngine:
                 self.backbone, self.cache, [s.last_token for s in rows], [s.cached for s in rows],
                 [s.prefix_len for s in rows], first_slot=first,
             )  # [rows, hidden]
-            return lm_logits(self.backbone, hidden)
+            return self.lm_head(hidden)  # [rows, vocab] float32 on the device
 
         ok, logits, failed = self._isolated(seqs, 0, forward)
         for s in ok:
@@ -183,24 +201,47 @@ class GenerationEngine:
         return ok, torch.cat(logits) if logits else None, [ev for part in parts for ev in part[2]]
 
     def _emit(self, seqs: list[Sequence], logits: torch.Tensor | None) -> list[StepEvent]:
-        """One token per row, each row on its own: a row that cannot be sampled or decoded fails alone."""
+        """One token per row (logits [rows, vocab] float32 on the device), each row on its own: a row that cannot
+        be sampled, scored or decoded fails alone. Tokens are chosen for all rows on the device (a row whose logits
+        are not finite draws from zeros, harmlessly, and is failed) and read back with the rows' finiteness in one
+        transfer: a step's only host sync, unless a request asked for logprobs."""
         if not seqs:
             return []
-        events, finite = [], finite_rows(logits)
-        for i, seq in enumerate(seqs):
+        ok = finite_mask(logits)  # [B]
+        try:
+            tokens = sample_tokens(torch.where(ok[:, None], logits, 0.0), seqs)  # [B]
+        except Exception as exc:  # sampling is total over the admitted parameters; a row that still fails, alone
+            if len(seqs) == 1:
+                return [self._failed(seqs[0], exc)]
+            return [ev for i in range(len(seqs)) for ev in self._emit(seqs[i: i + 1], logits[i: i + 1])]
+        chosen, finite = torch.stack([tokens, ok.to(tokens.dtype)]).tolist()
+        events = []
+        for i, (seq, token, fine) in enumerate(zip(seqs, chosen, finite)):
             try:
-                if not finite[i]:
+                if not fine:
                     raise NonFiniteLogits(
                         f"generation stopped after {len(seq.output_ids)} tokens: the logits are not finite "
                         f"(adapter {seq.adapter.id} v{seq.adapter.version} overflows the backbone's arithmetic)"
                     )
-                token = sample_next(logits[i: i + 1], [seq])[0]
+                scored = self._score(seq, logits[i: i + 1], token)
+                offset, before = len(seq.text), len(seq.output_ids)
                 text = seq.append(token)
             except Exception as exc:
                 events.append(self._failed(seq, exc))
                 continue
-            events.append(StepEvent(seq, text, token, seq.finish_reason is not None))
+            kept = scored if len(seq.output_ids) > before else None  # an EOS is not part of the output
+            events.append(StepEvent(seq, text, token, seq.finish_reason is not None, logprob=kept,
+                                    text_offset=offset))
         return events
+
+    @staticmethod
+    def _score(seq: Sequence, logits: torch.Tensor, token: int) -> TokenLogprob | None:
+        """logits [1, vocab]: the chosen token's logprob and the top-k, when the request asked for them."""
+        k = seq.params.logprobs
+        if k is None:
+            return None
+        lp = log_probs(logits.cpu(), torch.tensor([temperature_of(seq.params.temperature)]))  # asked for: read back
+        return score(lp, [token], [k])[0]
 
     def _failed(self, seq: Sequence, exc: Exception) -> StepEvent:
         if isinstance(exc, APIError):

@@ -1,12 +1,15 @@
-"""The prefixed forward passes of a decoder LM: full prompts (prefill and training) and one-token decode steps."""
+"""The prefixed forward passes of a decoder LM: full prompts (prefill and training) and one-token decode steps,
+and the LM head in float32 for serving."""
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 from ptserve.server.backbone import Backbone
 from ptserve.server.generation.kv_cache import SlotKVCache
 from ptserve.server.hf_compat import decoder_parts
 from ptserve.server.prefix_attention import CacheContext, PrefixContext
+from ptserve.server.transfer import to_device
 
 
 def decoder_forward(
@@ -31,11 +34,11 @@ def decoder_forward(
     q = torch.arange(t_max)
     causal = (q[None, :] <= q[:, None])[None] & (q[None, None, :] < lengths[:, None, None])  # [B, T_q, T_k]
     prefix_ok = (torch.arange(p_max)[None, :] >= (p_max - p_lens)[:, None])[:, None, :].expand(b, t_max, p_max)
-    mask = torch.cat([prefix_ok, causal], dim=2)[:, None].to(dev)  # [B, 1, T_max, P_max + T_max]
+    mask = to_device(torch.cat([prefix_ok, causal], dim=2)[:, None], dev)  # [B, 1, T_max, P_max + T_max]
     positions = (p_lens[:, None] + q[None, :]).clamp(max=bb.fingerprint.max_positions - 1)
     base, _ = decoder_parts(bb.model)
     out = base(
-        input_ids=input_ids.to(dev), position_ids=positions.to(dev), use_cache=False,
+        input_ids=to_device(input_ids, dev), position_ids=to_device(positions, dev), use_cache=False,
         ptserve_prefix=PrefixContext(kv[:, 0], kv[:, 1], mask, cache=cache, slots=slots),
     )
     return out.last_hidden_state
@@ -49,27 +52,44 @@ def decode_forward(
     prefix_lens: list[int],  # B
     first_slot: int = 0,  # the rows own slots [first_slot, first_slot + B)
 ) -> torch.Tensor:
-    """Hidden state [B, hidden] of one new token per running row."""
+    """Hidden state [B, hidden] of one new token per running row.
+
+    The rows' numbers reach the device in one non-blocking copy and the masks are built there, so a step queues
+    its work without waiting for the device (the only host sync of a step is reading the sampled tokens)."""
     dev, b = bb.device, len(last_tokens)
     p_max, t_end = max(prefix_lens), max(cached) + 1
-    cached_t, p_lens = torch.tensor(cached), torch.tensor(prefix_lens)
-    prefix_ok = torch.arange(p_max)[None, :] >= (p_max - p_lens)[:, None]  # [B, P_max]
-    token_ok = torch.arange(t_end)[None, :] <= cached_t[:, None]  # [B, T_end]
-    mask = torch.cat([prefix_ok, token_ok], dim=1)[:, None, None, :].to(dev)  # [B, 1, 1, P_max + T_end]
+    tokens, cached_t, p_lens = to_device(torch.tensor([last_tokens, cached, prefix_lens]), dev)  # 3 x [B]
+    prefix_ok = torch.arange(p_max, device=dev)[None, :] >= (p_max - p_lens)[:, None]  # [B, P_max]
+    token_ok = torch.arange(t_end, device=dev)[None, :] <= cached_t[:, None]  # [B, T_end]
+    mask = torch.cat([prefix_ok, token_ok], dim=1)[:, None, None, :]  # [B, 1, 1, P_max + T_end]
     cap = cache.prefix_cap
     ctx = CacheContext(
-        cache=cache, slots=slice(first_slot, first_slot + b), write_pos=cached_t[:, None].to(dev),
+        cache=cache, slots=slice(first_slot, first_slot + b), write_pos=cached_t[:, None],
         window=slice(cap - p_max, cap + t_end), mask=mask,
     )
     base, _ = decoder_parts(bb.model)
     out = base(
-        input_ids=torch.tensor(last_tokens)[:, None].to(dev),
-        position_ids=(p_lens + cached_t)[:, None].to(dev), use_cache=False, ptserve_cache=ctx,
+        input_ids=tokens[:, None], position_ids=(p_lens + cached_t)[:, None], use_cache=False, ptserve_cache=ctx,
     )
     return out.last_hidden_state[:, -1]
 
 
 def lm_logits(bb: Backbone, hidden: torch.Tensor) -> torch.Tensor:
-    """hidden [N, H] -> logits [N, vocab] float32 on cpu."""
+    """hidden [N, H] -> logits [N, vocab] float32 on cpu, through the model's own head (the trainer's path)."""
     _, head = decoder_parts(bb.model)
     return head(hidden).float().cpu()
+
+
+class FloatLMHead:
+    """The LM head in float32 whatever the backbone's dtype: logits feed sampling, and a bfloat16 logit near 20
+    is only good to 0.125. Holds a float32 copy of the head's weight when the backbone is not float32
+    (vocab x hidden x 4 bytes: 2 MB for the benchmark's Llama, 2.1 GB for Llama-3-8B's 128k vocabulary)."""
+
+    def __init__(self, bb: Backbone):
+        _, head = decoder_parts(bb.model)
+        self.weight = head.weight.detach().float()  # [vocab, hidden]; the same tensor when already float32
+        self.bias = head.bias.detach().float() if getattr(head, "bias", None) is not None else None
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden [N, H] (backbone dtype) -> logits [N, vocab] float32 on the device."""
+        return F.linear(hidden.float(), self.weight, self.bias)

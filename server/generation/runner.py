@@ -38,6 +38,7 @@ class GenerationRunner:
         self._on_step = on_step or (lambda report: None)
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._sinks: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
+        self._queued, self._queued_lock = 0, threading.Lock()  # sequences in the inbox
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="ptserve-generate", daemon=True)
 
@@ -47,7 +48,7 @@ class GenerationRunner:
 
     @property
     def waiting(self) -> int:
-        return len(self.engine.scheduler.waiting) + self._inbox.qsize()
+        return len(self.engine.scheduler.waiting) + self._queued
 
     def start(self) -> None:
         self._thread.start()
@@ -57,21 +58,27 @@ class GenerationRunner:
         self._inbox.put(None)
         self._thread.join(timeout=30)
 
-    async def generate(self, seq: Sequence) -> AsyncIterator[StepEvent]:
-        """Events of ``seq`` until it finishes; leaving early (disconnect, cancel) frees its row."""
+    async def generate(self, seqs: Sequence | list[Sequence]) -> AsyncIterator[StepEvent]:
+        """Events of ``seqs`` (one request's sequences, handed to the engine together so that they join the
+        same step when slots allow) until all finish; leaving early (disconnect, cancel) frees their rows."""
+        seqs = [seqs] if isinstance(seqs, Sequence) else list(seqs)
         sink: asyncio.Queue = asyncio.Queue()
-        self._inbox.put((seq, asyncio.get_running_loop(), sink))
-        done = False
+        with self._queued_lock:
+            self._queued += len(seqs)
+        self._inbox.put((seqs, asyncio.get_running_loop(), sink))
+        left = {seq.id for seq in seqs}
         try:
-            while not done:
+            while left:
                 event = await sink.get()
                 if isinstance(event, BaseException):
                     raise event
-                done = event.done
+                if event.done:
+                    left.discard(event.seq.id)
                 yield event
         finally:
-            if not done:
-                seq.cancelled.set()
+            for seq in seqs:
+                if seq.id in left:
+                    seq.cancelled.set()
 
     # --- engine thread --------------------------------------------------------------------------------------
     def _run(self) -> None:
@@ -100,9 +107,12 @@ class GenerationRunner:
         except queue.Empty:
             return
         while item is not None:
-            seq, loop, sink = item
-            self._sinks[seq.id] = (loop, sink)
-            self.engine.add(seq)
+            seqs, loop, sink = item
+            for seq in seqs:
+                self._sinks[seq.id] = (loop, sink)
+                self.engine.add(seq)
+            with self._queued_lock:
+                self._queued -= len(seqs)
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:

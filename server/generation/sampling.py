@@ -17,24 +17,34 @@ from ptserve.server.generation.sequence import Sequence
 MIN_TEMPERATURE = 1e-2  # smaller temperatures (but not 0 = greedy) are clamped to this (vLLM does the same)
 
 
+def finite_mask(logits: torch.Tensor) -> torch.Tensor:
+    """logits: [B, vocab] -> [B] bool on their device, without a host sync. A row can be sampled when it has no
+    NaN, no +inf, and some finite score (-inf entries are masked tokens)."""
+    return ~(logits.isnan().any(dim=-1) | logits.isposinf().any(dim=-1) | logits.isneginf().all(dim=-1))
+
+
 def finite_rows(logits: torch.Tensor) -> list[bool]:
-    """logits: [B, vocab]. A row can be sampled when it has no NaN, no +inf, and some finite score."""
-    ok = logits.isfinite().all(dim=-1)  # [B]; one pass over the logits in the common case
-    if not ok.all():  # -inf entries are allowed (masked tokens) as long as something is finite
-        ok = ~(logits.isnan().any(dim=-1) | logits.isposinf().any(dim=-1) | logits.isneginf().all(dim=-1))
-    return ok.tolist()
+    """``finite_mask`` read back."""
+    return finite_mask(logits).tolist()
 
 
 def sample_next(logits: torch.Tensor, seqs: list[Sequence]) -> list[int]:
-    """logits: [B, vocab] float32 on cpu, one row per sequence, each row finite (see ``finite_rows``)."""
-    out = logits.argmax(dim=-1).tolist()
+    """logits: [B, vocab] float32 on the engine's device, one row per sequence, each row finite (see
+    ``finite_rows``). The tokens are chosen on that device (``sample_tokens``) and read back in one transfer."""
+    return sample_tokens(logits, seqs).tolist()
+
+
+def sample_tokens(logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+    """The next token of every row, [B] on the logits' device, without a host sync."""
+    tokens = logits.argmax(dim=-1)  # [B]
     for i, seq in enumerate(seqs):
         if not seq.params.greedy:
-            out[i] = _sample(logits[i], seq)
-    return out
+            tokens[i: i + 1] = _sample(logits[i], seq)
+    return tokens
 
 
-def _sample(logits: torch.Tensor, seq: Sequence) -> int:
+def _sample(logits: torch.Tensor, seq: Sequence) -> torch.Tensor:
+    """One token id, [1] on the logits' device, drawn with the sequence's own generator for that device."""
     p = seq.params
     scores = logits.float()
     scores = (scores - scores.max()) / max(p.temperature, MIN_TEMPERATURE)  # [vocab], <= 0, the best is 0
@@ -47,6 +57,6 @@ def _sample(logits: torch.Tensor, seq: Sequence) -> int:
         before = sorted_probs.cumsum(0) - sorted_probs  # mass of the tokens ranked above each token
         drop = before >= p.top_p  # keep the smallest set whose mass reaches top_p ...
         drop[0] = False  # ... and never less than the most likely token
-        sorted_probs[drop] = 0
+        sorted_probs.masked_fill_(drop, 0)  # (a boolean index would sync with the device)
         probs = torch.zeros_like(probs).scatter_(0, order, sorted_probs)
-    return int(torch.multinomial(probs, 1, generator=seq.generator))
+    return torch.multinomial(probs, 1, generator=seq.generator_for(logits.device))

@@ -10,11 +10,15 @@ import math
 import os
 import threading
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from ptserve.adapters_store.errors import InvalidInput
 from ptserve.server.resident import ResidentAdapter
+
+if TYPE_CHECKING:  # logprobs imports sampling, which imports this module
+    from ptserve.server.generation.logprobs import TokenLogprob
 
 _ids = itertools.count()
 
@@ -27,6 +31,8 @@ class SamplingParams:
     top_p: float = 1.0  # 1 = off
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    logprobs: int | None = None  # None = off; k = each generated token's logprob and its k most likely rivals
+    prompt_logprobs: int | None = None  # the same for every prompt token (OpenAI echo), computed at prefill
 
     def __post_init__(self):
         """Refuse what sampling cannot compute (the API's schemas refuse it first; this guards every caller)."""
@@ -37,6 +43,8 @@ class SamplingParams:
             "top_p": 0 < self.top_p <= 1,  # False for NaN too
             "seed": self.seed is None or 0 <= self.seed < 2**64,  # what torch.Generator.manual_seed takes
             "stop": all(isinstance(s, str) and s for s in self.stop),
+            "logprobs": self.logprobs is None or self.logprobs >= 0,
+            "prompt_logprobs": self.prompt_logprobs is None or self.prompt_logprobs >= 0,
         }
         bad = [f"{name}={getattr(self, name)!r}" for name, ok in checks.items() if not ok]
         if bad:
@@ -63,14 +71,26 @@ class Sequence:
     last_step: int = 0  # ... and the one that finished it: a row decodes one token per step in between
     sent: int = 0  # characters of the output text already released
     finish_reason: str | None = None
+    matched_stop: str | None = None  # the stop string that ended the text, if one did
     text: str = ""
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt token, when params.prompt_logprobs
     cancelled: threading.Event = field(default_factory=threading.Event)
     _prefix_offset: int = 0  # output_ids[_prefix_offset:_read_offset] decode to the tail of ``text`` ...
     _read_offset: int = 0  # ... and output_ids[_read_offset:] are not in ``text`` yet
 
     def __post_init__(self):
-        seed = self.params.seed if self.params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-        self.generator = torch.Generator().manual_seed(seed)
+        seed = self.params.seed
+        self._seed = seed if seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
+        self.generator = torch.Generator().manual_seed(self._seed)
+        self._device_generator: torch.Generator | None = None
+
+    def generator_for(self, device: torch.device) -> torch.Generator:
+        """The request's own random stream on ``device`` (seeded alike; CUDA's stream differs from the cpu's)."""
+        if device.type == "cpu":
+            return self.generator
+        if self._device_generator is None:
+            self._device_generator = torch.Generator(device).manual_seed(self._seed)
+        return self._device_generator
 
     @property
     def prefix_len(self) -> int:
@@ -128,10 +148,11 @@ class Sequence:
     def _cut_at_stop(self, searched_before: int) -> bool:
         longest = max((len(stop) for stop in self.params.stop), default=0)
         start = max(0, searched_before - longest + 1)  # a stop string may straddle the old end
-        hits = [at for at in (self.text.find(stop, start) for stop in self.params.stop) if at != -1]
+        hits = [(at, stop) for stop in self.params.stop if (at := self.text.find(stop, start)) != -1]
         if not hits:
             return False
-        self.text, self.finish_reason = self.text[: min(hits)], "stop"
+        at, self.matched_stop = min(hits)
+        self.text, self.finish_reason = self.text[:at], "stop"
         return True
 
     def _release(self, final: bool) -> str:

@@ -139,7 +139,8 @@ def test_server_side_errors_build_their_headers():
 def test_the_bodies_the_client_builds_are_ones_the_server_accepts():
     from ptserve.server.api.routes_tenants import KeyCreate
     from ptserve.server.api.schemas import ClassifyRequest
-    from ptserve.server.api.schemas_generate import CompletionRequest, GenerateRequest
+    from ptserve.server.api.schemas_generate import GenerateRequest
+    from ptserve.server.api.schemas_openai import CompletionRequest
 
     every = dict(max_new_tokens=5, temperature=0.5, top_p=0.9, top_k=3, seed=1, stop=["\n"])
     bodies = [
@@ -157,9 +158,11 @@ def test_the_bodies_the_client_builds_are_ones_the_server_accepts():
 def test_the_results_the_client_reads_are_fields_the_server_answers():
     from ptserve.server.api.schemas import ClassifyResponse
     from ptserve.server.api.schemas import Prediction as PredictionModel
-    from ptserve.server.api.schemas_generate import GenerateResponse, ModelCard
+    from ptserve.server.api.schemas_generate import GenerateResponse
+    from ptserve.server.api.schemas_openai import Completion as CompletionModel
+    from ptserve.server.api.schemas_openai import ModelCard
 
     for record, model in [(ClassifyResult, ClassifyResponse), (Prediction, PredictionModel),
-                          (GenerateResult, GenerateResponse), (Model, ModelCard)]:
+                          (GenerateResult, GenerateResponse), (Model, ModelCard), (Completion, CompletionModel)]:
         assert {f.name for f in dataclasses.fields(record)} <= set(model.model_fields), record
     assert {f.name for f in dataclasses.fields(Completion)} >= {"id", "model", "choices", "usage"}

@@ -181,9 +181,9 @@ def test_isolation_matrix_list(server, keys, adapters):
     paged = httpx.get(f"{server}/v1/adapters", params={"limit": 1, "cursor": "alpha/a1"},
                       headers=bearer(keys["alpha"])).json()
     assert paged["data"] == []
-    models = httpx.get(f"{server}/v1/models", headers=bearer(keys["alpha"]))
-    if models.status_code != 404:  # the OpenAI-compatible listing, where the generation routes are mounted
-        assert "bravo" not in models.text, models.text
+    # the OpenAI-compatible listing: the bare encoder (embeddings) for everyone, and the caller's own adapters
+    models = httpx.get(f"{server}/v1/models", headers=bearer(keys["alpha"])).json()["data"]
+    assert [(m["id"], m["owned_by"]) for m in models] == [("minilm", "ptserve"), ("alpha/a1", "alpha")]
 
 
 def test_a_tenant_key_manages_its_own_adapters(server, keys, minilm):
@@ -292,9 +292,9 @@ async def test_open_server_lets_everyone_in_and_authorize_hides_other_tenants():
 @pytest.mark.slow
 def test_isolation_on_generation_routes(tmp_path_factory):
     from ptserve.server.backbone import load_backbone
-    from tests.factories import save_tiny_decoder
+    from tests.factories import CHAT_TEMPLATE, save_tiny_decoder
 
-    model = save_tiny_decoder("gpt2", tmp_path_factory.mktemp("gpt2-auth"))
+    model = save_tiny_decoder("gpt2", tmp_path_factory.mktemp("gpt2-auth"), chat_template=CHAT_TEMPLATE)
     fp = load_backbone(str(model), device="cpu", dtype="float32").fingerprint
     env = {"PTSERVE_STORE": f"file://{tmp_path_factory.mktemp('gen-auth')}", "PTSERVE_BACKBONE": str(model),
            "PTSERVE_ADMIN_KEY": ADMIN}
@@ -308,7 +308,11 @@ def test_isolation_on_generation_routes(tmp_path_factory):
         own = httpx.post(f"{url}/v1/generate", json={"adapter": "alpha/g", "prompt": "hi", "max_new_tokens": 2},
                          headers=bearer(keys["alpha"]), timeout=60)
         assert own.status_code == 200, own.text
-        for path, field in (("/v1/generate", "adapter"), ("/v1/completions", "model")):
+        chat = httpx.post(f"{url}/v1/chat/completions", json=_gen_body("/v1/chat/completions", "model", "alpha/g"),
+                          headers=bearer(keys["alpha"]), timeout=60)
+        assert chat.status_code == 200 and chat.json()["model"] == "alpha/g", chat.text
+        for path, field in (("/v1/generate", "adapter"), ("/v1/completions", "model"),
+                            ("/v1/chat/completions", "model")):
             answers = [httpx.post(f"{url}{path}", json=_gen_body(path, field, target), headers=bearer(keys["alpha"]),
                                   timeout=60)
                        for target in ("bravo/g", "bravo/nope")]
@@ -319,6 +323,8 @@ def test_isolation_on_generation_routes(tmp_path_factory):
 
 
 def _gen_body(path: str, field: str, target: str) -> dict:
+    if path == "/v1/chat/completions":
+        return {field: target, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     if path == "/v1/completions":
         return {field: target, "prompt": "hi", "max_tokens": 2}
     return {field: target, "prompt": "hi", "max_new_tokens": 2}

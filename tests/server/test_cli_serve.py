@@ -32,3 +32,13 @@ def test_open_server_refuses_a_public_bind(monkeypatch):
     result = CliRunner().invoke(app, ["serve", "--host", "0.0.0.0"])
     assert result.exit_code == 2
     assert "refusing to bind 0.0.0.0" in result.output
+
+
+def test_a_missing_chat_template_file_exits_2_before_loading_anything(tmp_path, monkeypatch):
+    result = CliRunner().invoke(app, ["serve", "--chat-template", str(tmp_path / "nope.jinja")])
+    assert result.exit_code == 2
+    assert "chat template file" in result.output and "nope.jinja" in result.output
+    (tmp_path / "chat.jinja").write_text("{{ messages }}")
+    assert Settings(chat_template=str(tmp_path / "chat.jinja")).chat_template == str(tmp_path / "chat.jinja")
+    monkeypatch.setenv("PTSERVE_CHAT_TEMPLATE", "")
+    assert Settings().chat_template is None  # an empty variable means unset

@@ -302,3 +302,21 @@ def test_usage_is_counted_in_metrics_without_tenant_labels(admin, adapters, mini
     for line in after.splitlines():
         if not line.startswith("#"):
             assert not re.search(r"alpha|bravo", line), line  # no tenant or adapter in any label
+
+
+def test_models_lists_the_bare_backbone_and_the_callers_classify_and_embed_adapters(server, admin, adapters, minilm):
+    """/v1/models on an encoder (server/tasks.py): the bare backbone (owned by ptserve) and the caller's own
+    classify and embed adapters (owned by their tenant); every model listed works as ``model`` in /v1/embeddings."""
+    key = admin.post("/v1/tenants/charlie/keys", json={"name": "models"}).json()["key"]
+    for aid, task in (("charlie/c", "classify"), ("charlie/e", "embed")):
+        r = admin.put(f"/v1/adapters/{aid}", content=encode_blob(make_adapter(minilm.fingerprint, 4, task=task)),
+                      headers=OCTET)
+        assert r.status_code == 201, r.text
+    listed = oa(server, key).models.list().data
+    assert [(m.id, m.owned_by) for m in listed] == [("minilm", "ptserve"), ("charlie/c", "charlie"),
+                                                    ("charlie/e", "charlie")]
+    assert all(m.parent == "minilm" for m in listed[1:])
+    for m in listed:
+        assert oa(server, key).embeddings.create(model=m.id, input="hi").data[0].embedding
+    everyone = {m["id"] for m in admin.get("/v1/models").json()["data"]}
+    assert {"minilm", "charlie/c", "charlie/e", "alpha/e"} <= everyone

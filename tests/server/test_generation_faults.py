@@ -8,10 +8,10 @@ overflows to NaN under an adapter with huge (finite, so uploadable) prefix value
   normally with exactly the tokens B gets alone, and take one engine step per token (the access log's
   ``engine_steps``: structural, not timed); no request answers 5xx.
 - A stream that fails after it started ends with one ``{"error": {...}}`` event (the ``openai`` client raises
-  ``APIError``, the SDK ``StreamError``), never a cut connection; one that fails before its first token answers a
-  plain 422.
+  ``APIError``, the SDK ``StreamError``), never a cut connection (with several choices too); one that fails
+  before its first token answers a plain 422 (on /v1/chat/completions as well).
 - A non-streaming client that disconnects is counted as 499 (a client's disconnect), logs no traceback, and
-  frees its row.
+  frees its row (every generation route).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from ptserve.client.errors import StreamError
 from ptserve.server.backbone import load_backbone
 from ptserve.server.generation.engine import GenerationEngine, GenerationLimits
 from ptserve.server.generation.sequence import SamplingParams
-from tests.factories import make_adapter, server_process, save_tiny_decoder
+from tests.factories import CHAT_TEMPLATE, make_adapter, server_process, save_tiny_decoder
 
 MAX_SEQ = 240
 # (log10 of the prefix values, seed): adapters that overflow GPT-2 some tokens into a generation; the fixture
@@ -55,7 +55,7 @@ def _alone(bb, adapter, prompt: str, **params):
 
 @pytest.fixture(scope="module")
 def gpt2(tmp_path_factory):
-    folder = save_tiny_decoder("gpt2", tmp_path_factory.mktemp("gpt2"))
+    folder = save_tiny_decoder("gpt2", tmp_path_factory.mktemp("gpt2"), chat_template=CHAT_TEMPLATE)
     bb = load_backbone(str(folder), device="cpu", dtype="float32")
     fp = bb.fingerprint
     adapters = {"bravo/gen": make_adapter(fp, 5, seed=5, task="generate"),
@@ -311,12 +311,41 @@ def test_a_stream_that_fails_midway_ends_with_an_error_event(server, gpt2):
             pass
 
 
-@pytest.mark.parametrize("path,field", [("/v1/generate", "adapter"), ("/v1/completions", "model")])
+def _body(path: str, adapter: str, max_new: int | None = None, **extra) -> dict:
+    """A request body for any generation route (the OpenAI ones name the adapter ``model``)."""
+    if path == "/v1/generate":
+        return {"adapter": adapter, "prompt": "hi", **({"max_new_tokens": max_new} if max_new else {}), **extra}
+    length = {"max_tokens": max_new} if max_new else {}
+    if path == "/v1/chat/completions":
+        return {"model": adapter, "messages": [{"role": "user", "content": "hi"}], **length, **extra}
+    return {"model": adapter, "prompt": "hi", **length, **extra}
+
+
+@pytest.mark.parametrize("path", ["/v1/generate", "/v1/completions", "/v1/chat/completions"])
 @pytest.mark.parametrize("stream", [False, True])
-def test_a_request_that_fails_at_its_first_token_answers_422(server, path, field, stream):
-    r = httpx.post(f"{server.url}{path}", json={field: "alpha/huge", "prompt": "hi", "stream": stream}, timeout=60)
+def test_a_request_that_fails_at_its_first_token_answers_422(server, path, stream):
+    r = httpx.post(f"{server.url}{path}", json=_body(path, "alpha/huge", stream=stream), timeout=60)
     assert r.status_code == 422 and r.headers["content-type"] == "application/json"
     assert r.json()["error"]["type"] == "non_finite_logits"
+
+
+def test_several_choices_stream_until_one_fails_then_end_with_an_error_event(server, gpt2):
+    """n = 2: choice 0 samples with the request's seed, so it overflows where the request alone does; the
+    stream carries both choices' text until then and ends with the error event, never a cut connection."""
+    bb, adapters = gpt2
+    _, text, _, _ = _alone(bb, adapters["alpha/late"], "hello world", **MIDSTREAM_PARAMS)
+    client = openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+    stream = client.completions.create(model="alpha/late", prompt="hello world", max_tokens=40, temperature=0.05,
+                                       seed=1, n=2, stream=True, stream_options={"include_usage": True})
+    received = {0: "", 1: ""}
+    with pytest.raises(openai.APIError, match="not finite"):
+        for chunk in stream:
+            for choice in chunk.choices:
+                received[choice.index] += choice.text
+    assert received[0] and text.startswith(received[0])
+    ok = httpx.post(f"{server.url}/v1/chat/completions", timeout=60, json={
+        "model": "bravo/gen", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "n": 2})
+    assert ok.status_code == 200 and len(ok.json()["choices"]) == 2  # the engine serves on
 
 
 # --- finding 6 -------------------------------------------------------------------------------------------------
@@ -338,7 +367,8 @@ def _never_ending(folder):
 def one_slot_server(tmp_path_factory):
     """One generation slot, held by a stream of 4,000 tokens that no EOS can end: a request queued behind it is
     still waiting when its client leaves (or its 3 s deadline passes), on any machine."""
-    folder = _never_ending(save_tiny_decoder("gpt2", tmp_path_factory.mktemp("gpt2-long"), max_positions=4096))
+    folder = _never_ending(save_tiny_decoder("gpt2", tmp_path_factory.mktemp("gpt2-long"), max_positions=4096,
+                                             chat_template=CHAT_TEMPLATE))
     bb = load_backbone(str(folder), device="cpu", dtype="float32")
     engine = GenerationEngine(bb, GenerationLimits(max_running=1))
     assert min(engine.eos_ids) >= engine.vocab_size  # nothing the model samples ends a generation
@@ -348,12 +378,11 @@ def one_slot_server(tmp_path_factory):
         yield srv
 
 
-@pytest.mark.parametrize("path,field,n", [("/v1/generate", "adapter", "max_new_tokens"),
-                                          ("/v1/completions", "model", "max_tokens")])
-def test_a_non_streaming_client_that_disconnects_counts_as_499_not_5xx(one_slot_server, path, field, n):
+@pytest.mark.parametrize("path", ["/v1/generate", "/v1/completions", "/v1/chat/completions"])
+def test_a_non_streaming_client_that_disconnects_counts_as_499_not_5xx(one_slot_server, path):
     srv = one_slot_server
     hog = {"adapter": "bravo/gen", "prompt": "hello", "max_new_tokens": 4000, "temperature": 0, "stream": True}
-    fivexx, rid = _count(srv.url, "5xx"), f"leaver-{path.rsplit('/', 1)[1]}"
+    fivexx, rid = _count(srv.url, "5xx"), f"leaver{path.replace('/', '-')}"
 
     async def scenario():
         async with httpx.AsyncClient(base_url=srv.url, timeout=120) as client:
@@ -362,7 +391,7 @@ def test_a_non_streaming_client_that_disconnects_counts_as_499_not_5xx(one_slot_
                 while not (await anext(lines)).startswith("data: "):
                     pass
                 with pytest.raises(httpx.ReadTimeout):  # the client gives up while its request waits
-                    await client.post(path, json={field: "bravo/gen", "prompt": "hi", n: 50, "temperature": 0},
+                    await client.post(path, json=_body(path, "bravo/gen", 50, temperature=0),
                                       headers={"x-request-id": rid}, timeout=httpx.Timeout(60, read=0.5))
                 record = await asyncio.to_thread(_wait_for_access, srv, rid)
             return record  # leaving the stream frees the slot

@@ -66,7 +66,7 @@ ROUTES = {
                          {"model": "acme/gen", "prompt": "the", "max_tokens": 2, "temperature": 0.5, "top_p": 0.9,
                           "n": 1, "stream": False, "stop": "zz", "seed": 1, "echo": False, "best_of": 1,
                           "user": "u"},
-                         {"model": "id", "prompt": "text|texts1", "max_tokens": "int?", "temperature": "float?",
+                         {"model": "id", "prompt": "prompt", "max_tokens": "int?", "temperature": "float?",
                           "top_p": "float?", "n": "int?", "stream": "bool?", "stop": "text?|texts0",
                           "seed": "int?", "echo": "bool?", "best_of": "int?", "user": "text?"}),
     "tenant-keys": Route("encoder", "/v1/tenants/acme/keys", {"name": "ci"}, {"name": "text"}),
@@ -102,7 +102,9 @@ WRONG["text?"] = {k: v for k, v in WRONG["text"].items() if k != "null"}
 WRONG["int?"] = {k: v for k, v in WRONG["int"].items() if k != "null"}
 WRONG["float?"] = {k: v for k, v in WRONG["float"].items() if k != "null"}
 WRONG["bool?"] = {k: v for k, v in WRONG["bool"].items() if k != "null"}
-WRONG["text|texts1"] = {"null": "null", "int": "1", "empty": "[]", "two": '["a", "b"]', "ints": "[1]", "obj": "{}"}
+# /v1/completions' prompt: a text, a list of texts, token ids or lists of them (OpenAI's four forms)
+WRONG["prompt"] = {"null": "null", "int": "1", "empty": "[]", "obj": "{}", "floats": "[1.5]", "mixed": '["a", 1]',
+                   "negative-id": "[-1]", "huge-id": "[99999999]", "empty-ids": "[[]]"}
 WRONG["text?|texts0"] = {"int": "1", "ints": "[1]", "obj": "{}", "nine": json.dumps(["s"] * 9)}
 ODD_TEXT = {  # valid text that tokenizers and logs must survive: not a 5xx (most answer 200)
     "nul": '"a\\u0000b"', "esc": '"\\u001b[2J\\u001b[31m"', "crlf": '"a\\r\\nb"', "ls": '"\\u2028\\u2029"',

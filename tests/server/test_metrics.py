@@ -25,6 +25,8 @@ PROMISED = [
     "ptserve_adapter_cache_hits", "ptserve_adapter_cache_misses", "ptserve_adapter_cache_loads",
     "ptserve_adapter_cache_evictions", "ptserve_adapter_cache_resident_bytes", "ptserve_adapter_cache_resident_adapters",
     "ptserve_store_errors", "ptserve_adapter_uploads", "ptserve_build_info",
+    # the batch planner's pass cost (measured at start-up, or set)
+    "ptserve_batch_overhead_tokens", "ptserve_batch_pass_fixed_seconds", "ptserve_batch_pass_token_seconds",
     # the process
     "process_resident_memory_bytes",
 ]
@@ -83,6 +85,8 @@ def test_every_promised_metric_is_exported(server):
     assert uploads == {"accepted": 4, "rejected": 2}
     build = next(s for s in families["ptserve_build_info"].samples)
     assert build.labels["backbone"] == "minilm" and build.labels["model_type"] == "bert"
+    assert build.labels["dtype"] == "float32" and build.labels["dtype_reason"] == "float32 set by PTSERVE_DTYPE"
+    assert samples["ptserve_batch_overhead_tokens"].value == 64  # the test servers' fixed setting
     statuses = {(s.labels["endpoint"], s.labels["status_class"]) for s in families["ptserve_requests"].samples
                 if s.name == "ptserve_requests_total"}
     assert ("/v1/classify", "2xx") in statuses and ("/v1/adapters/{tenant}/{name}", "4xx") in statuses

@@ -74,20 +74,20 @@ def test_mixed_continuous_batch_equals_alone(decoder):
 
 
 class _LogitsSpy:
-    """Records the logits the engine samples each row's token from (the real ``sample_next`` still chooses)."""
+    """Records the logits the engine samples each row's token from (the real ``sample_tokens`` still chooses)."""
 
     def __init__(self, monkeypatch):
         import ptserve.server.generation.engine as engine_module
 
         self.by_seq: dict[int, list[torch.Tensor]] = {}
-        real = engine_module.sample_next
+        real = engine_module.sample_tokens
 
         def spy(logits, seqs):
             for row, seq in zip(logits, seqs):
                 self.by_seq.setdefault(seq.id, []).append(row.clone())
             return real(logits, seqs)
 
-        monkeypatch.setattr(engine_module, "sample_next", spy)
+        monkeypatch.setattr(engine_module, "sample_tokens", spy)
 
 
 def _run_recorded(engine, adapters, jobs, monkeypatch) -> tuple[list[list[int]], list[torch.Tensor]]:

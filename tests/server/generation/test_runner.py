@@ -1,6 +1,6 @@
 """The generation runner (engine thread + per-request event delivery) on a tiny GPT-2: a sequence's failure
-reaches its own caller as its own error while the others stream on, and a caller whose event loop died
-cannot stop the engine thread for everyone else."""
+reaches its own caller as its own error while the others stream on, a caller whose event loop died cannot stop
+the engine thread for everyone else, and one request's several sequences join one step and leave together."""
 from __future__ import annotations
 
 import asyncio
@@ -67,3 +67,56 @@ def test_a_caller_whose_event_loop_is_gone_does_not_stop_the_engine(runner, gpt2
 
     assert len(asyncio.run(later())) == 12
     assert runner.running == 0
+
+
+# --- one request's several sequences (OpenAI n / prompt lists) --------------------------------------------------
+def _choices_runner(gpt2, reports):
+    bb, good, _ = gpt2
+    engine = GenerationEngine(bb, GenerationLimits(max_running=4, max_seq_tokens=64, prefix_cap=16))
+    engine.eos_ids = frozenset()
+    return GenerationRunner(engine, on_step=reports.append), engine.make_resident(good, "t/a", 1)
+
+
+def test_a_requests_sequences_join_one_step_and_stream_together(gpt2):
+    reports = []
+    runner, resident = _choices_runner(gpt2, reports)
+    seqs = [runner.engine.new_sequence(resident, "hello world", SamplingParams(max_new_tokens=n, temperature=0))
+            for n in (3, 5, 4)]
+
+    async def run():
+        return [event async for event in runner.generate(seqs)]
+
+    runner.start()
+    try:
+        events = asyncio.run(run())
+    finally:
+        runner.stop()
+    assert reports[0].rows == 3 and reports[0].tokens == 3  # all three prefilled in the first step
+    assert [sum(1 for e in events if e.seq is s) for s in seqs] == [3, 5, 4]
+    assert all(s.finish_reason == "length" for s in seqs)
+    assert events[-1].seq is seqs[1] and events[-1].done
+    assert runner.waiting == 0 and runner.running == 0
+
+
+def test_leaving_early_cancels_every_sequence_of_the_request(gpt2):
+    runner, resident = _choices_runner(gpt2, [])
+    seqs = [runner.engine.new_sequence(resident, "the fox", SamplingParams(max_new_tokens=40, temperature=0))
+            for _ in range(2)]
+
+    async def run():
+        events = runner.generate(seqs)
+        await anext(events)
+        await events.aclose()  # the caller goes away after its first event
+        assert all(s.cancelled.is_set() for s in seqs)
+        for _ in range(200):  # the engine frees the rows at its next step
+            if runner.running == 0:
+                return
+            await asyncio.sleep(0.01)
+
+    runner.start()
+    try:
+        asyncio.run(run())
+        assert runner.running == 0 and all(len(s.output_ids) < 40 for s in seqs)
+        assert all(s.finish_reason == "cancelled" for s in seqs)
+    finally:
+        runner.stop()
