@@ -269,13 +269,13 @@ def test_a_tenant_key_uses_only_its_own_adapters_and_the_backbone(server, admin,
     assert_error(unauthorised, 401, "unauthorized")
 
 
-def test_classify_refuses_an_embed_adapter_and_an_encoder_a_generate_one(admin, adapters, minilm):
+def test_classify_refuses_an_embed_adapter_and_an_encoder_refuses_a_generate_upload(admin, adapters, minilm):
     r = admin.post("/v1/classify", json={"adapter": "alpha/e", "inputs": ["hi"]})
     assert_error(r, 422, "wrong_task", "/v1/embeddings")
-    # a generate adapter could never be used on an encoder: refused at upload (issue 10), so nothing embeds with it
+    # a generate adapter can never be served by an encoder: refused at upload (issue 10), so no route meets one
     generate = make_adapter(minilm.fingerprint, 4, seed=9, task="generate")
     r = admin.put("/v1/adapters/alpha/g", content=encode_blob(generate), headers=OCTET)
-    assert_error(r, 422, "invalid_adapter", "'generate' adapter", "cannot be served here")
+    assert_error(r, 422, "invalid_adapter", "'generate' adapter", "cannot be served here", "'classify' and 'embed'")
     assert admin.get("/v1/adapters/alpha/g").status_code == 404
 
 
