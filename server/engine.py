@@ -121,13 +121,13 @@ def row_outputs(rows: list[Row], enc: EncoderOutput) -> list[torch.Tensor]:
     heads = [i for i, r in enumerate(rows) if r.output == LOGITS]
     pooled_rows = [i for i, r in enumerate(rows) if r.output == EMBEDDING]
     if heads:
-        idx = torch.tensor(heads, device=enc.hidden.device)
+        idx = to_device(torch.tensor(heads), enc.hidden.device)
         pooler = enc.pooled.index_select(0, idx) if enc.pooled is not None else None
         logits = apply_heads([rows[i].adapter for i in heads], enc.hidden[:, 0].index_select(0, idx), pooler)
         for i, row_logits in zip(heads, logits):
             out[i] = row_logits
     if pooled_rows:
-        idx = torch.tensor(pooled_rows, device=enc.hidden.device)
+        idx = to_device(torch.tensor(pooled_rows), enc.hidden.device)
         vectors = mean_pool(enc.hidden.index_select(0, idx), [enc.lengths[i] for i in pooled_rows]).cpu()
         for i, vector in zip(pooled_rows, vectors):
             out[i] = vector
