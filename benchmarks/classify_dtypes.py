@@ -4,7 +4,8 @@ bf16-vs-fp32 label agreement on real texts under a prefix trained on the example
 
 Per dtype: a backbone in that dtype on ``--device``, the start-up calibration the server runs
 (``measure_pass_cost``), then one warm-up and interleaved rounds over: ptserve mixed with the calibrated overhead,
-ptserve mixed with each fixed overhead of the sweep, PEFT one at a time. Requests/s from each system's best round.
+ptserve mixed with each fixed overhead of the sweep, PEFT one at a time. Policies that make the same passes are
+timed once (their difference could only be noise). Requests/s from each system's best round.
 """
 from __future__ import annotations
 
@@ -13,10 +14,10 @@ from dataclasses import dataclass
 import torch
 
 from benchmarks.bench_classify import (
-    Result, load_peft, make_adapter, run_peft_single, run_ptserve, time_systems,
+    VIRTUAL_TOKENS, Result, load_peft, make_adapter, run_peft_single, run_ptserve, time_systems,
 )
 from ptserve.server.backbone import load_backbone
-from ptserve.server.batch_plan import BatchPolicy
+from ptserve.server.batch_plan import BatchPolicy, plan_batches
 from ptserve.server.calibrate import measure_pass_cost
 from ptserve.server.cost_model import PassCost
 from ptserve.server.engine import Engine, Row
@@ -33,10 +34,18 @@ class DtypeRun:
     calibrated: Result
     sweep: dict[int, Result]  # fixed overhead_tokens -> result
     peft_one: Result
+    plans: dict[str, str]  # policy name -> the plan it shares with another policy ("" if its own)
 
     @property
     def best_fixed(self) -> tuple[int, Result]:
         return max(self.sweep.items(), key=lambda kv: kv[1].rps)
+
+
+def pass_plan(engine: Engine, requests, policy: BatchPolicy) -> tuple[tuple[int, ...], ...]:
+    """The passes ``run_ptserve`` makes under ``policy`` (request indices per pass): two policies with the same plan
+    run the same computation, so they are timed once and their difference is never noise."""
+    lengths = [len(t) + VIRTUAL_TOKENS for t in engine.tokenize([r.text for r in requests], VIRTUAL_TOKENS)]
+    return tuple(tuple(b) for b in plan_batches(lengths, policy))
 
 
 def measure_dtype(dtype: str, device: str, requests, n_adapters: int, repeats: int, peft_requests: int) -> DtypeRun:
@@ -48,18 +57,23 @@ def measure_dtype(dtype: str, device: str, requests, n_adapters: int, repeats: i
     one_at_a_time = requests[:peft_requests]
     with torch.inference_mode():
         cost = measure_pass_cost(engine, 64, 16384)
-        systems = {"calibrated": lambda: run_ptserve(engine, residents, requests, BatchPolicy(
-            overhead_tokens=cost.overhead_tokens))}
-        for o in OVERHEADS:
-            systems[f"fixed {o}"] = lambda o=o: run_ptserve(engine, residents, requests, BatchPolicy(overhead_tokens=o))
+        policies = {"calibrated": BatchPolicy(overhead_tokens=cost.overhead_tokens)}
+        policies |= {f"fixed {o}": BatchPolicy(overhead_tokens=o) for o in OVERHEADS}
+        first_with: dict[tuple, str] = {}  # plan -> the first policy that makes it (the one timed)
+        for name, policy in policies.items():
+            first_with.setdefault(pass_plan(engine, requests, policy), name)
+        timed_as = {name: first_with[pass_plan(engine, requests, p)] for name, p in policies.items()}
+        systems = {name: (lambda p=policies[name]: run_ptserve(engine, residents, requests, p))
+                   for name in first_with.values()}
         systems["peft_one"] = lambda: run_peft_single(peft_model, tok, adapters, one_at_a_time)
         times = time_systems(systems, repeats)
     n = len(requests)
     return DtypeRun(
         dtype, bb.dtype_reason, cost,
-        Result(f"ptserve mixed, calibrated ({cost.overhead_tokens})", times["calibrated"], n),
-        {o: Result(f"ptserve mixed, overhead {o}", times[f"fixed {o}"], n) for o in OVERHEADS},
+        Result(f"ptserve mixed, calibrated ({cost.overhead_tokens})", times[timed_as["calibrated"]], n),
+        {o: Result(f"ptserve mixed, overhead {o}", times[timed_as[f"fixed {o}"]], n) for o in OVERHEADS},
         Result("PEFT one at a time", times["peft_one"], len(one_at_a_time)),
+        {name: (timed_as[name] if timed_as[name] != name else "") for name in policies},
     )
 
 
@@ -87,8 +101,11 @@ def label_agreement(device: str) -> tuple[int, int, float]:
 def dtypes_md(runs: dict[str, DtypeRun], agreement: tuple[int, int, float]) -> str:
     lines = ["| dtype (why) | planner | requests/s | ÷ PEFT one at a time (same dtype) |", "|---|---|---:|---:|"]
     for run in runs.values():
-        for r in [run.calibrated, *run.sweep.values(), run.peft_one]:
-            lines.append(f"| {run.dtype} ({run.reason}) | {r.name} | {r.rps:.1f} | "
+        names = ["calibrated", *(f"fixed {o}" for o in run.sweep), None]
+        for name, r in zip(names, [run.calibrated, *run.sweep.values(), run.peft_one]):
+            same = run.plans.get(name, "") if name else ""
+            label = f"{r.name} (same passes as {same}: timed once)" if same else r.name
+            lines.append(f"| {run.dtype} ({run.reason}) | {label} | {r.rps:.1f} | "
                          f"{r.rps / run.peft_one.rps:.2f} |")
     lines += ["", "| dtype | calibrated pass cost (start-up) |", "|---|---|"]
     lines += [f"| {run.dtype} | {run.cost.describe()} |" for run in runs.values()]
