@@ -1,7 +1,10 @@
 """float32 vs bfloat16 (issue 13): (a) ptserve, S streams over S adapters, and (c″) PEFT's prefix as HF cache +
 HF generate one request at a time, each in both dtypes on ``--device``. Before timing, each dtype's mixed tokens
-are checked against each request generated alone in that dtype (the run aborts otherwise); how many streams give
-the float32 tokens exactly is reported (bf16 rounding may change a greedy choice between near-equal logits)."""
+are checked against each request generated alone in that dtype: in float32 they must be equal (the run aborts
+otherwise); in bfloat16 batch independence is a rounding contract, not bit equality (docs/design.md, "Hardware"),
+enforced with logit margins by tests/server/generation/test_bfloat16.py, so the run reports how many streams give
+the same tokens mixed and alone, and how many give the float32 tokens (bf16 rounding may change a greedy choice
+between near-equal logits; a random model has many)."""
 from __future__ import annotations
 
 import sys
@@ -23,6 +26,7 @@ class DtypeRun:
     mixed: Result
     peft: Result
     tokens: list[list[int]]  # (a)'s tokens per stream
+    same_alone: int  # streams whose mixed tokens equal the request's tokens alone
 
 
 def measure_dtype(s: Setup, dtype: str, args) -> DtypeRun:
@@ -32,7 +36,8 @@ def measure_dtype(s: Setup, dtype: str, args) -> DtypeRun:
     jobs = [Job(p, i) for i, p in enumerate(s.prompts)]
     mixed = run_engine(engine, residents, jobs, args.tokens)
     alone = [run_engine(engine, residents, [job], args.tokens)[0] for job in jobs]
-    if mixed != alone:
+    same_alone = sum(x == y for x, y in zip(mixed, alone))
+    if mixed != alone and dtype == "float32":
         sys.exit(f"ABORT: in {dtype}, streams {[i for i, (x, y) in enumerate(zip(mixed, alone)) if x != y]} "
                  "generate other tokens in the mixed batch than alone")
     peft = load_peft(str(s.folder)).to(device=bb.device, dtype=bb.dtype)
@@ -46,7 +51,7 @@ def measure_dtype(s: Setup, dtype: str, args) -> DtypeRun:
                args.streams, args.tokens),
         Result("peft_cache", "(c″) PEFT prefix + HF cache + HF generate, one at a time", *times["peft_cache"],
                len(peft_jobs), args.tokens),
-        mixed,
+        mixed, same_alone,
     )
 
 
@@ -66,6 +71,8 @@ def dtypes_md(runs: dict[str, DtypeRun]) -> str:
         checks.append((f"generation tokens/s, (a) bf16 ÷ fp32 ≥ {TARGET_SPEEDUP}", f"{speedup:.2f}×",
                        "PASS" if speedup >= TARGET_SPEEDUP else "MISS"))
         checks.append(("(c″) PEFT one at a time, bf16 ÷ fp32 (report)", f"{b16.peft.tps / f32.peft.tps:.2f}×", ""))
+        checks.append(("bf16 streams with the same tokens mixed as alone (report; the contract is in the tests)",
+                       f"{b16.same_alone}/{len(b16.tokens)}", ""))
         same = sum(x == y for x, y in zip(f32.tokens, b16.tokens))
         checks.append(("streams whose bf16 tokens equal the fp32 tokens (report)", f"{same}/{len(f32.tokens)}", ""))
     lines += ["", "| target | measured | |", "|---|---:|---|"]
