@@ -56,7 +56,11 @@ class Task:
 
 def _fixed_split(examples: list[Example], test_fraction: float, name: str) -> tuple[list[Example], list[Example]]:
     """The task's train/test split: stratified, seeded by the task's name (independent of any run's seed)."""
-    return stratified_split(examples, test_fraction, seed=sum(map(ord, name)))
+    seed = sum(map(ord, name))
+    train, test = stratified_split(examples, test_fraction, seed)
+    rng = random.Random(seed)
+    rng.shuffle(train), rng.shuffle(test)  # labels mixed, so any prefix of train (a smoke run's) has them all
+    return train, test
 
 
 # --- SpamAssassin (npm) -----------------------------------------------------------------------------------------

@@ -14,10 +14,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptserve.adapters_store.format import PREFIX_KEY, Adapter, AdapterConfig
-from ptserve.adapters_store.heads import head_shapes
+from ptserve.adapters_store.heads import MEAN_HEAD, head_shapes, served_heads
 from ptserve.server.backbone import Backbone
 from ptserve.server.engine import encoder_forward
 from ptserve.server.heads import HEADS
+from ptserve.server.pooling import mean_states
 from ptserve.server.resident import prefix_kv
 from ptserve.server.training.data import Example, label_set
 from ptserve.server.training.loop import Callbacks, Evaluation, FitConfig, FitResult, fit
@@ -38,8 +39,11 @@ class TrainConfig:
     batch_size: int = 16
     seed: int = 0
     patience: int = 4
-    warmup_ratio: float = 0.1
+    warmup_ratio: float = 0.1  # linear warm-up over this share of all steps, then linear decay to 0
+    weight_decay: float = 0.0  # AdamW's, on the prefix and the head
     dropout: float = 0.1  # on the head's input, training only (inference has none)
+    prefix_dropout: float = 0.0  # on the prefix K/V while training (P-Tuning v2's prefix dropout); none served
+    head: str | None = None  # head kind: None = the backbone's default (``default_head``), or "mean_linear"
     init_std: float = 1.0  # of the prefix embedding (PEFT and THUDM use nn.Embedding's default, 1.0)
     max_length: int | None = None  # tokens per text incl. special tokens; None = what fits beside the prefix
 
@@ -65,6 +69,7 @@ class TrainResult:
     fit: FitResult
     eval: ClassifyEval | None  # of the returned adapter (the best epoch) on the evaluation data
     trainable_parameters: dict[str, int] = field(default_factory=dict)
+    model: "PrefixClassifier | None" = None  # the trained module (best epoch), for scoring more data in process
 
     def record(self) -> dict:
         """What ``training.json`` holds."""
@@ -97,7 +102,10 @@ class PrefixClassifier(nn.Module):
             raise ValueError(
                 f"backbone {bb.name!r} ({bb.fingerprint.model_type}) serves no classification head"
             )
-        self.bb, self.kind = bb, bb.family.head_kind
+        self.bb, self.kind = bb, cfg.head or default_head(bb)
+        if self.kind not in served_heads(bb.family.head_kind):
+            raise ValueError(f"head {self.kind!r} does not fit backbone {bb.name!r}; it serves "
+                             + ", ".join(map(repr, served_heads(bb.family.head_kind))))
         fp = bb.fingerprint
         self.prefix = PrefixEncoder(
             cfg.virtual_tokens,
@@ -112,6 +120,7 @@ class PrefixClassifier(nn.Module):
             init = torch.randn(*shape) * 0.02 if name.endswith("weight") else torch.zeros(*shape)
             self.head[name.replace(".", "__")] = nn.Parameter(init)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.prefix_dropout = nn.Dropout(cfg.prefix_dropout)
 
     def head_tensors(self) -> dict[str, torch.Tensor]:
         return {name.replace("__", "."): p for name, p in self.head.items()}
@@ -119,13 +128,15 @@ class PrefixClassifier(nn.Module):
     def forward(self, token_ids: list[tuple[int, ...]]) -> torch.Tensor:
         """Logits [B, C] float32 for B rows of token ids, every row under this prefix."""
         bb, b = self.bb, len(token_ids)
-        kv = prefix_kv(self.prefix(), bb.fingerprint).to(device=bb.device, dtype=bb.dtype)  # [L, 2, H, P, D]
+        flat = self.prefix_dropout(self.prefix())  # [P, width]
+        kv = prefix_kv(flat, bb.fingerprint).to(device=bb.device, dtype=bb.dtype)  # [L, 2, H, P, D]
         kv = kv.unsqueeze(2).expand(-1, -1, b, -1, -1, -1)  # [L, 2, B, H, P, D]
         hidden, pooled = encoder_forward(bb, token_ids, kv, [kv.shape[4]] * b)
         first = self.dropout(hidden[:, 0].float())  # [B, H]
         pooled = self.dropout(pooled.float()) if pooled is not None else None
+        mean = self.dropout(mean_states(hidden, [len(t) for t in token_ids])) if self.kind == MEAN_HEAD else None
         head = {k: v.to(bb.device) for k, v in self.head_tensors().items()}
-        return HEADS[self.kind](pooled, first, head).float()
+        return HEADS[self.kind](pooled, first, head, mean).float()
 
     def to_adapter(self, labels: list[str]) -> Adapter:
         fp = self.bb.fingerprint
@@ -140,6 +151,11 @@ class PrefixClassifier(nn.Module):
             base_model_name_or_path=self.bb.name,
         )
         return Adapter(config, tensors)
+
+
+def default_head(bb: Backbone) -> str:
+    """The head ``ptserve train`` uses unless told: the backbone family's (PEFT's) head."""
+    return bb.family.head_kind
 
 
 def tokenize(
@@ -182,6 +198,7 @@ def train_classifier(
     held_out: list[Example] | None = None,
     cfg: TrainConfig = TrainConfig(),
     callbacks: Callbacks | None = None,
+    deadline: float | None = None,  # time.perf_counter() after which no further epoch starts (--search trials)
 ) -> TrainResult:
     """Train a prefix + head on ``train``, early-stopping on ``held_out``; the best epoch's adapter."""
     labels = label_set(train, held_out)
@@ -213,7 +230,8 @@ def train_classifier(
         items,
         batch_loss,
         run_eval if held_out else None,
-        FitConfig(cfg.epochs, cfg.batch_size, cfg.seed, cfg.patience, cfg.warmup_ratio),
+        FitConfig(cfg.epochs, cfg.batch_size, cfg.seed, cfg.patience, cfg.warmup_ratio, cfg.weight_decay,
+                  deadline=deadline),
         callbacks,
     )
     counts = {
@@ -223,4 +241,4 @@ def train_classifier(
     counts["total"] = counts["prefix"] + counts["head"]
     counts["served_prefix"] = p * bb.fingerprint.prefix_width  # after materialising a projection
     final = evaluate(model, eval_ids, eval_y, labels, cfg.batch_size * 2) if held_out else None
-    return TrainResult(model.to_adapter(labels), labels, cfg, result, final, counts)
+    return TrainResult(model.to_adapter(labels), labels, cfg, result, final, counts, model)

@@ -36,7 +36,9 @@ class FitConfig:
     seed: int
     patience: int  # epochs without a better eval score before stopping (0 = never stop early)
     warmup_ratio: float
+    weight_decay: float = 0.0  # AdamW's decoupled decay, on every parameter of the groups
     max_grad_norm: float = 1.0
+    deadline: float | None = None  # time.perf_counter() after which no further epoch starts (a search's budget)
 
 
 class Callbacks:
@@ -72,7 +74,7 @@ def fit(
     steps_per_epoch = math.ceil(len(items) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     warmup = int(total * cfg.warmup_ratio)
-    optimizer = torch.optim.AdamW(param_groups, weight_decay=0.0)
+    optimizer = torch.optim.AdamW(param_groups, weight_decay=cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
         lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)),
@@ -114,6 +116,8 @@ def fit(
         history.append(stats)
         callbacks.on_epoch(stats)
         if evaluate is not None and cfg.patience and stale >= cfg.patience:
+            break
+        if cfg.deadline is not None and time.perf_counter() >= cfg.deadline:
             break
     module.load_state_dict(best_state)
     module.eval()
