@@ -165,9 +165,9 @@ def adapter_to_peft(adapter: Adapter) -> tuple[dict, dict]:
 
 
 def write_peft_folder(adapter: Adapter, out_dir: str | Path) -> Path:
+    cfg, tensors = adapter_to_peft(adapter)  # first: a refused export leaves no folder behind
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg, tensors = adapter_to_peft(adapter)
     (out / CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
     (out / WEIGHTS_FILE).write_bytes(st_save({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": "pt"}))
     return out

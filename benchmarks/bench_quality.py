@@ -8,7 +8,7 @@ on the task's train split less a stratified 15 % dev split (seeded), chooses eve
   prefix-search  ``ptserve train --search`` (a time-bounded search on dev, then a final fit)
   full           full fine-tuning of the same backbone (every weight + a linear head; lr 5e-5, <= 5 epochs)
   probe          a linear probe on the frozen backbone's mean-pooled states
-  peft           PEFT P-Tuning v2 (``PrefixTuningConfig(num_virtual_tokens=P)``, its defaults otherwise) trained
+  peft           PEFT P-Tuning v2 (``PrefixTuningConfig(num_virtual_tokens=20)``, its defaults otherwise) trained
                  with transformers' recipe in the PEFT reference interpreter (``PTSERVE_REF_PYTHON``)
 
 Training seconds are wall time of the training loop (per-epoch dev evaluation included). Texts are cut to the
@@ -196,7 +196,7 @@ def run_peft(bb, task: Task, seed: int, args) -> Run:
     labels = label_set(train, dev)
     with tempfile.TemporaryDirectory() as tmp:
         spec = {"model": str(bb.path), "labels": labels, "seed": seed, "max_length": task.max_length,
-                "virtual_tokens": 16, "lr": 1e-2, "epochs": args.peft_epochs, "batch_size": 16,
+                "virtual_tokens": 20, "lr": 1e-2, "epochs": args.peft_epochs, "batch_size": 16,
                 "train": [[e.text, labels.index(e.label)] for e in train],
                 "dev": [[e.text, labels.index(e.label)] for e in dev],
                 "test": [[e.text, labels.index(e.label)] for e in task.test]}

@@ -15,8 +15,9 @@ from torch import nn
 
 from ptserve.adapters_store.format import PREFIX_KEY, Adapter, AdapterConfig
 from ptserve.adapters_store.heads import MEAN_HEAD, head_shapes, served_heads
-from ptserve.server.backbone import Backbone
+from ptserve.server.backbone import Backbone, trained_for_mean_pooling
 from ptserve.server.engine import encoder_forward
+from ptserve.server.hardware import pick_dtype
 from ptserve.server.heads import HEADS
 from ptserve.server.pooling import mean_states
 from ptserve.server.resident import prefix_kv
@@ -44,6 +45,7 @@ class TrainConfig:
     dropout: float = 0.1  # on the head's input, training only (inference has none)
     prefix_dropout: float = 0.0  # on the prefix K/V while training (P-Tuning v2's prefix dropout); none served
     head: str | None = None  # head kind: None = the backbone's default (``default_head``), or "mean_linear"
+    autocast: str = "auto"  # bf16 autocast of the forward: "auto" (where bf16 is fast: ``autocast_bf16``), on, off
     init_std: float = 1.0  # of the prefix embedding (PEFT and THUDM use nn.Embedding's default, 1.0)
     max_length: int | None = None  # tokens per text incl. special tokens; None = what fits beside the prefix
 
@@ -70,6 +72,7 @@ class TrainResult:
     eval: ClassifyEval | None  # of the returned adapter (the best epoch) on the evaluation data
     trainable_parameters: dict[str, int] = field(default_factory=dict)
     model: "PrefixClassifier | None" = None  # the trained module (best epoch), for scoring more data in process
+    bf16: bool = False  # whether the forward ran under bf16 autocast
 
     def record(self) -> dict:
         """What ``training.json`` holds."""
@@ -82,6 +85,8 @@ class TrainResult:
             "backbone": self.adapter.config.backbone.to_dict(),
             "base_model_name_or_path": self.adapter.config.base_model_name_or_path,
             "trainable_parameters": self.trainable_parameters,
+            "head": self.adapter.config.head,
+            "autocast_bf16": self.bf16,
             **history_record(self.fit),
             "eval": None
             if self.eval is None
@@ -153,8 +158,21 @@ class PrefixClassifier(nn.Module):
         return Adapter(config, tensors)
 
 
+def autocast_bf16(setting: str, device: torch.device) -> bool:
+    """Whether training runs its forward under bf16 autocast: "on", "off", or "auto" = where the serving rule
+    (``ptserve.server.hardware.pick_dtype``) would pick bfloat16: GPUs with bf16, CPUs with AMX / AVX512-BF16.
+    Elsewhere bf16 is emulated and slower than float32 (docs/design.md)."""
+    if setting in ("on", "off"):
+        return setting == "on"
+    return pick_dtype("auto", device).dtype == "bfloat16"
+
+
 def default_head(bb: Backbone) -> str:
-    """The head ``ptserve train`` uses unless told: the backbone family's (PEFT's) head."""
+    """The head ``ptserve train`` uses unless told: on a backbone trained for mean pooling (a sentence-transformers
+    model such as MiniLM) the mean-pooled head, else the family's (PEFT's) head. Its pooler was never trained for
+    MiniLM's task, the mean is what it was trained to produce (docs/design.md, issue 14)."""
+    if bb.family.head_kind is not None and trained_for_mean_pooling(bb.path):
+        return MEAN_HEAD
     return bb.family.head_kind
 
 
@@ -212,9 +230,13 @@ def train_classifier(
     eval_ids = tokenize(bb, [e.text for e in held_out], p, cfg.max_length) if held_out else []
     eval_y = [index[e.label] for e in held_out or []]
 
+    bf16 = autocast_bf16(cfg.autocast, bb.device)
+
     def batch_loss(batch: list[tuple[tuple[int, ...], int]]) -> torch.Tensor:
         ids, y = zip(*batch)
-        return F.cross_entropy(model(list(ids)), torch.tensor(y, device=bb.device))
+        with torch.autocast(bb.device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(list(ids))
+        return F.cross_entropy(logits.float(), torch.tensor(y, device=bb.device))
 
     def run_eval() -> Evaluation:
         ev = evaluate(model, eval_ids, eval_y, labels, cfg.batch_size * 2)
@@ -241,4 +263,4 @@ def train_classifier(
     counts["total"] = counts["prefix"] + counts["head"]
     counts["served_prefix"] = p * bb.fingerprint.prefix_width  # after materialising a projection
     final = evaluate(model, eval_ids, eval_y, labels, cfg.batch_size * 2) if held_out else None
-    return TrainResult(model.to_adapter(labels), labels, cfg, result, final, counts, model)
+    return TrainResult(model.to_adapter(labels), labels, cfg, result, final, counts, model, bf16)

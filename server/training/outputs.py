@@ -8,7 +8,10 @@ from pathlib import Path
 from ptserve.adapters_store.format import Adapter, encode_blob
 from ptserve.adapters_store.peft_folder import NoPeftEquivalent, write_peft_folder
 from ptserve.client.wire import BLOB_FILE, LABELS_FILE, PEFT_DIR, RECORD_FILE
+from ptserve.server.training.chart import training_svg
 from ptserve.server.training.loop import FitResult
+
+CHART_FILE = "training.svg"  # next to training.json
 
 
 def write_outputs(adapter: Adapter, out_dir: str | Path, record: dict | None = None) -> Path:
@@ -25,6 +28,8 @@ def write_outputs(adapter: Adapter, out_dir: str | Path, record: dict | None = N
             (peft / LABELS_FILE).write_text(json.dumps(list(adapter.config.labels)))
     if record is not None:
         (out / RECORD_FILE).write_text(json.dumps(record, indent=1))
+        if record.get("history"):
+            (out / CHART_FILE).write_text(training_svg(record))
     return out
 
 
