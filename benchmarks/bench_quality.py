@@ -4,7 +4,8 @@ Per task of ``benchmarks.quality.data`` (real data shipped in registry packages)
 on the task's train split less a stratified 15 % dev split (seeded), chooses everything it chooses (best epoch,
 --search's settings) on that dev split, and is scored once on the untouched test split:
 
-  prefix         ``ptserve train`` defaults (``TrainConfig()``), served head
+  prefix         ``ptserve train`` defaults (``TrainConfig()``: on MiniLM the mean-pooled head)
+  prefix-pooler  the same with the pooler head PEFT uses (the previous default), for the head's effect
   prefix-search  ``ptserve train --search`` (a time-bounded search on dev, then a final fit)
   full           full fine-tuning of the same backbone (every weight + a linear head; lr 5e-5, <= 5 epochs)
   probe          a linear probe on the frozen backbone's mean-pooled states
@@ -44,7 +45,7 @@ from ptserve.server.training.search import SearchConfig, search_and_train
 
 ROOT = Path(__file__).resolve().parents[1]
 SECTION = "## Quality on real data: prefix vs full fine-tuning vs probe vs PEFT (issue 14)"
-METHODS = ("prefix", "prefix-search", "full", "probe", "peft")
+METHODS = ("prefix", "full", "probe", "prefix-pooler", "peft", "prefix-search")
 
 
 @dataclass
@@ -76,11 +77,23 @@ def run_prefix(bb, task: Task, seed: int, args) -> Run:
     return Run(task.name, "prefix", seed, acc, result.eval.accuracy, wall, n, wall / n)
 
 
+def run_prefix_pooler(bb, task: Task, seed: int, args) -> Run:
+    train, dev = dev_split(task, seed)
+    cfg = TrainConfig(seed=seed, max_length=task.max_length, head="pooler_linear")
+    t0 = time.perf_counter()
+    result = train_classifier(bb, train, dev, cfg)
+    wall = time.perf_counter() - t0
+    acc = _test_accuracy_prefix(bb, result.model, task, result.labels, cfg.virtual_tokens, task.max_length)
+    n = len(result.fit.history)
+    return Run(task.name, "prefix-pooler", seed, acc, result.eval.accuracy, wall, n, wall / n)
+
+
 def run_prefix_search(bb, task: Task, seed: int, args) -> Run:
     train, dev = dev_split(task, seed)
     base = TrainConfig(seed=seed, max_length=task.max_length)
     t0 = time.perf_counter()
-    found = search_and_train(bb, train, dev, base, SearchConfig(budget_s=args.search_budget_s))
+    found = search_and_train(bb, train, dev, base, SearchConfig(budget_s=args.search_budget_s,
+                                                                trial_epochs=args.search_trial_epochs))
     wall = time.perf_counter() - t0
     result = found.result
     acc = _test_accuracy_prefix(bb, result.model, task, result.labels, result.config.virtual_tokens, task.max_length)
@@ -212,7 +225,7 @@ def run_peft(bb, task: Task, seed: int, args) -> Run:
                out["seconds"] / n, "best epoch on dev")
 
 
-RUNNERS = {"prefix": run_prefix, "prefix-search": run_prefix_search, "full": run_full, "probe": run_probe,
+RUNNERS = {"prefix": run_prefix, "prefix-pooler": run_prefix_pooler, "prefix-search": run_prefix_search, "full": run_full, "probe": run_probe,
            "peft": run_peft}
 
 
@@ -248,13 +261,19 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
-    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS, help="for the first seed")
+    ap.add_argument("--later-methods", nargs="*", default=["prefix", "full", "probe"], choices=METHODS,
+                    help="for the seeds after the first (the target's methods; a CPU budget)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--full-lr", type=float, default=5e-5)
     ap.add_argument("--full-epochs", type=int, default=5)
     ap.add_argument("--peft-epochs", type=int, default=10)
-    ap.add_argument("--search-budget-s", type=float, default=120.0)
-    ap.add_argument("--limit-train", type=int, default=0, help="use at most this many train examples (smoke runs)")
+    ap.add_argument("--search-budget-s", type=float, default=90.0)
+    ap.add_argument("--search-trial-epochs", type=int, default=2)
+    ap.add_argument("--max-train", type=int, default=0,
+                    help="use at most this many train examples per task (0 = all; a CPU budget)")
+    ap.add_argument("--max-test", type=int, default=0, help="score at most this many test examples per task (0 = all)")
+    ap.add_argument("--from-json", type=Path, default=None, help="print (and write) the table of runs saved by --json")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     ap.add_argument("--no-write", action="store_true", help="print the table only")
     ap.add_argument("--json", type=Path, default=None, help="also write every run as JSON here")
@@ -267,19 +286,24 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     bb = load_backbone("minilm", device="cpu", dtype="float32")
     tasks = [load_task(name) for name in args.tasks]
-    if args.limit_train:
-        tasks = [Task(t.name, t.train[: args.limit_train], t.test[: args.limit_train], t.max_length, t.description)
-                 for t in tasks]
-    runs: list[Run] = []
-    for task in tasks:
-        for method in args.methods:
-            for seed in args.seeds:
-                run = RUNNERS[method](bb, task, seed, args)
-                runs.append(run)
-                print(f"{task.name:14} {method:14} seed {seed}: test {run.accuracy:.3f} dev {run.dev_accuracy:.3f} "
-                      f"{run.seconds:.0f}s {run.note}", file=sys.stderr, flush=True)
-                if args.json:
-                    args.json.write_text(json.dumps([r.__dict__ for r in runs], indent=1))
+    if args.max_train or args.max_test:  # the loaders shuffle, so a head of each split is a sample of it
+        cut = []
+        for t in tasks:
+            train = t.train[: args.max_train or None]
+            known = {e.label for e in train}  # a label the sample lacks cannot be scored
+            test = [e for e in t.test if e.label in known][: args.max_test or None]
+            cut.append(Task(t.name, train, test, t.max_length, t.description))
+        tasks = cut
+    runs: list[Run] = [Run(**r) for r in json.loads(args.from_json.read_text())] if args.from_json else []
+    todo = [] if args.from_json else [(s, t, m) for i, s in enumerate(args.seeds) for t in tasks
+                                      for m in (args.methods if i == 0 else args.later_methods)]
+    for seed, task, method in todo:  # seed by seed: a run cut short still has every task and method once
+        run = RUNNERS[method](bb, task, seed, args)
+        runs.append(run)
+        print(f"{task.name:14} {method:14} seed {seed}: test {run.accuracy:.3f} dev {run.dev_accuracy:.3f} "
+              f"{run.seconds:.0f}s {run.note}", file=sys.stderr, flush=True)
+        if args.json:
+            args.json.write_text(json.dumps([r.__dict__ for r in runs], indent=1))
     text = table(runs, tasks)
     print(text)
     if not args.no_write:

@@ -124,7 +124,7 @@ def spam_bodies(per_class: int = 400) -> Task:
         random.Random(group).shuffle(bodies)
         rows += [Example(b, label) for b in bodies[:per_class]]
     train, test = _fixed_split(list(dict.fromkeys(rows)), 0.3, "spam_bodies")
-    return Task("spam_bodies", train, test, 128, "SpamAssassin message bodies, easy ham / hard ham / spam")
+    return Task("spam_bodies", train, test, 96, "SpamAssassin message bodies, easy ham / hard ham / spam")
 
 
 # --- chatterbot-corpus (PyPI) -----------------------------------------------------------------------------------

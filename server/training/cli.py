@@ -53,11 +53,12 @@ def train(
         None, help="Learning rate of the prefix [1e-2; 1e-3 with --prefix-projection]."
     ),
     head_lr: Optional[float] = typer.Option(None, help="Learning rate of the head (default: --lr)."),
-    epochs: int = typer.Option(15, help="Epochs at most."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs at most [classify/generate 8, embed 15]."),
     batch_size: int = typer.Option(16, help="Examples per step."),
     seed: int = typer.Option(0, help="Seed for initialisation and shuffling."),
-    patience: int = typer.Option(
-        4, help="Epochs without a better eval result (accuracy; generate: loss) before stopping (0 = never)."
+    patience: Optional[int] = typer.Option(
+        None, help="Epochs without a better eval result (accuracy; generate: loss) before stopping (0 = never) "
+        "[classify/generate 3, embed 4]."
     ),
     max_length: Optional[int] = typer.Option(
         None, help="Cut texts to this many tokens (default: what fits)."
@@ -128,7 +129,8 @@ def train(
     if task == "embed":
         cfg = EmbedConfig(
             virtual_tokens=virtual_tokens, prefix_projection=prefix_projection, projection_hidden=projection_hidden,
-            lr=lr, epochs=epochs, batch_size=batch_size, seed=seed, patience=patience, temperature=temperature,
+            lr=lr, epochs=15 if epochs is None else epochs, batch_size=batch_size, seed=seed,
+            patience=4 if patience is None else patience, temperature=temperature,
             max_length=max_length,
         )
     else:
@@ -143,10 +145,10 @@ def train(
             projection_hidden=projection_hidden,
             lr=lr,
             head_lr=head_lr,
-            epochs=epochs,
+            epochs=8 if epochs is None else epochs,
             batch_size=batch_size,
             seed=seed,
-            patience=patience,
+            patience=3 if patience is None else patience,
             dropout=dropout,
             max_length=max_length,
         )

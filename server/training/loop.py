@@ -60,6 +60,14 @@ class FitResult:
     step_losses: list[float]
 
 
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """The learning-rate multiplier of step ``step`` (0-based): linear warm-up to 1 over ``warmup`` steps, then
+    linear decay to 0 at ``total`` (BERT's and P-Tuning v2's schedule)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
 def fit(
     module: nn.Module,  # holds every trainable parameter (and nothing frozen)
     param_groups: list[dict],  # AdamW groups: {"params": [...], "lr": ...}
@@ -75,10 +83,7 @@ def fit(
     total = steps_per_epoch * cfg.epochs
     warmup = int(total * cfg.warmup_ratio)
     optimizer = torch.optim.AdamW(param_groups, weight_decay=cfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)),
-    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total))
     trainable = [p for group in param_groups for p in group["params"]]
     history: list[EpochStats] = []
     step_losses: list[float] = []
