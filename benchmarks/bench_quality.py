@@ -12,7 +12,8 @@ on the task's train split less a stratified 15 % dev split (seeded), chooses eve
   peft           PEFT P-Tuning v2 (``PrefixTuningConfig(num_virtual_tokens=20)``, its defaults otherwise) trained
                  with transformers' recipe in the PEFT reference interpreter (``PTSERVE_REF_PYTHON``)
 
-Training seconds are wall time of the training loop (per-epoch dev evaluation included). Texts are cut to the
+Training seconds are wall time of the training loop (per-epoch dev evaluation included; for prefix-search the
+search and the final fit, and its seconds per epoch are the final fit's). Texts are cut to the
 task's ``max_length`` tokens for every method (a CPU budget: see the task list).
 
     .venv/bin/python -m benchmarks.bench_quality [--tasks ...] [--seeds 0 1 2] [--methods ...] [--threads 2]
