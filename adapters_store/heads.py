@@ -16,7 +16,13 @@ HEAD_SHAPES: dict[str, dict[str, tuple[str, ...]]] = {
         "classifier.out_proj.weight": ("C", "H"),
         "classifier.out_proj.bias": ("C",),
     },
+    # Any encoder: a linear layer on the mean of the last hidden states of the real tokens ([CLS] and [SEP]
+    # included, prefix slots never), the pooling MiniLM / sentence-transformers models are trained for. PEFT has
+    # no such head: a PEFT export of it is refused (ptserve.adapters_store.peft_folder).
+    "mean_linear": {"classifier.weight": ("C", "H"), "classifier.bias": ("C",)},
 }
+
+MEAN_HEAD = "mean_linear"
 
 HEAD_FOR_MODEL_TYPE: dict[str, str] = {
     "bert": "pooler_linear",
@@ -28,6 +34,11 @@ HEAD_FOR_MODEL_TYPE: dict[str, str] = {
 
 def head_kind_for(model_type: str) -> str | None:
     return HEAD_FOR_MODEL_TYPE.get(model_type)
+
+
+def served_heads(family_head: str | None) -> tuple[str, ...]:
+    """The head kinds a backbone serves: its family's head (PEFT's), and the mean-pooled head; none without one."""
+    return () if family_head is None else (family_head, MEAN_HEAD)
 
 
 def head_shapes(kind: str, num_labels: int, hidden: int) -> dict[str, tuple[int, ...]]:

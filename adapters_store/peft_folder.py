@@ -20,6 +20,7 @@ from ptserve.adapters_store import untrusted_json
 from ptserve.adapters_store.errors import BackboneMismatch, InvalidAdapter, PayloadTooLarge
 from ptserve.adapters_store.fingerprint import BackboneFingerprint
 from ptserve.adapters_store.format import PEFT_TASK_TYPE, PREFIX_KEY, Adapter, AdapterConfig, encode_blob
+from ptserve.adapters_store.heads import MEAN_HEAD
 from ptserve.adapters_store.untrusted_json import JSONRejected
 from ptserve.adapters_store.validation import Limits, check_finite, decode_blob, read_header
 from ptserve.client.wire import LABELS_FILE
@@ -143,8 +144,20 @@ def _num_labels(tensors: dict) -> int:
     raise InvalidAdapter(f"a SEQ_CLS adapter needs its classifier tensors; found {sorted(tensors)}")
 
 
+class NoPeftEquivalent(ValueError):
+    """The adapter has no PEFT equivalent (its head kind is ptserve's own); the message says why."""
+
+
 def adapter_to_peft(adapter: Adapter) -> tuple[dict, dict]:
-    """(adapter_config.json dict, safetensors dict) of the PEFT folder equivalent to ``adapter``."""
+    """(adapter_config.json dict, safetensors dict) of the PEFT folder equivalent to ``adapter``.
+
+    Refused (``NoPeftEquivalent``) for a ``mean_linear`` head: PEFT's SEQ_CLS models classify from the pooler /
+    first token, and have no head on mean-pooled states, so a PEFT folder of it would load and answer wrongly."""
+    if adapter.config.head == MEAN_HEAD:
+        raise NoPeftEquivalent(
+            "PEFT has no mean-pooled classification head (head 'mean_linear'): this adapter is served by ptserve "
+            "only and is not exported as a PEFT folder; train with the backbone's default head for a PEFT export"
+        )
     tensors = {PREFIX_KEY: adapter.prompt_embeddings}
     for name, t in adapter.head_tensors().items():
         tensors[f"base_model.{name}"] = t
@@ -152,9 +165,9 @@ def adapter_to_peft(adapter: Adapter) -> tuple[dict, dict]:
 
 
 def write_peft_folder(adapter: Adapter, out_dir: str | Path) -> Path:
+    cfg, tensors = adapter_to_peft(adapter)  # first: a refused export leaves no folder behind
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg, tensors = adapter_to_peft(adapter)
     (out / CONFIG_FILE).write_text(json.dumps(cfg, indent=2))
     (out / WEIGHTS_FILE).write_bytes(st_save({k: v.contiguous() for k, v in tensors.items()}, metadata={"format": "pt"}))
     return out

@@ -17,7 +17,7 @@ from ptserve.adapters_store import untrusted_json
 from ptserve.adapters_store.errors import BackboneMismatch, InvalidAdapter, PayloadTooLarge
 from ptserve.adapters_store.fingerprint import BackboneFingerprint
 from ptserve.adapters_store.format import PEFT_TASK_TYPE, PREFIX_KEY, Adapter, AdapterConfig
-from ptserve.adapters_store.heads import head_shapes
+from ptserve.adapters_store.heads import head_shapes, served_heads
 from ptserve.adapters_store.untrusted_json import JSONRejected
 
 ALLOWED_DTYPES = {"F32": 4, "F16": 2, "BF16": 2}
@@ -126,8 +126,11 @@ def check_config(
     if config.task == "classify":
         if head_kind is None:
             raise InvalidAdapter(f"backbone {server.model_type!r} serves no classification heads")
-        if config.head != head_kind:
-            raise InvalidAdapter(f"head {config.head!r} does not fit this backbone; expected {head_kind!r}")
+        if config.head not in served_heads(head_kind):
+            raise InvalidAdapter(
+                f"head {config.head!r} does not fit this backbone; expected one of "
+                + ", ".join(map(repr, served_heads(head_kind)))
+            )
         if not 1 <= len(config.labels) <= MAX_LABELS:
             raise InvalidAdapter(f"a classify adapter needs 1..{MAX_LABELS} labels, got {len(config.labels)}")
         if len(set(config.labels)) != len(config.labels) or any(

@@ -55,6 +55,21 @@ def family_for(config: dict) -> Family:
     )
 
 
+def trained_for_mean_pooling(path: str | Path) -> bool:
+    """Whether a model folder is a sentence-transformers model that pools by the mean of its token states (its
+    ``modules.json`` names a Pooling module whose config has ``pooling_mode_mean_tokens``), as all-MiniLM-L6-v2."""
+    import json
+
+    folder = Path(path)
+    try:
+        modules = json.loads((folder / "modules.json").read_text())
+        pooling = next(m for m in modules if str(m.get("type", "")).endswith("Pooling"))
+        config = json.loads((folder / pooling.get("path", "") / "config.json").read_text())
+    except (OSError, ValueError, StopIteration, AttributeError, TypeError):
+        return False
+    return bool(config.get("pooling_mode_mean_tokens"))
+
+
 @dataclass
 class Backbone:
     name: str  # what the user asked for (path, hub id or 'minilm')

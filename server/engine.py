@@ -14,9 +14,10 @@ import torch
 
 from ptserve.adapters_store.errors import InputTooLong
 from ptserve.adapters_store.format import Adapter, AdapterConfig
+from ptserve.adapters_store.heads import MEAN_HEAD
 from ptserve.server.backbone import Backbone
 from ptserve.server.heads import apply_heads
-from ptserve.server.pooling import mean_pool
+from ptserve.server.pooling import mean_pool, mean_states
 from ptserve.server.prefix_attention import PrefixContext
 from ptserve.server.resident import ResidentAdapter, gather_prefixes, make_resident
 from ptserve.server.transfer import to_device
@@ -123,7 +124,11 @@ def row_outputs(rows: list[Row], enc: EncoderOutput) -> list[torch.Tensor]:
     if heads:
         idx = to_device(torch.tensor(heads), enc.hidden.device)
         pooler = enc.pooled.index_select(0, idx) if enc.pooled is not None else None
-        logits = apply_heads([rows[i].adapter for i in heads], enc.hidden[:, 0].index_select(0, idx), pooler)
+        adapters = [rows[i].adapter for i in heads]
+        mean = None
+        if any(a.config.head == MEAN_HEAD for a in adapters):  # [len(heads), H]
+            mean = mean_states(enc.hidden.index_select(0, idx), [enc.lengths[i] for i in heads])
+        logits = apply_heads(adapters, enc.hidden[:, 0].index_select(0, idx), pooler, mean)
         for i, row_logits in zip(heads, logits):
             out[i] = row_logits
     if pooled_rows:

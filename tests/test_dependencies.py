@@ -62,7 +62,8 @@ def repository_file(module: str) -> Path | None:
 
 def third_party_imports(folders: list[str], follow: bool) -> dict[str, str]:
     """Top-level third-party module -> where it is first imported (``file:line``)."""
-    todo = [p for folder in folders for p in sorted((ROOT / folder).rglob("*.py"))]
+    todo = [p for folder in folders
+            for p in (sorted((ROOT / folder).rglob("*.py")) if (ROOT / folder).is_dir() else [ROOT / folder])]
     seen, found = set(todo), {}
     while todo:
         path = todo.pop(0)
@@ -106,5 +107,6 @@ def test_the_reader_sees_imports_at_every_depth(tmp_path):
 
 
 def test_a_benchmarks_repository_imports_are_followed():
-    found = third_party_imports(["benchmarks"], follow=True)
-    assert found["yaml"].startswith("scripts/topology/"), found["yaml"]  # via bench_scaleout's scripts.topology
+    # bench_scaleout imports no yaml itself: its scripts.topology does (benchmarks/quality imports it directly)
+    found = third_party_imports(["benchmarks/bench_scaleout.py"], follow=True)
+    assert found["yaml"].startswith("scripts/topology/"), found["yaml"]

@@ -106,7 +106,10 @@ def adapters_download(
             except ImportError:
                 fail("--peft converts with torch: it needs the server distribution "
                      f"(pip install {SERVER_DIST}); --out FILE saves the blob without it", 2)
-            written["peft"] = str(blob_to_peft_folder(blob, peft))
+            try:
+                written["peft"] = str(blob_to_peft_folder(blob, peft))
+            except ValueError as exc:  # NoPeftEquivalent: a head PEFT does not have (the blob is still saved)
+                fail(f"--peft: {exc}", 2)
     if conn.as_json:
         return print_json({"adapter": adapter, "bytes": len(blob), **written})
     for kind, path in written.items():

@@ -14,10 +14,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ptserve.adapters_store.format import PREFIX_KEY, Adapter, AdapterConfig
-from ptserve.adapters_store.heads import head_shapes
-from ptserve.server.backbone import Backbone
+from ptserve.adapters_store.heads import MEAN_HEAD, head_shapes, served_heads
+from ptserve.server.backbone import Backbone, trained_for_mean_pooling
 from ptserve.server.engine import encoder_forward
+from ptserve.server.hardware import pick_dtype
 from ptserve.server.heads import HEADS
+from ptserve.server.pooling import mean_states
 from ptserve.server.resident import prefix_kv
 from ptserve.server.training.data import Example, label_set
 from ptserve.server.training.loop import Callbacks, Evaluation, FitConfig, FitResult, fit
@@ -34,12 +36,16 @@ class TrainConfig:
     projection_hidden: int = 512
     lr: float | None = None  # the prefix; None = 1e-2 plain (P-Tuning v2 uses 5e-3 .. 1e-2), 1e-3 projected
     head_lr: float | None = None  # the head; None = lr
-    epochs: int = 15
+    epochs: int = 8  # at most; early stopping on the dev split usually ends sooner (issue 14)
     batch_size: int = 16
     seed: int = 0
-    patience: int = 4
-    warmup_ratio: float = 0.1
+    patience: int = 3
+    warmup_ratio: float = 0.1  # linear warm-up over this share of all steps, then linear decay to 0
+    weight_decay: float = 0.0  # AdamW's, on the prefix and the head
     dropout: float = 0.1  # on the head's input, training only (inference has none)
+    prefix_dropout: float = 0.0  # on the prefix K/V while training (P-Tuning v2's prefix dropout); none served
+    head: str | None = None  # head kind: None = the backbone's default (``default_head``), or "mean_linear"
+    autocast: str = "auto"  # bf16 autocast of the forward: "auto" (where bf16 is fast: ``autocast_bf16``), on, off
     init_std: float = 1.0  # of the prefix embedding (PEFT and THUDM use nn.Embedding's default, 1.0)
     max_length: int | None = None  # tokens per text incl. special tokens; None = what fits beside the prefix
 
@@ -65,6 +71,8 @@ class TrainResult:
     fit: FitResult
     eval: ClassifyEval | None  # of the returned adapter (the best epoch) on the evaluation data
     trainable_parameters: dict[str, int] = field(default_factory=dict)
+    model: "PrefixClassifier | None" = None  # the trained module (best epoch), for scoring more data in process
+    bf16: bool = False  # whether the forward ran under bf16 autocast
 
     def record(self) -> dict:
         """What ``training.json`` holds."""
@@ -77,6 +85,8 @@ class TrainResult:
             "backbone": self.adapter.config.backbone.to_dict(),
             "base_model_name_or_path": self.adapter.config.base_model_name_or_path,
             "trainable_parameters": self.trainable_parameters,
+            "head": self.adapter.config.head,
+            "autocast_bf16": self.bf16,
             **history_record(self.fit),
             "eval": None
             if self.eval is None
@@ -97,7 +107,10 @@ class PrefixClassifier(nn.Module):
             raise ValueError(
                 f"backbone {bb.name!r} ({bb.fingerprint.model_type}) serves no classification head"
             )
-        self.bb, self.kind = bb, bb.family.head_kind
+        self.bb, self.kind = bb, cfg.head or default_head(bb)
+        if self.kind not in served_heads(bb.family.head_kind):
+            raise ValueError(f"head {self.kind!r} does not fit backbone {bb.name!r}; it serves "
+                             + ", ".join(map(repr, served_heads(bb.family.head_kind))))
         fp = bb.fingerprint
         self.prefix = PrefixEncoder(
             cfg.virtual_tokens,
@@ -112,6 +125,7 @@ class PrefixClassifier(nn.Module):
             init = torch.randn(*shape) * 0.02 if name.endswith("weight") else torch.zeros(*shape)
             self.head[name.replace(".", "__")] = nn.Parameter(init)
         self.dropout = nn.Dropout(cfg.dropout)
+        self.prefix_dropout = nn.Dropout(cfg.prefix_dropout)
 
     def head_tensors(self) -> dict[str, torch.Tensor]:
         return {name.replace("__", "."): p for name, p in self.head.items()}
@@ -119,13 +133,15 @@ class PrefixClassifier(nn.Module):
     def forward(self, token_ids: list[tuple[int, ...]]) -> torch.Tensor:
         """Logits [B, C] float32 for B rows of token ids, every row under this prefix."""
         bb, b = self.bb, len(token_ids)
-        kv = prefix_kv(self.prefix(), bb.fingerprint).to(device=bb.device, dtype=bb.dtype)  # [L, 2, H, P, D]
+        flat = self.prefix_dropout(self.prefix())  # [P, width]
+        kv = prefix_kv(flat, bb.fingerprint).to(device=bb.device, dtype=bb.dtype)  # [L, 2, H, P, D]
         kv = kv.unsqueeze(2).expand(-1, -1, b, -1, -1, -1)  # [L, 2, B, H, P, D]
         hidden, pooled = encoder_forward(bb, token_ids, kv, [kv.shape[4]] * b)
         first = self.dropout(hidden[:, 0].float())  # [B, H]
         pooled = self.dropout(pooled.float()) if pooled is not None else None
+        mean = self.dropout(mean_states(hidden, [len(t) for t in token_ids])) if self.kind == MEAN_HEAD else None
         head = {k: v.to(bb.device) for k, v in self.head_tensors().items()}
-        return HEADS[self.kind](pooled, first, head).float()
+        return HEADS[self.kind](pooled, first, head, mean).float()
 
     def to_adapter(self, labels: list[str]) -> Adapter:
         fp = self.bb.fingerprint
@@ -140,6 +156,24 @@ class PrefixClassifier(nn.Module):
             base_model_name_or_path=self.bb.name,
         )
         return Adapter(config, tensors)
+
+
+def autocast_bf16(setting: str, device: torch.device) -> bool:
+    """Whether training runs its forward under bf16 autocast: "on", "off", or "auto" = where the serving rule
+    (``ptserve.server.hardware.pick_dtype``) would pick bfloat16: GPUs with bf16, CPUs with AMX / AVX512-BF16.
+    Elsewhere bf16 is emulated and slower than float32 (docs/design.md)."""
+    if setting in ("on", "off"):
+        return setting == "on"
+    return pick_dtype("auto", device).dtype == "bfloat16"
+
+
+def default_head(bb: Backbone) -> str:
+    """The head ``ptserve train`` uses unless told: on a backbone trained for mean pooling (a sentence-transformers
+    model such as MiniLM) the mean-pooled head, else the family's (PEFT's) head. Its pooler was never trained for
+    MiniLM's task, the mean is what it was trained to produce (docs/design.md, issue 14)."""
+    if bb.family.head_kind is not None and trained_for_mean_pooling(bb.path):
+        return MEAN_HEAD
+    return bb.family.head_kind
 
 
 def tokenize(
@@ -182,6 +216,7 @@ def train_classifier(
     held_out: list[Example] | None = None,
     cfg: TrainConfig = TrainConfig(),
     callbacks: Callbacks | None = None,
+    deadline: float | None = None,  # time.perf_counter() after which no further epoch starts (--search trials)
 ) -> TrainResult:
     """Train a prefix + head on ``train``, early-stopping on ``held_out``; the best epoch's adapter."""
     labels = label_set(train, held_out)
@@ -195,9 +230,13 @@ def train_classifier(
     eval_ids = tokenize(bb, [e.text for e in held_out], p, cfg.max_length) if held_out else []
     eval_y = [index[e.label] for e in held_out or []]
 
+    bf16 = autocast_bf16(cfg.autocast, bb.device)
+
     def batch_loss(batch: list[tuple[tuple[int, ...], int]]) -> torch.Tensor:
         ids, y = zip(*batch)
-        return F.cross_entropy(model(list(ids)), torch.tensor(y, device=bb.device))
+        with torch.autocast(bb.device.type, dtype=torch.bfloat16, enabled=bf16):
+            logits = model(list(ids))
+        return F.cross_entropy(logits.float(), torch.tensor(y, device=bb.device))
 
     def run_eval() -> Evaluation:
         ev = evaluate(model, eval_ids, eval_y, labels, cfg.batch_size * 2)
@@ -213,7 +252,8 @@ def train_classifier(
         items,
         batch_loss,
         run_eval if held_out else None,
-        FitConfig(cfg.epochs, cfg.batch_size, cfg.seed, cfg.patience, cfg.warmup_ratio),
+        FitConfig(cfg.epochs, cfg.batch_size, cfg.seed, cfg.patience, cfg.warmup_ratio, cfg.weight_decay,
+                  deadline=deadline),
         callbacks,
     )
     counts = {
@@ -223,4 +263,4 @@ def train_classifier(
     counts["total"] = counts["prefix"] + counts["head"]
     counts["served_prefix"] = p * bb.fingerprint.prefix_width  # after materialising a projection
     final = evaluate(model, eval_ids, eval_y, labels, cfg.batch_size * 2) if held_out else None
-    return TrainResult(model.to_adapter(labels), labels, cfg, result, final, counts)
+    return TrainResult(model.to_adapter(labels), labels, cfg, result, final, counts, model, bf16)

@@ -39,6 +39,10 @@ def train(
     ),
     backbone: str = typer.Option("minilm", help="The serving backbone: 'minilm', a model folder or hub id."),
     virtual_tokens: int = typer.Option(16, help="Prefix length P (virtual tokens in every layer)."),
+    head: str = typer.Option(
+        "auto", help="Classification head: auto (mean_linear on backbones trained for mean pooling, such as MiniLM; "
+        "else the backbone's PEFT head), pooler_linear, cls_mlp or mean_linear (served by ptserve, no PEFT export)."
+    ),
     prefix_projection: bool = typer.Option(
         False,
         "--prefix-projection/--no-prefix-projection",
@@ -49,16 +53,34 @@ def train(
         None, help="Learning rate of the prefix [1e-2; 1e-3 with --prefix-projection]."
     ),
     head_lr: Optional[float] = typer.Option(None, help="Learning rate of the head (default: --lr)."),
-    epochs: int = typer.Option(15, help="Epochs at most."),
+    epochs: Optional[int] = typer.Option(None, help="Epochs at most [classify/generate 8, embed 15]."),
     batch_size: int = typer.Option(16, help="Examples per step."),
     seed: int = typer.Option(0, help="Seed for initialisation and shuffling."),
-    patience: int = typer.Option(
-        4, help="Epochs without a better eval result (accuracy; generate: loss) before stopping (0 = never)."
+    patience: Optional[int] = typer.Option(
+        None, help="Epochs without a better eval result (accuracy; generate: loss) before stopping (0 = never) "
+        "[classify/generate 3, embed 4]."
     ),
     max_length: Optional[int] = typer.Option(
         None, help="Cut texts to this many tokens (default: what fits)."
     ),
     dropout: float = typer.Option(0.1, help="Dropout on the head's input while training."),
+    prefix_dropout: float = typer.Option(0.0, help="Dropout on the prefix K/V while training (classify)."),
+    weight_decay: float = typer.Option(0.0, help="AdamW weight decay (classify)."),
+    warmup_ratio: float = typer.Option(0.1, help="Linear warm-up over this share of the steps, then linear decay."),
+    dev_fraction: float = typer.Option(
+        0.15, help="Without --eval-data (classify): hold out this stratified share of --data as the dev split for "
+        "early stopping and --search (0 = train on everything, no early stopping)."
+    ),
+    search: bool = typer.Option(
+        False, "--search/--no-search",
+        help="Classify: before the final fit, try learning rates, prefix lengths and heads on the dev split "
+        "within --search-budget-s; training.json records the trials and the choice.",
+    ),
+    search_budget_s: float = typer.Option(300.0, help="Wall-time budget of --search's trials (the final fit comes on top)."),
+    autocast: str = typer.Option(
+        "auto", help="bf16 autocast while training: auto (where the device computes bf16 fast: GPUs, CPUs with "
+        "AMX/AVX512-BF16), on, or off. The saved adapter is float32 either way."
+    ),
     temperature: float = typer.Option(
         0.05, help="Temperature of the contrastive loss (embed; sentence-transformers' scale 20)."
     ),
@@ -91,6 +113,12 @@ def train(
         fields = {"classify": (text_field, label_field), "generate": (prompt_field, completion_field),
                   "embed": (text_field, label_field, query_field, positive_field, negative_field)}[task]
         train_set, eval_set = _load_data(task, data, eval_data, *fields)
+        if task == "classify" and eval_set is None and dev_fraction > 0:
+            from ptserve.server.training.data import stratified_split
+
+            train_set, eval_set = stratified_split(train_set, dev_fraction, seed)
+        if autocast not in ("auto", "on", "off"):
+            raise DataError(f"--autocast {autocast!r}: use auto, on or off")
         if threads:
             torch.set_num_threads(threads)
         bb = load_backbone(backbone, device=device, dtype="float32")
@@ -101,20 +129,26 @@ def train(
     if task == "embed":
         cfg = EmbedConfig(
             virtual_tokens=virtual_tokens, prefix_projection=prefix_projection, projection_hidden=projection_hidden,
-            lr=lr, epochs=epochs, batch_size=batch_size, seed=seed, patience=patience, temperature=temperature,
+            lr=lr, epochs=15 if epochs is None else epochs, batch_size=batch_size, seed=seed,
+            patience=4 if patience is None else patience, temperature=temperature,
             max_length=max_length,
         )
     else:
         cfg = TrainConfig(
+            head=None if head == "auto" else head,
+            weight_decay=weight_decay,
+            prefix_dropout=prefix_dropout,
+            warmup_ratio=warmup_ratio,
+            autocast=autocast,
             virtual_tokens=virtual_tokens,
             prefix_projection=prefix_projection,
             projection_hidden=projection_hidden,
             lr=lr,
             head_lr=head_lr,
-            epochs=epochs,
+            epochs=8 if epochs is None else epochs,
             batch_size=batch_size,
             seed=seed,
-            patience=patience,
+            patience=3 if patience is None else patience,
             dropout=dropout,
             max_length=max_length,
         )
@@ -124,14 +158,27 @@ def train(
         + (f", evaluating on {len(eval_set)}" if eval_set else ""),
         highlight=False,
     )
+    if search and (task != "classify" or not eval_set):
+        fail("--search needs a classify task and a dev split (--eval-data, or --dev-fraction > 0)", 2)
     progress = RichProgress(err)
+    search_record = None
     try:
-        result = _run(task, bb, train_set, eval_set, cfg, progress)
+        if search:
+            from ptserve.server.training.search import SearchConfig, search_and_train
+
+            found = search_and_train(bb, train_set, eval_set, cfg, SearchConfig(budget_s=search_budget_s),
+                                     progress, progress)
+            result, search_record = found.result, found.record
+        else:
+            result = _run(task, bb, train_set, eval_set, cfg, progress)
     except (DataError, ValueError) as exc:
         fail(str(exc), 2)
     finally:
         progress.stop()
-    write_outputs(result.adapter, out, result.record())
+    record = result.record()
+    if search_record is not None:
+        record["search"] = search_record
+    write_outputs(result.adapter, out, record)
     summary = _summary(task, result, out)
     if upload:
         from ptserve.client.errors import PtserveClientError
@@ -212,7 +259,9 @@ def _summary(task: str, result, out: Path) -> dict:
     }
     ev = result.eval
     if task == "classify":
-        summary.update(labels=result.labels, eval_accuracy=ev.accuracy if ev else None)
+        summary.update(labels=result.labels, head=result.adapter.config.head,
+                       virtual_tokens=result.adapter.config.num_virtual_tokens,
+                       eval_accuracy=ev.accuracy if ev else None)
     elif task == "embed":
         base = result.baseline
         summary.update(eval_recall_at_1=ev.recall_at_1 if ev else None, eval_mrr=ev.mrr if ev else None,

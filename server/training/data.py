@@ -175,3 +175,25 @@ def label_set(train: list[Example], held_out: list[Example] | None = None) -> li
     if unknown:
         raise DataError(f"evaluation labels {unknown} never occur in the training data")
     return labels
+
+
+def stratified_split(
+    examples: list[Example], fraction: float, seed: int
+) -> tuple[list[Example], list[Example]]:
+    """(rest, held_out): ``fraction`` of every label's examples held out (at least one from each label that has
+    two or more), chosen by ``seed``; disjoint, order within each part kept. The trainer's dev split."""
+    import random
+
+    if not 0.0 < fraction < 1.0:
+        raise DataError(f"a held-out fraction must lie in (0, 1), not {fraction}")
+    by_label: dict[str, list[int]] = {}
+    for i, e in enumerate(examples):
+        by_label.setdefault(e.label, []).append(i)
+    rng = random.Random(seed)
+    held: set[int] = set()
+    for label in sorted(by_label):
+        idx = by_label[label]
+        n = min(len(idx) - 1, max(1, round(len(idx) * fraction)))
+        held.update(rng.sample(idx, n) if n > 0 else [])
+    rest = [e for i, e in enumerate(examples) if i not in held]
+    return rest, [e for i, e in enumerate(examples) if i in held]

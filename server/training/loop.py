@@ -36,7 +36,9 @@ class FitConfig:
     seed: int
     patience: int  # epochs without a better eval score before stopping (0 = never stop early)
     warmup_ratio: float
+    weight_decay: float = 0.0  # AdamW's decoupled decay, on every parameter of the groups
     max_grad_norm: float = 1.0
+    deadline: float | None = None  # time.perf_counter() after which no further epoch starts (a search's budget)
 
 
 class Callbacks:
@@ -58,6 +60,14 @@ class FitResult:
     step_losses: list[float]
 
 
+def lr_factor(step: int, warmup: int, total: int) -> float:
+    """The learning-rate multiplier of step ``step`` (0-based): linear warm-up to 1 over ``warmup`` steps, then
+    linear decay to 0 at ``total`` (BERT's and P-Tuning v2's schedule)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    return max(0.0, (total - step) / max(1, total - warmup))
+
+
 def fit(
     module: nn.Module,  # holds every trainable parameter (and nothing frozen)
     param_groups: list[dict],  # AdamW groups: {"params": [...], "lr": ...}
@@ -72,11 +82,8 @@ def fit(
     steps_per_epoch = math.ceil(len(items) / cfg.batch_size)
     total = steps_per_epoch * cfg.epochs
     warmup = int(total * cfg.warmup_ratio)
-    optimizer = torch.optim.AdamW(param_groups, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: (s + 1) / max(1, warmup) if s < warmup else max(0.0, (total - s) / max(1, total - warmup)),
-    )
+    optimizer = torch.optim.AdamW(param_groups, weight_decay=cfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, total))
     trainable = [p for group in param_groups for p in group["params"]]
     history: list[EpochStats] = []
     step_losses: list[float] = []
@@ -114,6 +121,8 @@ def fit(
         history.append(stats)
         callbacks.on_epoch(stats)
         if evaluate is not None and cfg.patience and stale >= cfg.patience:
+            break
+        if cfg.deadline is not None and time.perf_counter() >= cfg.deadline:
             break
     module.load_state_dict(best_state)
     module.eval()

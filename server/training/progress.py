@@ -14,9 +14,10 @@ from rich.progress import (
 )
 
 from ptserve.server.training.loop import Callbacks, EpochStats
+from ptserve.server.training.search import SearchProgress, Trial
 
 
-class RichProgress(Callbacks):
+class RichProgress(Callbacks, SearchProgress):
     """A progress bar over all steps, with the running loss and the last eval accuracy; a line per epoch."""
 
     def __init__(self, console: Console):
@@ -51,6 +52,22 @@ class RichProgress(Callbacks):
             self.progress.update(self.task, metric=shown)
         line += f" ({stats.seconds:.1f}s)" + (" [green]best[/]" if stats.best else "")
         self.progress.console.print(line, highlight=False)
+
+    def on_trial_start(self, n: int, total: int, lr: float, virtual_tokens: int, head: str) -> None:
+        self.console.print(f"search trial {n}/{total}: lr {lr:g}, {virtual_tokens} virtual tokens, head {head} ...",
+                           highlight=False)
+
+    def on_trial(self, n: int, trial: Trial, best: bool) -> None:
+        self.console.print(
+            f"  trial {n}: dev accuracy {trial.dev_accuracy:.3f}, dev loss {trial.dev_loss:.4f} "
+            f"({trial.epochs_run} epochs, {trial.seconds:.0f}s)" + (" [green]best so far[/]" if best else ""),
+            highlight=False,
+        )
+
+    def on_final(self, chosen: dict) -> None:
+        self.console.print(
+            f"search chose lr {chosen['lr']:g}, {chosen['virtual_tokens']} virtual tokens, head {chosen['head']}: "
+            "final fit", highlight=False)
 
     def stop(self) -> None:
         self.progress.stop()

@@ -298,7 +298,7 @@ def test_classify_adapter_without_labels_is_refused(fp, head):
 def test_wrong_head_kind_is_refused(fp, head):
     adapter = make_adapter(fp, 2, head="cls_mlp")
     message = refuse(encode_blob(adapter), fp, head, InvalidAdapter)
-    assert "'cls_mlp'" in message and f"expected {head!r}" in message
+    assert "'cls_mlp'" in message and f"expected one of {head!r}, 'mean_linear'" in message
     # a backbone without classification heads refuses classify adapters outright
     assert "serves no classification heads" in refuse(make_blob(fp, 2), fp, None, InvalidAdapter)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from ptserve.server.training.data import DataError, Example, label_set, load_examples
+from ptserve.server.training.data import DataError, Example, label_set, load_examples, stratified_split
 
 EXAMPLES = Path(__file__).resolve().parents[3] / "examples" / "sentiment"
 
@@ -82,3 +82,21 @@ def test_example_sentiment_split_is_disjoint_balanced_and_complete():
             "neutral": n,
             "positive": n,
         }
+
+
+def _labelled(counts: dict[str, int]) -> list[Example]:
+    return [Example(f"{label} {i}", label) for label, n in counts.items() for i in range(n)]
+
+
+def test_stratified_split_is_stratified_disjoint_and_seeded():
+    examples = _labelled({"a": 40, "b": 20, "c": 7, "d": 1})
+    rest, held = stratified_split(examples, 0.15, seed=3)
+    assert sorted(rest + held, key=examples.index) == examples  # a partition: nothing lost or repeated
+    assert not set(rest) & set(held)
+    count = lambda xs, label: sum(e.label == label for e in xs)  # noqa: E731
+    assert [count(held, x) for x in "abcd"] == [6, 3, 1, 0]  # 15 % of each label, at least one, never a lone one
+    assert [count(rest, x) for x in "abcd"] == [34, 17, 6, 1]
+    assert stratified_split(examples, 0.15, seed=3) == (rest, held)  # seeded: the same split again
+    assert stratified_split(examples, 0.15, seed=4)[1] != held  # another seed, another dev split
+    with pytest.raises(DataError, match="fraction"):
+        stratified_split(examples, 1.0, seed=0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -66,3 +67,31 @@ def test_without_eval_data_runs_every_epoch_and_keeps_the_last():
         FitConfig(epochs=3, batch_size=2, seed=0, patience=1, warmup_ratio=0.0),
     )
     assert len(result.history) == 3 and result.best_epoch == 3 and not result.stopped_early
+
+
+def test_the_schedule_warms_up_linearly_then_decays_linearly_to_zero():
+    module = nn.Linear(2, 1)
+    groups = [{"params": list(module.parameters()), "lr": 1.0}]  # AdamW keeps these dicts: their lr is the step's
+    seen = []
+
+    def batch_loss(batch):
+        seen.append(groups[0]["lr"])
+        return module(torch.ones(len(batch), 2)).pow(2).mean()
+
+    # 5 epochs x 4 steps = 20 steps, warm-up 0.2 -> 4 steps: 1/4, 2/4, 3/4, 1, then (20 - s) / 16 down to 1/16
+    fit(module, groups, list(range(8)), batch_loss, None,
+        FitConfig(epochs=5, batch_size=2, seed=0, patience=0, warmup_ratio=0.2, weight_decay=0.1))
+    want = [0.25, 0.5, 0.75, 1.0] + [(20 - s) / 16 for s in range(4, 20)]
+    assert seen == pytest.approx(want)
+    assert groups[0]["weight_decay"] == 0.1  # the decay reaches the optimizer
+
+
+def test_a_deadline_stops_after_the_running_epoch():
+    import time
+
+    module = nn.Linear(2, 1)
+    result = fit(module, [{"params": list(module.parameters()), "lr": 0.01}], list(range(4)),
+                 lambda b: module(torch.ones(len(b), 2)).pow(2).mean(), lambda: Evaluation(1.0, 0.5),
+                 FitConfig(epochs=50, batch_size=2, seed=0, patience=0, warmup_ratio=0.0,
+                           deadline=time.perf_counter()))
+    assert len(result.history) == 1 and result.stopped_early

