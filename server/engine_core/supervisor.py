@@ -25,6 +25,7 @@ from ptserve.server.settings import Settings
 
 log = logging.getLogger(__name__)
 SETTINGS_ENV = "PTSERVE_SETTINGS_JSON"
+METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus-client's own variable
 POLL_S = 0.1
 SETTLED_S = 10.0  # a child that ran this long before dying is restarted at once; sooner, after a back-off
 MAX_BACKOFF_S = 10.0
@@ -67,6 +68,19 @@ class Supervisor:
         self.stopping = False
         self.force = False
 
+    @staticmethod
+    def _metrics_dir(tmp: str) -> str:
+        """One /metrics for every process: prometheus-client's multiprocess mode over a fresh directory
+        (``ptserve.server.metrics`` aggregates it where it supports that mode)."""
+        path = os.path.join(tmp, "metrics")
+        os.makedirs(path, exist_ok=True)
+        from ptserve.server import metrics
+
+        prepare = getattr(metrics, "prepare_multiprocess_dir", None)  # issue 12 item 4 (metrics.py)
+        if prepare is not None:
+            prepare(path)
+        return path
+
     def _signal(self, sig: int, frame) -> None:
         if self.stopping:
             self.force = True
@@ -77,7 +91,7 @@ class Supervisor:
         tmp = tempfile.mkdtemp(prefix="ptserve-core-")
         address = f"ipc://{os.path.join(tmp, 'engine-core.sock')}"
         sock = bind(s.host, s.port)
-        env = {**os.environ, SETTINGS_ENV: s.model_dump_json()}
+        env = {**os.environ, SETTINGS_ENV: s.model_dump_json(), METRICS_ENV: self._metrics_dir(tmp)}
         py = sys.executable
         core = Child("engine core", [py, "-m", "ptserve.server.engine_core.core_proc", address])
         workers = [Child(f"API worker {i}", [py, "-m", "ptserve.server.engine_core.worker_proc", str(sock.fileno()),
