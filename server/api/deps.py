@@ -11,7 +11,6 @@ Auth in a route, in one line each (``ptserve.server.auth`` has the rules)::
 """
 from __future__ import annotations
 
-import time
 from typing import Annotated
 
 from fastapi import Depends, Request, Security
@@ -62,11 +61,6 @@ async def authenticate(request: Request, _=Security(_bearer)) -> Identity:
 
 async def authenticate_admin(principal: Annotated[Identity, Depends(authenticate)]) -> Identity:
     return require_admin(principal)
-
-
-def request_deadline(state: ServerState) -> float:
-    """The ``time.monotonic()`` instant by which an inference request must be done (else 504)."""
-    return time.monotonic() + state.settings.request_timeout_s
 
 
 StateDep = Annotated[ServerState, Depends(get_state)]

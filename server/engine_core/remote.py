@@ -18,7 +18,7 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from ptserve.adapters_store.ids import AdapterId
-from ptserve.client.wire.errors import APIError, DeadlineExceeded, EngineUnavailable, error_class
+from ptserve.client.wire.errors import DeadlineExceeded, EngineUnavailable, error_class
 from ptserve.server.engine_core import messages as m
 from ptserve.server.engine_core.client import AdapterMeta, Encoded, VersionChanged
 
