@@ -9,7 +9,7 @@ import asyncio
 import logging
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import AsyncIterator
+from typing import AsyncIterator, Callable
 
 from ptserve.adapters_store.cache import AdapterCache
 from ptserve.adapters_store.errors import StoreUnavailable
@@ -18,7 +18,7 @@ from ptserve.adapters_store.ids import AdapterId
 from ptserve.adapters_store.peft_folder import peft_to_blob
 from ptserve.adapters_store.store import AdapterInfo, AdapterMeta, AdapterStore, Page
 from ptserve.adapters_store.validation import Limits, decode_blob
-from ptserve.server.engine import Engine
+from ptserve.server.engine import Engine  # or an API worker's Frontend (no weights: no _load)
 from ptserve.server.logs import note
 from ptserve.server.resident import ResidentAdapter
 
@@ -39,6 +39,8 @@ class AdapterService:
         self.serves = engine.backbone.family.tasks  # an upload of another task could never be used: refused
         self.cache: AdapterCache[ResidentAdapter] = AdapterCache(cache_bytes, self._load)
         self._tasks: set[asyncio.Task] = set()
+        # told of every version this service publishes (None: deleted); an API worker tells its engine core
+        self.listeners: list[Callable[[AdapterId, int | None], None]] = []
 
     # --- uploads ----------------------------------------------------------------------------------------------
     def decode(self, blob: bytes) -> Adapter:
@@ -61,6 +63,7 @@ class AdapterService:
         cfg = adapter.config
         info = await self.store.put(adapter_id, blob, AdapterMeta(cfg.task, cfg.num_virtual_tokens, cfg.labels))
         self._refresh(adapter_id)
+        self._tell(adapter_id, info.version)
         return info
 
     # --- reads ------------------------------------------------------------------------------------------------
@@ -77,6 +80,7 @@ class AdapterService:
         await self.store.delete(adapter_id)
         self.cache.unpin(adapter_id)
         self.cache.invalidate(adapter_id)
+        self._tell(adapter_id, None)
 
     async def resident(self, adapter_id: AdapterId) -> ResidentAdapter:
         return await self.cache.get(adapter_id)
@@ -128,6 +132,13 @@ class AdapterService:
             resident = self.cache.peek(adapter_id)
             if resident is not None and resident.version != current.get(adapter_id):
                 self._refresh(adapter_id)
+
+    def _tell(self, adapter_id: AdapterId, version: int | None) -> None:
+        for listener in self.listeners:
+            try:
+                listener(adapter_id, version)
+            except Exception:  # a listener must never fail an upload
+                log.exception("adapter change listener failed")
 
     def _refresh(self, adapter_id: AdapterId) -> None:
         self.cache.invalidate(adapter_id)

@@ -74,7 +74,7 @@ def trained_for_mean_pooling(path: str | Path) -> bool:
 class Backbone:
     name: str  # what the user asked for (path, hub id or 'minilm')
     path: str  # where it was loaded from
-    model: torch.nn.Module  # HF base model (BertModel) or causal LM (LlamaForCausalLM); eval, requires_grad False
+    model: torch.nn.Module | None  # None in an API worker (``load_frontend``); else the HF base model (BertModel) or causal LM (LlamaForCausalLM); eval, requires_grad False
     tokenizer: object
     fingerprint: BackboneFingerprint
     family: Family
@@ -122,3 +122,16 @@ def load_backbone(
     fp = fingerprint_from_config(config)
     log.info("backbone %s (%s) on %s in %s (%s): %s", name, fp.model_type, dev, choice.dtype, choice.reason, fp)
     return Backbone(name, path, model, tokenizer, fp, family, dev, dt, choice.reason)
+
+
+def load_frontend(name: str, device: str = "auto", dtype: str = "auto", allow_download: bool = False) -> Backbone:
+    """What an API worker needs of the backbone: config, fingerprint, family and tokenizer, no weights (those live
+    in the engine core). Device and dtype are chosen as the core chooses them, for ``/readyz``."""
+    path = resolve_path(name)
+    local_only = not allow_download
+    config = hf_compat.load_config(path, local_only)
+    dev = pick_device(device)
+    choice = pick_dtype(dtype, dev)
+    tokenizer = hf_compat.load_tokenizer(path, local_only)
+    return Backbone(name, path, None, tokenizer, fingerprint_from_config(config), family_for(config), dev,
+                    _DTYPES[choice.dtype], choice.reason)

@@ -4,6 +4,7 @@ module loads no torch: each command imports what it runs."""
 from __future__ import annotations
 
 import inspect
+import logging
 import ipaddress
 from pathlib import Path
 from typing import Optional
@@ -44,10 +45,37 @@ def serve(insecure: bool = False, **flags: Optional[str]) -> None:
         )
         raise typer.Exit(2)
     configure_logging(settings.log_level, settings.log_format)
+    workers = _api_workers(settings)
+    if workers:  # an engine core process and API workers (docs/design.md "Engine core and API workers")
+        from ptserve.server.engine_core.supervisor import Supervisor
+
+        raise typer.Exit(Supervisor(settings, workers).run())
     fastapi_app = create_app(settings)
     # One worker per process (a replica); run more replicas on the same store to scale (docs/design.md).
     serve_app(fastapi_app, fastapi_app.state.ptserve, settings.host, settings.port, settings.log_level,
               settings.drain_timeout_s)
+
+
+def _api_workers(settings: Settings) -> int:
+    """How many API worker processes (0: serve in this process). Decoder LMs serve in process: their token
+    streams do not cross the process boundary yet."""
+    from ptserve.server import hf_compat
+    from ptserve.server.backbone import family_for, resolve_path
+    from ptserve.server.engine_core.supervisor import default_api_workers
+    from ptserve.server.hardware import cpu_budget
+
+    asked = settings.api_workers
+    workers = default_api_workers(cpu_budget()) if asked == "auto" else asked
+    if not workers:
+        return 0
+    try:
+        causal = family_for(hf_compat.load_config(resolve_path(settings.backbone), not settings.allow_download)).causal
+    except Exception:  # the in-process server reports a backbone that does not load on /readyz, as before
+        return 0
+    if causal:
+        logging.getLogger(__name__).warning("PTSERVE_API_WORKERS=%s ignored: a decoder LM serves in process", asked)
+        return 0
+    return workers
 
 
 ENV_ONLY = {"admin_key"}  # secrets stay out of the command line, where `ps` would show them

@@ -72,20 +72,7 @@ class Engine:
 
     # --- tokenisation ---------------------------------------------------------------------------------------
     def tokenize(self, texts: list[str], prefix_len: int, truncate: bool = False) -> list[tuple[int, ...]]:
-        """Token ids per text; inputs that do not fit beside the prefix raise ``InputTooLong`` or are cut."""
-        room = self.backbone.max_positions - prefix_len
-        tok = self.backbone.tokenizer
-        ids = tok(texts, add_special_tokens=True, truncation=False)["input_ids"]
-        for i, row in enumerate(ids):
-            if len(row) <= room:
-                continue
-            if not truncate:
-                raise InputTooLong(
-                    f"input {i} has {len(row)} tokens; with the adapter's {prefix_len} virtual tokens at most "
-                    f"{room} fit ({self.backbone.max_positions} positions). Shorten it or pass truncate=true."
-                )
-            ids[i] = tok(texts[i], add_special_tokens=True, truncation=True, max_length=room)["input_ids"]
-        return [tuple(r) for r in ids]
+        return tokenize(self.backbone, texts, prefix_len, truncate)
 
     # --- one forward pass -----------------------------------------------------------------------------------
     def gather_prefixes(self, rows: list[Row]) -> torch.Tensor:
@@ -114,6 +101,24 @@ class Engine:
     def classify(self, rows: list[Row]) -> tuple[list[torch.Tensor], BatchStats]:
         """Logits per row ([num_labels] float32, cpu) of ``LOGITS`` rows (the default), in one forward pass."""
         return self.run(rows)
+
+
+def tokenize(bb: Backbone, texts: list[str], prefix_len: int, truncate: bool = False) -> list[tuple[int, ...]]:
+    """Token ids per text; inputs that do not fit beside the prefix raise ``InputTooLong`` or are cut. Needs only
+    the tokenizer and the backbone's geometry: API workers, which hold no weights, tokenise with it too."""
+    room = bb.max_positions - prefix_len
+    tok = bb.tokenizer
+    ids = tok(texts, add_special_tokens=True, truncation=False)["input_ids"]
+    for i, row in enumerate(ids):
+        if len(row) <= room:
+            continue
+        if not truncate:
+            raise InputTooLong(
+                f"input {i} has {len(row)} tokens; with the adapter's {prefix_len} virtual tokens at most "
+                f"{room} fit ({bb.max_positions} positions). Shorten it or pass truncate=true."
+            )
+        ids[i] = tok(texts[i], add_special_tokens=True, truncation=True, max_length=room)["input_ids"]
+    return [tuple(r) for r in ids]
 
 
 def row_outputs(rows: list[Row], enc: EncoderOutput) -> list[torch.Tensor]:

@@ -4,6 +4,7 @@ to uvicorn's own shutdown, and the process exits 0. A second signal exits at onc
 from __future__ import annotations
 
 import logging
+import socket
 import time
 
 import uvicorn
@@ -49,7 +50,9 @@ class DrainingServer(uvicorn.Server):
         return await super().on_tick(counter)
 
 
-def serve_app(app, state: ServerState, host: str, port: int, log_level: str, drain_timeout_s: float) -> None:
+def serve_app(app, state: ServerState, host: str, port: int, log_level: str, drain_timeout_s: float,
+              sock: socket.socket | None = None) -> None:
+    """Serve until drained; ``sock``: a listening socket bound by a supervisor (shared by its API workers)."""
     s = state.settings
     limits = ConnectionLimits(head_bytes=s.max_header_bytes, head_timeout_s=s.header_timeout_s,
                               body_timeout_s=s.body_timeout_s)
@@ -58,4 +61,4 @@ def serve_app(app, state: ServerState, host: str, port: int, log_level: str, dra
         timeout_graceful_shutdown=AFTER_DRAIN_S, timeout_keep_alive=s.keep_alive_timeout_s,
         http=GuardedHttpToolsProtocol.factory(limits),  # bounds a request head's size and time, a body's silence
     )
-    DrainingServer(config, state, drain_timeout_s).run()
+    DrainingServer(config, state, drain_timeout_s).run(sockets=[sock] if sock is not None else None)

@@ -23,6 +23,11 @@ class Settings(BaseSettings):
         description="This replica's name, sent as X-Ptserve-Replica on every response (default: hostname-pid).",
     )
 
+    api_workers: Annotated[int, Field(ge=0, le=64)] | Literal["auto"] = Field(
+        "auto", description="API worker processes in front of one engine core process (0 = API and engine in "
+        "this one process; auto = 0 below 4 usable cpus, else one per 4 cpus, at most 8; encoder backbones).",
+    )
+
     # backbone
     backbone: str = Field(DEFAULT_BACKBONE, description="'minilm' (bundled), a local HF model folder or a hub id.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto = cuda when available, else cpu.")

@@ -148,3 +148,18 @@ def redis_prefix(redis_server):
         keys = list(client.scan_iter(match=prefix + "*", count=1000))
         for i in range(0, len(keys), 1000):
             client.unlink(*keys[i:i + 1000])
+
+
+SERVER_MODES = {"in-process": {}, "api-workers": {"PTSERVE_API_WORKERS": "1"}}
+
+
+@pytest.fixture(scope="module", params=list(SERVER_MODES))
+def server_modes(request):
+    """Runs a module's HTTP tests against both servers: API and engine in one process, and an engine core process
+    behind an API worker (one worker, so that a worker's /metrics sees every request of the test)."""
+    from tests.factories import SERVER_MODE
+
+    SERVER_MODE.clear()
+    SERVER_MODE.update(SERVER_MODES[request.param])
+    yield request.param
+    SERVER_MODE.clear()

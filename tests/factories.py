@@ -72,7 +72,12 @@ def free_port() -> int:
 # Test servers compute in float32 with a fixed planner, so their answers can be compared with float32 references
 # to 1e-5 and their passes do not depend on a start-up measurement; the defaults (dtype and pass cost chosen at
 # start-up) are tested on their own (tests/server/test_hardware_defaults.py). A test's env overrides these.
-FIXED_SERVER_SETTINGS = {"PTSERVE_THREADS": "2", "PTSERVE_DTYPE": "float32", "PTSERVE_BATCH_OVERHEAD_TOKENS": "64"}
+FIXED_SERVER_SETTINGS = {"PTSERVE_THREADS": "2", "PTSERVE_DTYPE": "float32", "PTSERVE_BATCH_OVERHEAD_TOKENS": "64",
+                         "PTSERVE_API_WORKERS": "0"}
+# How the suites that run against both servers (the ``server_modes`` fixture, tests/conftest.py) start this one:
+# empty = in process; else an engine core process and API workers. Applied after the fixed settings, before a
+# test's own env.
+SERVER_MODE: dict[str, str] = {}
 
 
 @dataclass
@@ -90,7 +95,8 @@ def server_process(env: dict[str, str], timeout: float = 120.0):
     """``ptserve serve`` in a subprocess on a free loopback port; yields a ``ServerProcess`` once /readyz is 200
     (the test may signal ``proc`` itself; whatever still runs at the end is terminated)."""
     port = free_port()
-    full_env = {**os.environ, "PTSERVE_HOST": "127.0.0.1", "PTSERVE_PORT": str(port), **FIXED_SERVER_SETTINGS, **env}
+    full_env = {**os.environ, "PTSERVE_HOST": "127.0.0.1", "PTSERVE_PORT": str(port), **FIXED_SERVER_SETTINGS,
+                **SERVER_MODE, **env}
     exe = shutil.which("ptserve", path=str(Path(sys.executable).parent)) or "ptserve"
     log_file = tempfile.NamedTemporaryFile(prefix="ptserve-", suffix=".log", delete=False)
     log_path = Path(log_file.name)

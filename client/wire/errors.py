@@ -389,6 +389,25 @@ class Draining(ServiceUnavailableError):
         super().__init__(message, headers={"Retry-After": "1", "Connection": "close"})
 
 
+class EngineUnavailable(ServiceUnavailableError):
+    """The engine core process is down (restarting) or unreachable from this API worker; retry shortly."""
+
+    type = "engine_unavailable"
+
+    def __init__(self, message: str = "the engine core is restarting; retry shortly", retry_after: float = 1.0):
+        super().__init__(message, headers={"Retry-After": str(max(1, min(60, math.ceil(retry_after))))})
+
+
+class AdapterChanged(ServiceUnavailableError):
+    """A new version of the adapter was published twice while the request was being served (each answer comes
+    from one whole version); retrying gets the newest."""
+
+    type = "adapter_changed"
+
+    def __init__(self, message: str, retry_after: float = 1.0):
+        super().__init__(message, headers={"Retry-After": str(max(1, min(60, math.ceil(retry_after))))})
+
+
 class DeadlineExceeded(GatewayTimeoutError):
     """The request was not served within ``PTSERVE_REQUEST_TIMEOUT_S``."""
 

@@ -13,13 +13,15 @@ from ptserve.server.api import (
 )
 from ptserve.server.api.errors import install_error_handlers
 from ptserve.server.api.middleware import BodyLimitMiddleware, RequestMiddleware
-from ptserve.server.api.state import ServerState
+from ptserve.server.api.state import Mode, ServerState
 from ptserve.server.settings import Settings
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
+def create_app(settings: Settings | None = None, mode: Mode = "inprocess", engine_address: str | None = None,
+               ) -> FastAPI:
+    """``mode`` "worker": an API worker of an engine core process at ``engine_address`` (``engine_core``)."""
     settings = settings or Settings()
-    state = ServerState(settings)
+    state = ServerState(settings, mode, engine_address)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):

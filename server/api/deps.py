@@ -6,17 +6,18 @@ Auth in a route, in one line each (``ptserve.server.auth`` has the rules)::
     async def route(req: Body, principal: Principal, state: ReadyDep):
         adapter_id = authorize(principal, req.adapter)  # AdapterId; another tenant's adapter -> the same 404
         with state.limiter.slot(adapter_id.tenant):      # per-tenant concurrency -> 429
-            ... state.batcher.submit(rows, lengths, tenant=adapter_id.tenant, deadline=request_deadline(state))
+            ... await encode_texts(state.client, ...)    # the engine (in process or the engine core), see
+                                                         # ptserve.server.engine_core.client
 """
 from __future__ import annotations
 
-import time
 from typing import Annotated
 
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPBearer
 
 from ptserve.server.adapters import AdapterService
+from ptserve.client.wire.errors import EngineUnavailable
 from ptserve.server.api.errors import NotReady
 from ptserve.server.api.state import ServerState
 from ptserve.server.auth import Identity, authorize, authorize_tenant, require_admin  # noqa: F401  (re-exported)
@@ -34,7 +35,16 @@ def get_ready_state(request: Request) -> ServerState:
     state: ServerState = request.app.state.ptserve
     if not state.ready.is_set():
         raise NotReady(state.load_error or "the backbone is still loading")
+    if state.client is not None and not state.client.available:  # an API worker whose engine core is down
+        raise engine_down(state)
     return state
+
+
+def engine_down(state: ServerState) -> Exception:
+    """The error for a request while the engine core is not connected: still starting, or gone (restarting)."""
+    if getattr(state.client, "ever_connected", True):
+        return EngineUnavailable()
+    return NotReady("the engine core is still loading")
 
 
 def get_adapters(state: Annotated[ServerState, Depends(get_ready_state)]) -> AdapterService:
@@ -51,11 +61,6 @@ async def authenticate(request: Request, _=Security(_bearer)) -> Identity:
 
 async def authenticate_admin(principal: Annotated[Identity, Depends(authenticate)]) -> Identity:
     return require_admin(principal)
-
-
-def request_deadline(state: ServerState) -> float:
-    """The ``time.monotonic()`` instant by which an inference request must be done (else 504)."""
-    return time.monotonic() + state.settings.request_timeout_s
 
 
 StateDep = Annotated[ServerState, Depends(get_state)]

@@ -4,24 +4,21 @@ forward passes, as classification rows of any tenant; its output is the mean-poo
 from __future__ import annotations
 
 import base64
-from contextlib import asynccontextmanager
-from typing import AsyncIterator
-
 import numpy as np
 import torch
 from fastapi import APIRouter
 
 from ptserve.adapters_store.errors import AdapterNotFound, InvalidInput, WrongTask
 from ptserve.adapters_store.ids import AdapterId
-from ptserve.server.api.deps import Principal, ReadyDep, authorize, request_deadline
+from ptserve.server.api.deps import Principal, ReadyDep, authorize
 from ptserve.server.api.json_body import JSONBodyRoute
 from ptserve.server.api.schemas import ErrorResponse
 from ptserve.server.api.schemas_embeddings import Embedding, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage
 from ptserve.server.api.state import ServerState
 from ptserve.server.auth import Identity
-from ptserve.server.engine import EMBEDDING, Row
+from ptserve.server.engine import EMBEDDING
+from ptserve.server.engine_core.client import AdapterMeta, encode_texts
 from ptserve.server.logs import note
-from ptserve.server.resident import ResidentAdapter
 
 router = APIRouter(tags=["openai"], route_class=JSONBodyRoute)
 ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 429, 503, 504)}
@@ -31,22 +28,22 @@ EMBEDDING_TASKS = ("embed", "classify")
 
 @router.post("/v1/embeddings", response_model=EmbeddingResponse, responses=ERRORS)
 async def embeddings(req: EmbeddingRequest, principal: Principal, state: ReadyDep) -> EmbeddingResponse:
-    if state.batcher is None:
+    if state.client is None:
         raise WrongTask(f"backbone {state.settings.backbone!r} is a decoder LM: /v1/embeddings needs an encoder")
     texts = [req.input] if isinstance(req.input, str) else req.input
     limit = state.settings.max_inputs_per_request
     if len(texts) > limit:
         raise InvalidInput(f"{len(texts)} inputs; at most {limit} per request")
-    deadline = request_deadline(state)
     adapter_id = _adapter_id(state, principal, req.model)
     # The bare backbone counts for the caller's tenant (admin and open callers share the empty one).
     tenant = adapter_id.tenant if adapter_id else (principal.tenant or "")
     with state.limiter.slot(tenant):
-        state.batcher.check_room(tenant, len(texts))  # refuse before loading or tokenising
-        async with _prefix(state, adapter_id) as resident:
-            token_ids = state.engine.tokenize(texts, resident.num_virtual_tokens, req.truncate)
-            rows = [Row(resident, ids, EMBEDDING) for ids in token_ids]
-            vectors = await state.batcher.submit(rows, [r.length for r in rows], tenant, deadline)
+        state.client.check_room(tenant, len(texts))  # refuse before loading or tokenising
+        encoded, token_ids = await encode_texts(
+            state.client, state.backbone, adapter_id, texts, req.truncate, EMBEDDING, tenant,
+            state.settings.request_timeout_s, EMBEDDING_TASKS, _wrong_task,
+        )
+    vectors = encoded.outputs
     tokens = sum(len(ids) for ids in token_ids)
     state.metrics.observe_embeddings(len(texts), tokens)
     return EmbeddingResponse(
@@ -68,17 +65,9 @@ def _adapter_id(state: ServerState, principal: Identity, model: str) -> AdapterI
     return authorize(principal, model)
 
 
-@asynccontextmanager
-async def _prefix(state: ServerState, adapter_id: AdapterId | None) -> AsyncIterator[ResidentAdapter]:
-    """The prefix the rows run under, held for as long as they are in flight (the bare backbone has none)."""
-    if adapter_id is None:
-        yield state.engine.bare
-        return
-    async with state.adapters.lease(adapter_id) as resident:
-        if resident.config.task not in EMBEDDING_TASKS:
-            raise WrongTask(f"adapter {adapter_id} is a {resident.config.task!r} adapter; embeddings need an "
-                            f"adapter of task {' or '.join(EMBEDDING_TASKS)}")
-        yield resident
+def _wrong_task(meta: AdapterMeta) -> str:
+    return (f"adapter {meta.id} is a {meta.task!r} adapter; embeddings need an adapter of task "
+            f"{' or '.join(EMBEDDING_TASKS)}")
 
 
 def _encode(vector: torch.Tensor, encoding_format: str) -> list[float] | str:

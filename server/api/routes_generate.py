@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import time
+from contextlib import AsyncExitStack
 from dataclasses import dataclass, field, replace
 from typing import AsyncIterator
 
@@ -26,6 +27,7 @@ from ptserve.server.api.schemas import ErrorResponse
 from ptserve.server.api.schemas_generate import GenerateRequest, GenerateResponse, GenerateUsage
 from ptserve.server.api.state import ServerState
 from ptserve.server.generation.engine import StepEvent
+from ptserve.server.engine_core.local import LEASE_HOLD_LIMIT_S
 from ptserve.server.generation.sequence import SamplingParams, Sequence
 from ptserve.server.limits import DeadlineExceeded, QueueFull
 from ptserve.server.logs import current, note
@@ -76,7 +78,9 @@ async def run_generation(
         raise QueueFull(f"{runner.waiting} requests are waiting to generate; retry later", retry_after=1.0)
     adapter_id = authorize(principal, adapter)
     with state.limiter.slot(adapter_id.tenant):
-        async with state.adapters.lease(adapter_id) as resident:
+        lease = AsyncExitStack()
+        try:
+            resident = await lease.enter_async_context(state.adapters.lease(adapter_id))
             if resident.config.task != "generate":
                 raise WrongTask(f"adapter {adapter} is a {resident.config.task!r} adapter; use /v1/classify")
             gen.adapter_id, gen.version = resident.id, resident.version
@@ -96,6 +100,32 @@ async def run_generation(
                 note(generation={**gen.usage.model_dump(exclude={"total_tokens"}), "choices": len(gen.seqs),
                                  "engine_steps": max(s.steps for s in gen.seqs),
                                  "finish_reason": finish[0] if len(finish) == 1 else finish})
+                if not all(s.released.is_set() for s in gen.seqs):  # left early: the engine frees them next step
+                    _hold_until_released(gen.seqs, lease.pop_all())
+        finally:
+            await lease.aclose()
+
+
+_holds: set[asyncio.Task] = set()  # leases kept past their request until the engine let its sequences go
+
+
+def _hold_until_released(seqs: list[Sequence], lease: AsyncExitStack) -> None:
+    """The adapter's lease outlives a request that left early (disconnect, deadline) until the engine no longer
+    holds its sequences, whose KV rows and prefix it still reads (issue 12 item 2)."""
+    def wait() -> bool:
+        end = time.monotonic() + LEASE_HOLD_LIMIT_S
+        return all(s.released.wait(max(0.0, end - time.monotonic())) for s in seqs)
+
+    async def hold() -> None:
+        try:
+            if not await asyncio.to_thread(wait):
+                log.warning("a generation lease outlived its request by %.0f s; released", LEASE_HOLD_LIMIT_S)
+        finally:
+            await lease.aclose()
+
+    task = asyncio.get_running_loop().create_task(hold(), name="ptserve-generation-lease-hold")
+    _holds.add(task)
+    task.add_done_callback(_holds.discard)
 
 
 async def _observed(state: ServerState, events: AsyncIterator[StepEvent]) -> AsyncIterator[StepEvent]:

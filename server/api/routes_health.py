@@ -7,8 +7,9 @@ from urllib.parse import urlsplit, urlunsplit
 from fastapi import APIRouter, Response
 
 from ptserve.adapters_store.errors import PtserveError
-from ptserve.server.api.deps import StateDep
-from ptserve.server.api.errors import Draining, NotReady, error_response
+from ptserve.server.api.deps import StateDep, engine_down
+from ptserve.client.wire.errors import EngineUnavailable
+from ptserve.server.api.errors import Draining, NotReady, answer, error_response
 from ptserve.server.api.json_body import JSONBodyRoute
 from ptserve.server.metrics import CONTENT_TYPE
 
@@ -28,26 +29,27 @@ async def readyz(state: StateDep):
         return error_response(503, NotReady.type, f"start-up failed: {state.load_error}")
     if not state.ready.is_set():
         return error_response(503, NotReady.type, "the backbone is still loading")
+    if state.client is not None and not state.client.available:
+        return answer(engine_down(state))
     # A store outage degrades but does not stop serving: resident adapters still answer, so stay in rotation.
     try:
         await asyncio.wait_for(state.store.ping(), timeout=2.0)
         store_status = "ok"
     except (PtserveError, asyncio.TimeoutError):
         store_status = "unavailable"
+    try:  # the engine's facts: this process's, or the engine core's (503 engine_unavailable while it is down)
+        facts = await state.client.health() if state.client is not None else {
+            **state.engine_facts(), "resident_adapters": len(state.adapters.cache)}
+    except EngineUnavailable as exc:
+        return answer(exc)
     body = {
         "status": "ready" if store_status == "ok" else "degraded",
         "backbone": state.settings.backbone,
-        "device": str(state.backbone.device),
-        "dtype": str(state.backbone.dtype).removeprefix("torch."),
-        "dtype_reason": state.backbone.dtype_reason,
-        "threads": state.threads.threads,
+        **{k: v for k, v in facts.items() if k != "resident_adapters"},
         "store": _redact(state.store.url),
         "store_status": store_status,
-        "resident_adapters": len(state.adapters.cache),
+        "resident_adapters": facts["resident_adapters"],
     }
-    if state.pass_cost is not None:
-        body["batch_overhead_tokens"] = state.pass_cost.overhead_tokens
-        body["batch_overhead_source"] = state.pass_cost.source
     # Stores with a change feed (Redis): while it is down, other replicas' updates reach this one only at the
     # resync after it reconnects.
     if (feed := getattr(state.store, "connected", None)) is not None:

@@ -5,6 +5,7 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 
@@ -13,7 +14,7 @@ from ptserve.adapters_store.keys import KeyStore, open_key_store
 from ptserve.adapters_store.store import AdapterStore, open_store
 from ptserve.adapters_store.validation import Limits
 from ptserve.server.adapters import AdapterService
-from ptserve.server.backbone import Backbone, load_backbone
+from ptserve.server.backbone import Backbone, load_backbone, load_frontend
 from ptserve.server.batch_plan import BatchPolicy
 from ptserve.server.auth import Authenticator
 from ptserve.server.batcher import Batcher
@@ -21,6 +22,8 @@ from ptserve.server.calibrate import measure_pass_cost, warm_up
 from ptserve.server.chat_template import ChatTemplate
 from ptserve.server.cost_model import PassCost, from_setting
 from ptserve.server.engine import Engine
+from ptserve.server.engine_core.client import EngineClient
+from ptserve.server.engine_core.local import LocalEngineClient, PassWatch
 from ptserve.server.generation.engine import GenerationEngine, GenerationLimits
 from ptserve.server.generation.runner import GenerationRunner
 from ptserve.server.generation.scheduler import ADMISSION_POLICIES
@@ -32,9 +35,29 @@ from ptserve.server.settings import Settings
 log = logging.getLogger(__name__)
 
 
+Mode = Literal["inprocess", "worker", "core"]  # docs/design.md "Engine core and API workers (issue 12)"
+
+
+@dataclass
+class Frontend:
+    """An API worker's stand-in for the engine: the backbone without weights (``load_frontend``), enough to
+    validate uploads (``AdapterService``) and to tokenise."""
+
+    backbone: Backbone
+
+    @property
+    def fp(self):
+        return self.backbone.fingerprint
+
+
 @dataclass
 class ServerState:
     settings: Settings
+    # inprocess: engine and API in this process; worker: the API only, the engine in a core process at
+    # ``engine_address``; core: the engine only (no HTTP), serving workers through ``core_proc``
+    mode: Mode = "inprocess"
+    engine_address: str | None = None
+    client: EngineClient | None = None  # encoder backbones: what the classify and embeddings routes call
     metrics: Metrics = field(default_factory=Metrics)
     backbone: Backbone | None = None
     engine: Engine | None = None
@@ -70,11 +93,14 @@ class ServerState:
         return (
             self.inflight == 0
             and (self.batcher is None or self.batcher.idle)
+            and (self.client is None or self.client.idle)
             and (self.generator is None or (self.generator.running == 0 and self.generator.waiting == 0))
         )
 
     async def start(self) -> None:
         """Load the backbone off the event loop, then open the store and start the batcher."""
+        if self.mode == "worker":
+            return await self._start_worker()
         s = self.settings
         try:
             self.threads = choose_threads(s.threads, cpu_budget())
@@ -102,11 +128,13 @@ class ServerState:
                     max_batch_size=s.max_batch_size, max_batch_tokens=s.max_batch_tokens,
                     overhead_tokens=self.pass_cost.overhead_tokens,
                 )
+                watch = PassWatch(self.engine.run)
                 self.batcher = Batcher(
-                    self.engine.run, policy, s.max_wait_ms, on_pass=self.metrics.observe_pass,
+                    watch, policy, s.max_wait_ms, on_pass=self.metrics.observe_pass,
                     max_queue_rows=s.max_queue_rows, max_queue_rows_per_tenant=s.max_queue_rows_per_tenant,
                 )
                 self.batcher.start()
+                self.client = LocalEngineClient(self.adapters, self.batcher, self.engine, watch, self.engine_facts)
             await self.adapters.preload([AdapterId.parse(x) for x in s.preload])
             self.watcher = asyncio.get_running_loop().create_task(self.adapters.watch(), name="ptserve-watch")
             fp = self.backbone.fingerprint
@@ -120,6 +148,40 @@ class ServerState:
         except Exception as exc:  # surfaced by /readyz and by every route that needs the engine
             self.load_error = f"{type(exc).__name__}: {exc}"
             log.exception("start-up failed")
+
+    async def _start_worker(self) -> None:
+        """An API worker: tokenizer and geometry of the backbone, the store (uploads, listings, the change feed)
+        and a client of the engine core process; no weights, no batcher."""
+        from ptserve.server.engine_core.remote import RemoteEngineClient
+
+        s = self.settings
+        try:
+            self.backbone = await asyncio.to_thread(load_frontend, s.backbone, s.device, s.dtype, s.allow_download)
+            if self.backbone.family.causal:
+                raise ValueError("API workers serve encoder backbones; a decoder LM runs with PTSERVE_API_WORKERS=0")
+            self.store = open_store(s.store)
+            limits = Limits(max_bytes=s.max_adapter_bytes, max_virtual_tokens=s.max_virtual_tokens)
+            self.adapters = AdapterService(self.store, Frontend(self.backbone), 0, limits)
+            self.client = RemoteEngineClient(self.engine_address, s.request_timeout_s)
+            await self.client.start()
+            self.adapters.listeners.append(self.client.adapter_changed)
+            self.watcher = asyncio.get_running_loop().create_task(self.adapters.watch(), name="ptserve-watch")
+            self.ready.set()
+            log.info("ptserve API worker ready: backbone %s, engine core at %s", s.backbone, self.engine_address)
+        except Exception as exc:
+            self.load_error = f"{type(exc).__name__}: {exc}"
+            log.exception("start-up failed")
+
+    def engine_facts(self) -> dict:
+        """The engine's side of ``/readyz``."""
+        facts = {
+            "device": str(self.backbone.device), "dtype": str(self.backbone.dtype).removeprefix("torch."),
+            "dtype_reason": self.backbone.dtype_reason, "threads": self.threads.threads,
+        }
+        if self.pass_cost is not None:
+            facts["batch_overhead_tokens"] = self.pass_cost.overhead_tokens
+            facts["batch_overhead_source"] = self.pass_cost.source
+        return facts
 
     def _prepare_encoder(self) -> PassCost:
         """Before any request runs: compile the encoder when asked (warmed up here, so no request waits for the
@@ -135,6 +197,8 @@ class ServerState:
         return measure_pass_cost(self.engine, s.max_batch_size, s.max_batch_tokens)
 
     async def stop(self) -> None:
+        if self.client is not None and hasattr(self.client, "close"):
+            await self.client.close()
         if self.watcher:
             self.watcher.cancel()
             await asyncio.gather(self.watcher, return_exceptions=True)

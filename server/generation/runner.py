@@ -122,6 +122,7 @@ class GenerationRunner:
         loop, sink = self._sinks[seq.id]
         if isinstance(event, BaseException) or event.done:
             del self._sinks[seq.id]
+            seq.released.set()  # the engine has let it go (its KV slot is free)
         try:
             loop.call_soon_threadsafe(sink.put_nowait, event)
         except RuntimeError:  # the caller's event loop is closed: nobody left to tell (and no reason to stop)

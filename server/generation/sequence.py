@@ -75,6 +75,9 @@ class Sequence:
     text: str = ""
     prompt_logprobs: list[TokenLogprob | None] | None = None  # per prompt token, when params.prompt_logprobs
     cancelled: threading.Event = field(default_factory=threading.Event)
+    # set by the runner once the engine holds the sequence no more (finished, cancelled, failed): the adapter's
+    # lease may end only then (routes_generate)
+    released: threading.Event = field(default_factory=threading.Event)
     _prefix_offset: int = 0  # output_ids[_prefix_offset:_read_offset] decode to the tail of ``text`` ...
     _read_offset: int = 0  # ... and output_ids[_read_offset:] are not in ``text`` yet
 

@@ -198,7 +198,7 @@ LONGER = " ".join(["word"] * 400)  # ~400 tokens: a slow row on CPU
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory, minilm):
+def server(tmp_path_factory, minilm, server_modes):
     env = {"PTSERVE_STORE": f"file://{tmp_path_factory.mktemp('limits')}", "PTSERVE_MAX_BATCH_SIZE": "2",
            "PTSERVE_MAX_WAIT_MS": "0", "PTSERVE_MAX_QUEUE_ROWS": "6", "PTSERVE_MAX_QUEUE_ROWS_PER_TENANT": "4",
            "PTSERVE_MAX_CONCURRENT_PER_TENANT": "3", "PTSERVE_REQUEST_TIMEOUT_S": "30",

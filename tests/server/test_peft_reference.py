@@ -75,7 +75,7 @@ def texts_file(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, server_modes):
     with running_server({"PTSERVE_STORE": f"file://{tmp_path_factory.mktemp('store')}"}) as url:
         yield url
 

@@ -23,7 +23,7 @@ PROPAGATION_S = 1.0  # the issue's promise: what A publishes, B serves within a 
 
 
 @pytest.fixture(scope="module")
-def replicas(redis_server):
+def replicas(redis_server, server_modes):
     """(A, B): two servers on one Redis under a key prefix of this module's own."""
     prefix = f"rep{uuid.uuid4().hex[:12]}"
     env = {"PTSERVE_STORE": f"{redis_server}?prefix={prefix}", "PTSERVE_MAX_WAIT_MS": "2"}

@@ -12,6 +12,8 @@ import pytest
 
 from tests.factories import make_blob, server_process
 
+pytestmark = pytest.mark.usefixtures("server_modes")  # in process and with an engine core process
+
 TEXT = " ".join(["slow"] * 200)
 IN_FLIGHT = 12
 

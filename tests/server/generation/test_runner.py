@@ -4,6 +4,7 @@ the engine thread for everyone else, and one request's several sequences join on
 from __future__ import annotations
 
 import asyncio
+import threading
 
 import pytest
 
@@ -119,4 +120,42 @@ def test_leaving_early_cancels_every_sequence_of_the_request(gpt2):
         assert runner.running == 0 and all(len(s.output_ids) < 40 for s in seqs)
         assert all(s.finish_reason == "cancelled" for s in seqs)
     finally:
+        runner.stop()
+
+
+def test_a_sequence_is_released_only_once_the_engine_has_let_it_go(gpt2):
+    """What the adapter's lease of a generation waits for (routes_generate): a caller that leaves early marks its
+    sequence cancelled at once, but ``released`` is set only after the engine dropped it at its next step."""
+    bb, adapter, _ = gpt2
+    engine = GenerationEngine(bb, GenerationLimits(max_running=4, max_seq_tokens=64, prefix_cap=16))
+    engine.eos_ids = frozenset()
+    gate, real_step = threading.Event(), engine.step
+    gate.set()
+
+    def gated_step():  # the real step, once the test lets it run
+        assert gate.wait(30)
+        return real_step()
+
+    engine.step = gated_step
+    runner = GenerationRunner(engine)
+    seq = engine.new_sequence(engine.make_resident(adapter, "acme/x", 1), "the fox",
+                              SamplingParams(max_new_tokens=40, temperature=0))
+
+    async def run():
+        events = runner.generate(seq)
+        await anext(events)
+        gate.clear()  # no step starts now (one already past the gate only adds a token)
+        await events.aclose()
+        assert seq.cancelled.is_set()
+        await asyncio.sleep(0.3)
+        assert not seq.released.is_set()  # still in the engine's running batch
+        gate.set()
+        assert await asyncio.to_thread(seq.released.wait, 10)
+
+    runner.start()
+    try:
+        asyncio.run(run())
+        assert seq.finish_reason == "cancelled" and len(seq.output_ids) < 40
+    finally:
+        gate.set()
         runner.stop()
