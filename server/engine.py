@@ -58,6 +58,7 @@ class Engine:
         self.backbone = backbone
         self.fp = backbone.fingerprint
         self.bare = self._bare_backbone()
+        self._encoder = _plain_encoder(backbone.tokenizer)
 
     def _bare_backbone(self) -> ResidentAdapter:
         """The backbone without a prefix, as an adapter of length 0 (embeddings under the backbone's own name)."""
@@ -74,7 +75,11 @@ class Engine:
         """Token ids per text; inputs that do not fit beside the prefix raise ``InputTooLong`` or are cut."""
         room = self.backbone.max_positions - prefix_len
         tok = self.backbone.tokenizer
-        ids = tok(texts, add_special_tokens=True, truncation=False)["input_ids"]
+        if self._encoder is not None:  # the Rust tokenizer itself: a third of the wrapper's cost per text
+            ids = [e.ids for e in self._encoder.encode_batch(texts, add_special_tokens=True)] if len(texts) > 1 \
+                else [self._encoder.encode(texts[0], add_special_tokens=True).ids]
+        else:
+            ids = tok(texts, add_special_tokens=True, truncation=False)["input_ids"]
         for i, row in enumerate(ids):
             if len(row) <= room:
                 continue
@@ -113,6 +118,21 @@ class Engine:
     def classify(self, rows: list[Row]) -> tuple[list[torch.Tensor], BatchStats]:
         """Logits per row ([num_labels] float32, cpu) of ``LOGITS`` rows (the default), in one forward pass."""
         return self.run(rows)
+
+
+def _plain_encoder(tokenizer):
+    """A private copy of a fast tokenizer's Rust ``Tokenizer`` with truncation and padding off: what
+    ``tokenizer(texts, add_special_tokens=True, truncation=False)`` computes, without the Python wrapper, and
+    without touching the state the wrapper sets on its own backend per call. None for a slow tokenizer."""
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if backend is None or not hasattr(backend, "to_str"):
+        return None
+    from tokenizers import Tokenizer
+
+    plain = Tokenizer.from_str(backend.to_str())
+    plain.no_truncation()
+    plain.no_padding()
+    return plain
 
 
 def row_outputs(rows: list[Row], enc: EncoderOutput) -> list[torch.Tensor]:

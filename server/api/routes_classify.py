@@ -1,13 +1,13 @@
 """``POST /v1/classify``: tokenise against the adapter's prefix, queue the rows, answer with labels."""
 from __future__ import annotations
 
-import torch
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 
 from ptserve.adapters_store.errors import InvalidInput, WrongTask
 from ptserve.server.api.deps import Principal, ReadyDep, authorize, request_deadline
 from ptserve.server.api.json_body import JSONBodyRoute
-from ptserve.server.api.schemas import ClassifyRequest, ClassifyResponse, ErrorResponse, Prediction, Usage
+from ptserve.server.api.predictions import classify_response
+from ptserve.server.api.schemas import ClassifyRequest, ClassifyResponse, ErrorResponse
 from ptserve.server.engine import Row
 
 router = APIRouter(tags=["inference"], route_class=JSONBodyRoute)
@@ -15,7 +15,7 @@ ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 4
 
 
 @router.post("/v1/classify", response_model=ClassifyResponse, responses=ERRORS)
-async def classify(req: ClassifyRequest, principal: Principal, state: ReadyDep) -> ClassifyResponse:
+async def classify(req: ClassifyRequest, principal: Principal, state: ReadyDep) -> Response:
     if state.batcher is None:
         raise WrongTask(f"backbone {state.settings.backbone!r} is a decoder LM: it serves /v1/generate, not /v1/classify")
     deadline = request_deadline(state)
@@ -32,20 +32,6 @@ async def classify(req: ClassifyRequest, principal: Principal, state: ReadyDep) 
             token_ids = state.engine.tokenize(req.inputs, adapter.num_virtual_tokens, req.truncate)
             rows = [Row(adapter, ids) for ids in token_ids]
             logits = await state.batcher.submit(rows, [r.length for r in rows], adapter_id.tenant, deadline)
-    return ClassifyResponse(
-        adapter=adapter.id,
-        version=adapter.version,
-        predictions=[_prediction(adapter.labels, row_logits, req.return_logits) for row_logits in logits],
-        usage=Usage(input_tokens=sum(len(ids) for ids in token_ids)),
-    )
-
-
-def _prediction(labels: tuple[str, ...], logits: torch.Tensor, with_logits: bool) -> Prediction:
-    probs = torch.softmax(logits, dim=-1)
-    best = int(probs.argmax())
-    return Prediction(
-        label=labels[best],
-        score=float(probs[best]),
-        scores={label: float(p) for label, p in zip(labels, probs)},
-        logits=[float(x) for x in logits] if with_logits else None,
-    )
+    # built in one step (one softmax for all rows) and returned as bytes: no response-model revalidation
+    return classify_response(adapter.id, adapter.version, adapter.labels, logits, req.return_logits,
+                             sum(len(ids) for ids in token_ids))
