@@ -140,9 +140,16 @@ def main_thread_cpu(server: w.Server) -> float:
     return total
 
 
+def checked(r: w.WrkResult) -> w.WrkResult:
+    """A run whose answers were not all 200 measured something else: stop."""
+    if r.non_2xx or r.errors:
+        raise RuntimeError(f"wrk saw {r.non_2xx} non-2xx answers and {r.errors} socket errors: {r}")
+    return r
+
+
 def closed_loop(server: w.Server, bodies: list[str], args) -> w.WrkResult:
     w.run_wrk(server.url, bodies, 2, args.connections)  # warm-up
-    return w.run_wrk(server.url, bodies, args.seconds, args.connections)
+    return checked(w.run_wrk(server.url, bodies, args.seconds, args.connections))
 
 
 def supports_workers() -> bool:
@@ -204,7 +211,7 @@ def run(args) -> tuple[list[tuple[str, str, str]], dict]:
                 rate = share * capacity
                 connections = max(args.connections, 64)
                 cpu0, main0 = server.cpu_seconds(), main_thread_cpu(server)
-                r = w.run_wrk(server.url, one, args.seconds, connections, rate=rate)
+                r = checked(w.run_wrk(server.url, one, args.seconds, connections, rate=rate))
                 cpu1, main1 = server.cpu_seconds(), main_thread_cpu(server)
                 lat[share] = r
                 if share == 0.5:

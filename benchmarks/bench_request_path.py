@@ -22,7 +22,6 @@ import logging
 import os
 import pstats
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -114,12 +113,13 @@ async def measure(args) -> dict[str, float]:
             s = io.StringIO()
             pstats.Stats(profiler, stream=s).sort_stats("tottime").print_stats(40)
             print(s.getvalue())
-        out.update(await layers(app, state, bodies, texts, key))
-    return out
+        rows = {"whole path (event-loop thread CPU)": (None, out["whole path (event-loop thread CPU)"])}
+        rows |= await layers(app, state, bodies, texts, key)
+    return rows
 
 
-async def layers(app, state, bodies, texts, key) -> dict[str, float]:
-    """Each layer alone, on the inputs the whole-path run used."""
+async def layers(app, state, bodies, texts, key) -> dict[str, tuple[float | None, float]]:
+    """Each layer alone, on the inputs the whole-path run used: name -> (the replaced code's cost, now's)."""
     import torch
 
     from ptserve.adapters_store import untrusted_json
@@ -158,7 +158,53 @@ async def layers(app, state, bodies, texts, key) -> dict[str, float]:
     out["metrics (requests + latency)"] = per_call_us(
         lambda: state.metrics.observe_request("/v1/classify", 200, 0.001), n)
     del loop
-    return out
+    old = await replaced(state, texts, labels, logits, ctx, n)
+    rows = {name: (old.pop(name, None), us) for name, us in out.items()}  # name -> (replaced code, now)
+    return rows | {name: (us, 0.0) for name, us in old.items()}
+
+
+async def replaced(state, texts, labels, logits, ctx, n) -> dict[str, float]:
+    """What the replaced code cost, on the same inputs (issue 12's before column), under the names of the layers
+    that replaced it."""
+    import dataclasses
+    from datetime import datetime, timezone
+
+    import torch
+    from fastapi.encoders import jsonable_encoder
+    from fastapi.responses import JSONResponse
+    from starlette.concurrency import run_in_threadpool
+
+    from ptserve.server.api.schemas import ClassifyResponse, Prediction, Usage
+    from ptserve.server.logs import access_log
+
+    def old_predictions():
+        preds = []
+        for row in logits:
+            probs = torch.softmax(row, dim=-1)
+            best = int(probs.argmax())
+            preds.append(Prediction(label=labels[best], score=float(probs[best]),
+                                    scores={label: float(p) for label, p in zip(labels, probs)}, logits=None))
+        response = ClassifyResponse(adapter="bench/a0", version=1, predictions=preds, usage=Usage(input_tokens=17))
+        ClassifyResponse.model_validate(response.model_dump())  # FastAPI revalidates the returned model
+        return JSONResponse(jsonable_encoder(response)).body
+
+    def old_log():
+        fields = {**dataclasses.asdict(ctx), "endpoint": "/v1/classify", "status": 200, "latency_ms": 1.0}
+        access_log.info("%s %s %d", ctx.method, ctx.path, 200, extra={"fields": fields})
+        datetime.fromtimestamp(time.time(), timezone.utc).isoformat(timespec="milliseconds")  # the old timestamp
+
+    tok = state.engine.backbone.tokenizer
+    t0 = time.thread_time()
+    for _ in range(n):
+        await run_in_threadpool(lambda: None)
+        await run_in_threadpool(lambda: None)
+    return {
+        "tokeniser (Engine.tokenize, 1 text)": per_call_us(
+            lambda: tok([texts[0]], add_special_tokens=True, truncation=False)["input_ids"], n),
+        "predictions + response body (1 row)": per_call_us(old_predictions, n),
+        "access log line (JSON, formatted, written)": per_call_us(old_log, n),
+        "sync dependencies (get_state, get_ready_state)": (time.thread_time() - t0) / n * 1e6,
+    }
 
 
 def main(argv=None) -> None:
@@ -170,10 +216,11 @@ def main(argv=None) -> None:
 
     torch.set_num_threads(1)
     result = asyncio.run(measure(args))
-    print(f"| layer (load average {os.getloadavg()[0]:.2f}, {threading.active_count()} threads) | µs/request |")
-    print("|---|---:|")
-    for name, us in result.items():
-        print(f"| {name} | {us:.0f} |")
+    print(f"| layer (CPU µs per request; load average {os.getloadavg()[0]:.2f}) | replaced code | now |")
+    print("|---|---:|---:|")
+    for name, (before, after) in result.items():
+        cell = lambda v: "—" if v is None else f"{v:.0f}"  # noqa: E731
+        print(f"| {name} | {cell(before)} | {cell(after)} |")
 
 
 if __name__ == "__main__":

@@ -2,13 +2,13 @@
 
 Callers ``submit`` rows and await their own results. One engine thread drains the queue: it waits up to
 ``max_wait_ms`` for a batch to fill (rows that already waited behind a running pass go at once), takes a window
-of up to ``PLAN_WINDOW_PASSES`` passes' worth of rows **by start-time fair queuing across tenants** (each
+of ``PLAN_WINDOW_PASSES`` passes' worth of rows (one) **by start-time fair queuing across tenants** (each
 tenant's rows served so far are its virtual time; the next row comes from the waiting tenant that is furthest
 behind, so a tenant with a deep backlog gets only what others leave, and a light tenant's rows go in the very
 next pass), plans the window with ``plan_batches`` and runs **one** pass of the plan: the one holding the
 window's first row (the fair choice). The rest go back to the front of their queues, so rows that arrive while
-that pass runs are planned together with them for the next pass, and a full queue fills whole passes of rows
-of similar lengths instead of a row-of-every-length window cut into small ones. Each result goes to its
+that pass runs are planned together with them for the next pass instead of waiting behind the rest of an old
+plan. Each result goes to its
 caller's event loop; the thread never waits for the event loop between passes, so a loop busy answering
 (e.g. refusing an overload) does not starve the engine.
 

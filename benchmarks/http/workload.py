@@ -112,7 +112,7 @@ def serve(env: dict[str, str], timeout: float = 300.0):
     """``ptserve serve`` in a subprocess on a free port, ready (``/readyz`` 200) when yielded; stopped after."""
     port = free_port()
     full = {**os.environ, "PTSERVE_HOST": "127.0.0.1", "PTSERVE_PORT": str(port), "PTSERVE_ADMIN_KEY": ADMIN_KEY,
-            "PTSERVE_LOG_LEVEL": "warning", **env}
+            **env}  # logs at the default level: the access log is part of the request path
     exe = shutil.which("ptserve", path=str(Path(sys.executable).parent)) or "ptserve"
     log = Path(tempfile.mkstemp(prefix="bench-http-", suffix=".log")[1])
     with log.open("wb") as out:

@@ -257,32 +257,3 @@ async def test_the_fair_head_runs_in_the_next_pass_whatever_its_length(make_batc
     await asyncio.wait_for(asyncio.gather(warm, long_one, *shorts), 5)
     assert runner.passes[1] == ["long"]  # it waited longest: not left behind by the shorter rows planned with it
     assert sorted(runner.seen) == sorted(["warm", "long", *(f"s{k}" for k in range(20))])
-
-
-async def test_a_full_queue_fills_larger_passes_than_one_pass_worth_planned_at_a_time(make_batcher):
-    policy = dict(max_batch_size=16, max_batch_tokens=16384, overhead_tokens=64)
-    rng = random.Random(3)
-    tenants, per_tenant = 8, 8  # 64 rows: 4 passes' worth, of every length of a short review (+16 virtual)
-    rows = {f"t{t}": [(f"t{t}-{k}", rng.randint(28, 71)) for k in range(per_tenant)] for t in range(tenants)}
-    runner = GatedRunner()
-    batcher = make_batcher(runner, max_wait_ms=1, **policy)
-    warm = asyncio.create_task(batcher.submit(["warm"], [5]))
-    assert await asyncio.to_thread(runner.entered.wait, 5)
-    calls = [asyncio.create_task(batcher.submit([name], [n], tenant=t)) for k in range(per_tenant)
-             for t, tenant_rows in rows.items() for name, n in [tenant_rows[k]]]
-    await asyncio.sleep(0.05)
-    runner.first.set()
-    await asyncio.wait_for(asyncio.gather(warm, *calls), 10)
-
-    length = {name: n for tenant_rows in rows.values() for name, n in tenant_rows}
-    ran = [p for p in runner.passes[1:]]
-    assert sorted(x for p in ran for x in p) == sorted(length)
-    p = BatchPolicy(**policy)
-    cost = sum(p.overhead_tokens + len(group) * max(length[x] for x in group) for group in ran)
-    # the old way: one pass's worth (16 rows, in fair order) planned at a time
-    arrival = [name for k in range(per_tenant) for tenant_rows in rows.values() for name, _ in [tenant_rows[k]]]
-    chunks = [arrival[i:i + 16] for i in range(0, len(arrival), 16)]
-    old = [[chunk[i] for i in idx] for chunk in chunks for idx in plan_batches([length[x] for x in chunk], p)]
-    old_cost = sum(p.overhead_tokens + len(group) * max(length[x] for x in group) for group in old)
-    assert cost < old_cost, (cost, old_cost)
-    assert len(ran) < len(old) and max(map(len, ran)) == 16, ([len(g) for g in ran], [len(g) for g in old])
