@@ -144,16 +144,17 @@ def serve(env: dict[str, str], timeout: float = 300.0):
         log.unlink(missing_ok=True)
 
 
-def upload_adapters(url: str, blobs: list[bytes], tenant: str = "bench") -> list[str]:
-    """PUT every blob as ``tenant/a<i>``; the adapter ids."""
+def upload_adapters(url: str, blobs: list[bytes]) -> list[str]:
+    """PUT blob ``i`` as ``t<i>/sentiment`` (one adapter per tenant: the per-tenant queue and concurrency limits
+    are not what is measured); the adapter ids."""
     ids = []
     with httpx.Client(base_url=url, timeout=120, headers={"authorization": f"Bearer {ADMIN_KEY}"}) as c:
         for i, blob in enumerate(blobs):
-            r = c.put(f"/v1/adapters/{tenant}/a{i}", content=blob,
+            r = c.put(f"/v1/adapters/t{i}/sentiment", content=blob,
                       headers={"content-type": "application/octet-stream"})
             if r.status_code not in (200, 201):
                 raise RuntimeError(f"upload a{i}: {r.status_code} {r.text}")
-            ids.append(f"{tenant}/a{i}")
+            ids.append(f"t{i}/sentiment")
     return ids
 
 
