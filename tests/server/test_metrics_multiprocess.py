@@ -45,8 +45,7 @@ def writers(tmp_path):
         p = subprocess.Popen([sys.executable, "-c", WRITER, str(directory), *args], stdin=subprocess.PIPE,
                              stdout=subprocess.PIPE, text=True)
         procs.append(p)
-    for p in procs:
-        assert p.stdout.readline().strip() == "ready"
+        assert p.stdout.readline().strip() == "ready"  # one after the other: the second sets its gauges last
     yield directory, procs
     for p in procs:
         if p.poll() is None:
