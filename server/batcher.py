@@ -1,14 +1,16 @@
 """The batcher: a bounded queue that collects rows from any tenants and runs them in shared forward passes.
 
 Callers ``submit`` rows and await their own results. One engine thread drains the queue: it waits up to
-``max_wait_ms`` for a batch to fill (rows that already waited behind a running pass go at once), takes one pass's
-worth of rows (``max_batch_size`` rows within ``max_batch_tokens``, so a big request is spread over many rounds)
-**by start-time fair queuing across tenants** (each tenant's rows served so far are its virtual
-time; the next row comes from the waiting tenant that is furthest behind, so a tenant with a deep backlog gets
-only what others leave, and a light tenant's rows go in the very next pass),
-plans passes with ``plan_batches``, runs them back to back and hands each row's result to its caller's event
-loop. The thread never waits for the event loop between passes, so a loop busy answering (e.g. refusing an
-overload) does not starve the engine.
+``max_wait_ms`` for a batch to fill (rows that already waited behind a running pass go at once), takes a window
+of ``PLAN_WINDOW_PASSES`` passes' worth of rows (one) **by start-time fair queuing across tenants** (each
+tenant's rows served so far are its virtual time; the next row comes from the waiting tenant that is furthest
+behind, so a tenant with a deep backlog gets only what others leave, and a light tenant's rows go in the very
+next pass), plans the window with ``plan_batches`` and runs **one** pass of the plan: the one holding the
+window's first row (the fair choice). The rest go back to the front of their queues, so rows that arrive while
+that pass runs are planned together with them for the next pass instead of waiting behind the rest of an old
+plan. Each result goes to its
+caller's event loop; the thread never waits for the event loop between passes, so a loop busy answering
+(e.g. refusing an overload) does not starve the engine.
 
 A pass that fails is split in halves and rerun until the rows that fail alone are found: one tenant's bad row
 never fails another tenant's rows in the same pass.
@@ -201,22 +203,19 @@ class Batcher(Generic[Item]):
     # --- the engine thread ------------------------------------------------------------------------------------
     def _engine_thread(self) -> None:
         while True:
-            pending = self._collect()
-            if pending is None:
+            group = self._collect()
+            if group is None:
                 return
             try:
-                for pass_idx in plan_batches([p.length for p in pending], self.policy):
-                    group = [pending[i] for i in pass_idx if not pending[i].future.done()]
-                    if group:
-                        self._run_pass(group)
-                    with self._cond:
-                        self._running -= len(pass_idx)
+                if group:
+                    self._run_pass(group)
             finally:
                 with self._cond:
                     self._running = 0
 
     def _collect(self) -> list[_Pending[Item]] | None:
-        """Wait for rows, then for company (up to ``max_wait`` after the oldest arrived); None when stopping."""
+        """Wait for rows, then for company (up to ``max_wait`` after the oldest arrived); then the next pass
+        (possibly empty: every row taken had been given up); None when stopping."""
         with self._cond:
             while self._depth == 0 and not self._stopping:
                 self._cond.wait()
@@ -229,40 +228,57 @@ class Batcher(Generic[Item]):
                 if timeout <= 0:
                     break
                 self._cond.wait(timeout)
-            taken = self._take(self.policy.max_batch_size)
-            self._running = len(taken)
-            return taken
+            clock = self._vclock
+            window, tags = self._take(self.policy.window_rows)
+            group = self._choose_pass(window, tags, clock) if window else []
+            self._running = len(group)
+            return group
 
-    def _take(self, n: int) -> list[_Pending[Item]]:
-        """Up to ``n`` live rows that fit one pass's token budget together, each from the waiting tenant with the
-        least virtual time (ties: longest waiting tenant first), each tenant's in arrival order.
-
-        One pass's worth, not more: a big request (256 long inputs) is spread over many rounds, and every round
-        starts with this fair choice, so another tenant's request arriving meanwhile runs in the next pass
-        instead of waiting for the whole big request."""
-        taken, longest, now = [], 0, time.monotonic()
+    def _take(self, n: int) -> tuple[list[_Pending[Item]], list[float]]:
+        """Up to ``n`` live rows, each from the waiting tenant with the least virtual time (ties: longest waiting
+        tenant first), each tenant's in arrival order; and each row's start tag (its tenant's virtual time when
+        taken). Every round starts with this fair choice and runs one pass of what it took (``_choose_pass``),
+        so a big request (256 long inputs) is spread over many rounds, and another tenant's request arriving
+        meanwhile runs in the next pass instead of waiting for the whole big request."""
+        taken, tags, now = [], [], time.monotonic()
         while len(taken) < n and self._queues:
             tenant = min(self._queues, key=self._vtime.__getitem__)
             queue = self._queues[tenant]
-            p = queue[0]
-            live = p.queued and not p.future.done() and (p.deadline is None or p.deadline >= now)
-            if live and taken and not self.policy.fits(len(taken) + 1, max(longest, p.length)):
-                break  # the pass is full: this row leads the next round
-            queue.popleft()
+            p = queue.popleft()
             if not queue:
                 del self._queues[tenant]
             if not p.queued:  # its caller gave up
                 continue
             self._forget(p)
-            if not live:
+            if p.future.done() or (p.deadline is not None and p.deadline < now):
                 continue  # the caller's own timer raises DeadlineExceeded
-            self._vclock = self._vtime[tenant]
+            tags.append(self._vtime[tenant])
             self._vtime[tenant] += 1.0
-            longest = max(longest, p.length)
             taken.append(p)
+        return taken, tags
+
+    def _choose_pass(self, window: list[_Pending[Item]], tags: list[float], clock: float) -> list[_Pending[Item]]:
+        """Plan the window and keep the pass that holds its first row (the fair head: it runs next whatever its
+        length); every other row goes back to the front of its tenant's queue, unserved (its tenant's virtual
+        time too). Runs under ``_cond``: nobody sees the window half put back."""
+        chosen = sorted(next(idx for idx in plan_batches([p.length for p in window], self.policy) if 0 in idx))
+        keep = set(chosen)
+        for i in range(len(window) - 1, -1, -1):  # backwards: each tenant's rows keep their order at its front
+            if i in keep:
+                continue
+            p = window[i]
+            self._vtime[p.tenant] -= 1.0
+            if p.tenant not in self._queues:
+                self._queues[p.tenant] = deque()
+                self._queues.move_to_end(p.tenant, last=False)  # it has waited longest
+            self._queues[p.tenant].appendleft(p)
+            p.queued = True
+            self._depth += 1
+            self._tenant_rows[p.tenant] += 1
+        self._vclock = max([clock] + [tags[i] for i in chosen])  # the start tag of the last row served
         if len(self._vtime) > 4 * len(self._queues) + 1024:  # forget idle tenants that owe nothing
             self._vtime = {t: v for t, v in self._vtime.items() if t in self._queues or v > self._vclock}
-        return taken
+        return [window[i] for i in chosen]
 
     def _run_pass(self, group: list[_Pending[Item]]) -> None:
         start = time.monotonic()

@@ -27,11 +27,13 @@ from ptserve.server.logs import note
 _bearer = HTTPBearer(auto_error=False, description="An admin key or a tenant key (ptk_...).")
 
 
-def get_state(request: Request) -> ServerState:
+# async, like every dependency here: FastAPI runs a plain ``def`` dependency in its thread pool, a thread hop
+# per request and per dependency (issue 12: ~2 of them per request cost more than the route).
+async def get_state(request: Request) -> ServerState:
     return request.app.state.ptserve
 
 
-def get_ready_state(request: Request) -> ServerState:
+async def get_ready_state(request: Request) -> ServerState:
     state: ServerState = request.app.state.ptserve
     if not state.ready.is_set():
         raise NotReady(state.load_error or "the backbone is still loading")
@@ -47,7 +49,7 @@ def engine_down(state: ServerState) -> Exception:
     return NotReady("the engine core is still loading")
 
 
-def get_adapters(state: Annotated[ServerState, Depends(get_ready_state)]) -> AdapterService:
+async def get_adapters(state: Annotated[ServerState, Depends(get_ready_state)]) -> AdapterService:
     return state.adapters
 
 

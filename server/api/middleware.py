@@ -109,13 +109,15 @@ class RequestMiddleware:
                 self.state.metrics.rejections.labels("draining").inc()
                 err = Draining()
                 return await _send_json(capture, err.status, err.type, err.message, err.headers)
-            if not ops:
+            if not ops:  # counted where it changes: another process's scrape cannot read this one's state
                 self.state.inflight += 1
+                self.state.metrics.inflight.inc()
             try:
                 await self.app(scope, receive, capture)
             finally:
                 if not ops:
                     self.state.inflight -= 1
+                    self.state.metrics.inflight.dec()
         finally:
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or "unmatched"

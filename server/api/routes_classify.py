@@ -1,13 +1,13 @@
 """``POST /v1/classify``: tokenise against the adapter's prefix, queue the rows, answer with labels."""
 from __future__ import annotations
 
-import torch
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 
 from ptserve.adapters_store.errors import InvalidInput, WrongTask
 from ptserve.server.api.deps import Principal, ReadyDep, authorize
 from ptserve.server.api.json_body import JSONBodyRoute
-from ptserve.server.api.schemas import ClassifyRequest, ClassifyResponse, ErrorResponse, Prediction, Usage
+from ptserve.server.api.predictions import classify_response
+from ptserve.server.api.schemas import ClassifyRequest, ClassifyResponse, ErrorResponse
 from ptserve.server.engine import LOGITS
 from ptserve.server.engine_core.client import AdapterMeta, encode_texts
 
@@ -16,7 +16,7 @@ ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 4
 
 
 @router.post("/v1/classify", response_model=ClassifyResponse, responses=ERRORS)
-async def classify(req: ClassifyRequest, principal: Principal, state: ReadyDep) -> ClassifyResponse:
+async def classify(req: ClassifyRequest, principal: Principal, state: ReadyDep) -> Response:
     if state.client is None:
         raise WrongTask(f"backbone {state.settings.backbone!r} is a decoder LM: it serves /v1/generate, not /v1/classify")
     limit = state.settings.max_inputs_per_request
@@ -29,26 +29,11 @@ async def classify(req: ClassifyRequest, principal: Principal, state: ReadyDep) 
             state.client, state.backbone, adapter_id, req.inputs, req.truncate, LOGITS, adapter_id.tenant,
             state.settings.request_timeout_s, ("classify",), _wrong_task,
         )
-    labels = encoded.labels
-    return ClassifyResponse(
-        adapter=encoded.adapter,
-        version=encoded.version,
-        predictions=[_prediction(labels, row_logits, req.return_logits) for row_logits in encoded.outputs],
-        usage=Usage(input_tokens=sum(len(ids) for ids in token_ids)),
-    )
+    # built in one step (one softmax for all rows) and returned as bytes: no response-model revalidation
+    return classify_response(encoded.adapter, encoded.version, encoded.labels, encoded.outputs, req.return_logits,
+                             sum(len(ids) for ids in token_ids))
 
 
 def _wrong_task(meta: AdapterMeta) -> str:
     route = {"embed": "/v1/embeddings"}.get(meta.task, "/v1/generate")
     return f"adapter {meta.id} is a {meta.task!r} adapter; use {route}"
-
-
-def _prediction(labels: tuple[str, ...], logits: torch.Tensor, with_logits: bool) -> Prediction:
-    probs = torch.softmax(logits, dim=-1)
-    best = int(probs.argmax())
-    return Prediction(
-        label=labels[best],
-        score=float(probs[best]),
-        scores={label: float(p) for label, p in zip(labels, probs)},
-        logits=[float(x) for x in logits] if with_logits else None,
-    )

@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from ptserve.server.batch_plan import BatchPolicy
+from ptserve.server.batch_plan import BatchPolicy, plan_batches
 from ptserve.server.batcher import Batcher, PassReport
 
 
@@ -211,3 +211,49 @@ async def test_stop_ends_the_loop(make_batcher):
     assert await batcher.submit([1], [1]) == [2]
     await batcher.stop()
     assert batcher._task.done()
+
+
+# --- pass formation under load (issue 12): one pass per plan, re-planned with whatever arrived meanwhile ------
+class GatedRunner(Runner):
+    """Holds only its first pass (until ``release``), so the test can fill the queue behind it."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = threading.Event()
+
+    def __call__(self, items):
+        result = Runner.__call__(self, items)
+        if len(self.passes) == 1:
+            assert self.first.wait(5), "test never released the first pass"
+        return result
+
+
+async def test_rows_that_arrive_while_a_pass_runs_join_the_next_pass(make_batcher):
+    runner = Runner()
+    runner.gate = threading.Event()
+    batcher = make_batcher(runner, max_wait_ms=1, max_batch_size=8, overhead_tokens=0)
+    # overhead 0: the plan of this window is two passes, [short, short] then [long, long]
+    first = asyncio.create_task(batcher.submit(["s1", "s2", "L1", "L2"], [10, 10, 50, 50]))
+    assert await asyncio.to_thread(runner.entered.wait, 5)
+    assert runner.passes == [["s1", "s2"]]
+    late = asyncio.create_task(batcher.submit(["L3", "L4"], [50, 50], tenant="other"))  # while [s1, s2] runs
+    await asyncio.sleep(0.05)
+    runner.gate.set()
+    assert await asyncio.wait_for(first, 5) == ["s1s1", "s2s2", "L1L1", "L2L2"]
+    assert await asyncio.wait_for(late, 5) == ["L3L3", "L4L4"]
+    assert [sorted(p) for p in runner.passes] == [["s1", "s2"], ["L1", "L2", "L3", "L4"]]  # one pass, not two
+
+
+async def test_the_fair_head_runs_in_the_next_pass_whatever_its_length(make_batcher):
+    runner = GatedRunner()
+    batcher = make_batcher(runner, max_wait_ms=1, max_batch_size=8, overhead_tokens=0)
+    warm = asyncio.create_task(batcher.submit(["warm"], [5]))
+    assert await asyncio.to_thread(runner.entered.wait, 5)
+    long_one = asyncio.create_task(batcher.submit(["long"], [400], tenant="a"))
+    await asyncio.sleep(0.02)
+    shorts = [asyncio.create_task(batcher.submit([f"s{k}"], [10], tenant=f"t{k}")) for k in range(20)]
+    await asyncio.sleep(0.05)
+    runner.first.set()
+    await asyncio.wait_for(asyncio.gather(warm, long_one, *shorts), 5)
+    assert runner.passes[1] == ["long"]  # it waited longest: not left behind by the shorter rows planned with it
+    assert sorted(runner.seen) == sorted(["warm", "long", *(f"s{k}" for k in range(20))])
