@@ -133,6 +133,7 @@ class ServerState:
                     watch, policy, s.max_wait_ms, on_pass=self.metrics.observe_pass,
                     max_queue_rows=s.max_queue_rows, max_queue_rows_per_tenant=s.max_queue_rows_per_tenant,
                 )
+                self.metrics.watch_batcher(self.batcher)  # ptserve_queue_depth, from the process that queues
                 self.batcher.start()
                 self.client = LocalEngineClient(self.adapters, self.batcher, self.engine, watch, self.engine_facts)
             await self.adapters.preload([AdapterId.parse(x) for x in s.preload])

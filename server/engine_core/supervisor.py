@@ -21,6 +21,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+from ptserve.server import metrics
 from ptserve.server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -67,19 +68,14 @@ class Supervisor:
         self.settings, self.workers = settings, workers
         self.stopping = False
         self.force = False
+        self.metrics_dir = ""
 
-    @staticmethod
-    def _metrics_dir(tmp: str) -> str:
+    def _metrics_dir(self, tmp: str) -> str:
         """One /metrics for every process: prometheus-client's multiprocess mode over a fresh directory
-        (``ptserve.server.metrics`` aggregates it where it supports that mode)."""
-        path = os.path.join(tmp, "metrics")
-        os.makedirs(path, exist_ok=True)
-        from ptserve.server import metrics
-
-        prepare = getattr(metrics, "prepare_multiprocess_dir", None)  # issue 12 item 4 (metrics.py)
-        if prepare is not None:
-            prepare(path)
-        return path
+        (``ptserve.server.metrics`` aggregates it; any process's scrape shows them all)."""
+        self.metrics_dir = os.path.join(tmp, "metrics")
+        metrics.prepare_multiprocess_dir(self.metrics_dir)
+        return self.metrics_dir
 
     def _signal(self, sig: int, frame) -> None:
         if self.stopping:
@@ -122,6 +118,7 @@ class Supervisor:
             if code is None:
                 return
             child.exits.append(code)
+            metrics.mark_process_dead(child.proc.pid, self.metrics_dir)  # its live gauges leave the sums
             quick = now - child.started < SETTLED_S
             child.failures = child.failures + 1 if quick else 0
             delay = min(MAX_BACKOFF_S, 0.25 * 2 ** (child.failures - 1)) if quick else 0.0

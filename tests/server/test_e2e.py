@@ -96,17 +96,7 @@ def test_replacing_an_adapter_serves_the_new_version(server, minilm):
     assert v1.json()["predictions"][0]["logits"] != v2.json()["predictions"][0]["logits"]
 
 
-@pytest.fixture(scope="module")
-def inprocess_server(tmp_path_factory):
-    # In process only until the engine core's metrics reach an API worker's /metrics (issue 12 item 4): with
-    # them, this test takes ``server`` like the others.
-    env = {"PTSERVE_STORE": f"file://{tmp_path_factory.mktemp('store')}", "PTSERVE_API_WORKERS": "0"}
-    with running_server(env) as url:
-        yield url
-
-
-def test_health_readiness_metrics_and_openapi(inprocess_server):
-    server = inprocess_server
+def test_health_readiness_metrics_and_openapi(server):
     assert httpx.get(f"{server}/healthz").json() == {"status": "ok"}
     ready = httpx.get(f"{server}/readyz")
     assert ready.status_code == 200 and ready.json()["status"] == "ready"

@@ -31,6 +31,17 @@ def children(pid: int, marker: str) -> list[int]:
     return found
 
 
+def every_worker_ready(url: str, in_a_row: int = 16, timeout: float = 60.0) -> None:
+    """Until ``in_a_row`` fresh connections in a row got ``/readyz`` 200: the supervisor's readiness is one
+    worker's, and a worker still connecting to the engine core answers 503 ``not_ready`` (as it should)."""
+    deadline, ok = time.monotonic() + timeout, 0
+    while ok < in_a_row:
+        assert time.monotonic() < deadline, "not every API worker became ready"
+        ok = ok + 1 if httpx.get(f"{url}/readyz", timeout=10).status_code == 200 else 0
+        if ok == 0:
+            time.sleep(0.2)
+
+
 def upload(url: str, adapter_id: str, blob: bytes) -> dict:
     r = httpx.put(f"{url}/v1/adapters/{adapter_id}", content=blob,
                   headers={"content-type": "application/octet-stream"}, timeout=30)
@@ -68,6 +79,7 @@ def test_kill_9_of_the_engine_core_under_load_answers_200_or_503_and_serving_res
     env = {"PTSERVE_STORE": f"file://{tmp_path / 'store'}", "PTSERVE_API_WORKERS": "2"}
     with server_process(env) as server:
         url = server.url
+        every_worker_ready(url)
         upload(url, "acme/clf", make_blob(minilm.fingerprint, 4))
         stop, answers = threading.Event(), []
         threads = load(url, "acme/clf", stop, answers)
@@ -105,6 +117,7 @@ def test_a_killed_api_worker_is_replaced_and_the_other_serves_meanwhile(tmp_path
     env = {"PTSERVE_STORE": f"file://{tmp_path / 'store'}", "PTSERVE_API_WORKERS": "2"}
     with server_process(env) as server:
         url = server.url
+        every_worker_ready(url)
         upload(url, "acme/clf", make_blob(minilm.fingerprint, 4))
         before = children(server.proc.pid, "engine_core.worker_proc")
         assert len(before) == 2
@@ -135,6 +148,7 @@ def test_uploading_a_new_version_while_requests_run_answers_each_from_one_whole_
     assert (expected[1] - expected[2]).abs().max() > 1e-3  # the versions are told apart by their logits
     with server_process(env) as server:
         url = server.url
+        every_worker_ready(url)
         upload(url, "acme/clf", blobs[1])
         stop, answers = threading.Event(), []
         threads = load(url, "acme/clf", stop, answers)
