@@ -67,6 +67,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=0,
                    help="torch threads of the offline engine and PEFT (0 = the server's own rule: usable CPUs but "
                         "one; on a shared 2-core machine a second OpenMP thread makes every pass 4x slower)")
+    p.add_argument("--api-workers", default="",
+                   help="PTSERVE_API_WORKERS of the main rows' server (default: the server's own rule; 1 = an "
+                        "engine core process behind one API worker)")
     p.add_argument("--smoke", action="store_true", help="the tiny encoder for every row, 1 s runs, 64 texts")
     p.add_argument("--no-write", action="store_true", help="print only; do not touch RESULTS.md")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent)
@@ -190,7 +193,8 @@ def run(args) -> tuple[list[tuple[str, str, str]], dict]:
     for dtype in args.dtypes:
         offline = offline_rows_per_s(setup, dtype)
         raw[f"offline_{dtype}"] = offline
-        with w.serve(server_env(setup, dtype)) as server:
+        extra = {"PTSERVE_API_WORKERS": args.api_workers} if args.api_workers else {}
+        with w.serve(server_env(setup, dtype, **extra)) as server:
             ids = w.upload_adapters(server.url, blobs)
             one = w.request_bodies(setup.texts, ids, 1)
             r1 = closed_loop(server, one, args)
