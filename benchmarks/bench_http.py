@@ -132,15 +132,7 @@ def server_env(setup: Setup, dtype: str, **extra: str) -> dict[str, str]:
 
 def main_thread_cpu(server: w.Server) -> float:
     """CPU seconds of the main thread (tid = pid: the event loop) of every process of the server."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0.0
-    for pid in server.pids():
-        try:
-            fields = Path(f"/proc/{pid}/task/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        total += (int(fields[11]) + int(fields[12])) / tick
-    return total
+    return server.cpu_seconds(main_thread_only=True)
 
 
 def checked(r: w.WrkResult) -> w.WrkResult:

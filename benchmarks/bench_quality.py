@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks._report import machine_info, write_section
+from benchmarks.bench_training import FullModel  # the backbone + dropout + a linear head on its pooler
 from benchmarks.quality.data import TASKS, Task, dev_split, load_task
 from ptserve.server.backbone import load_backbone
 from ptserve.server.training.classify import TrainConfig, evaluate, tokenize, train_classifier
@@ -105,22 +106,6 @@ def run_prefix_search(bb, task: Task, seed: int, args) -> Run:
 
 
 # --- full fine-tuning and the probe (the backbone's own HF forward) ------------------------------------------------
-class FullModel(nn.Module):
-    """The backbone (every weight trainable) + dropout + a linear head on its pooler output (BERT's recipe)."""
-
-    def __init__(self, path: str, num_labels: int):
-        super().__init__()
-        from transformers import AutoModel
-
-        self.bert = AutoModel.from_pretrained(path, local_files_only=True)
-        self.dropout = nn.Dropout(0.1)
-        self.classifier = nn.Linear(self.bert.config.hidden_size, num_labels)
-        nn.init.normal_(self.classifier.weight, std=0.02)
-        nn.init.zeros_(self.classifier.bias)
-
-    def forward(self, enc) -> torch.Tensor:
-        return self.classifier(self.dropout(self.bert(**enc).pooler_output))
-
 
 def _encoder(bb, max_length: int):
     return lambda texts: bb.tokenizer(texts, padding=True, truncation=True, max_length=max_length, return_tensors="pt")

@@ -87,13 +87,15 @@ class Server:
             todo += children.get(pid, [])
         return out
 
-    def cpu_seconds(self) -> float:
-        """User + system CPU of the server's processes now (live ones)."""
+    def cpu_seconds(self, main_thread_only: bool = False) -> float:
+        """User + system CPU of the server's processes now (live ones); with ``main_thread_only``, of each
+        process's main thread (tid = pid: the event loop)."""
         tick = os.sysconf("SC_CLK_TCK")
         total = 0.0
         for pid in self.pids():
+            stat = f"/proc/{pid}/task/{pid}/stat" if main_thread_only else f"/proc/{pid}/stat"
             try:
-                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                fields = Path(stat).read_text().rsplit(")", 1)[1].split()
             except OSError:
                 continue
             total += (int(fields[11]) + int(fields[12])) / tick
