@@ -151,11 +151,16 @@ class Batcher(Generic[Item]):
             self._tenant_rows[tenant] += len(pending)
             self._depth += len(pending)
             self._cond.notify_all()
-        gathered = asyncio.gather(*(p.future for p in pending))
+        # One row (the common request) awaits its future itself; the deadline is a timeout on this task
+        # (``asyncio.timeout_at``), not ``wait_for``, which wraps the wait in a task of its own.
+        waiter = pending[0].future if len(pending) == 1 else asyncio.gather(*(p.future for p in pending))
         try:
             if deadline is None:
-                return list(await gathered)
-            return list(await asyncio.wait_for(gathered, max(0.0, deadline - time.monotonic())))
+                done = await waiter
+            else:
+                async with asyncio.timeout_at(loop.time() + deadline - time.monotonic()):
+                    done = await waiter
+            return [done] if len(pending) == 1 else list(done)
         except asyncio.TimeoutError:
             raise DeadlineExceeded(
                 f"the request did not finish within its deadline ({len(items)} rows; "

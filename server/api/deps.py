@@ -34,7 +34,11 @@ async def get_state(request: Request) -> ServerState:
 
 
 async def get_ready_state(request: Request) -> ServerState:
-    state: ServerState = request.app.state.ptserve
+    return require_ready(request.app.state.ptserve)
+
+
+def require_ready(state: ServerState) -> ServerState:
+    """``state``, or 503 while the backbone loads or (an API worker) the engine core is down."""
     if not state.ready.is_set():
         raise NotReady(state.load_error or "the backbone is still loading")
     if state.client is not None and not state.client.available:  # an API worker whose engine core is down
@@ -55,8 +59,12 @@ async def get_adapters(state: Annotated[ServerState, Depends(get_ready_state)]) 
 
 async def authenticate(request: Request, _=Security(_bearer)) -> Identity:
     """The caller (401 for a missing, malformed, unknown or revoked key; everyone is admin on an open server)."""
-    state: ServerState = request.app.state.ptserve
-    principal = await state.auth.authenticate(request.headers.get("authorization"))
+    return await identify(request.app.state.ptserve, request.headers.get("authorization"))
+
+
+async def identify(state: ServerState, authorization: str | None) -> Identity:
+    """The caller of a request with this ``Authorization`` header, noted for its access-log line."""
+    principal = await state.auth.authenticate(authorization)
     note(tenant=principal.log_name, key_id=principal.key_id)
     return principal
 

@@ -8,6 +8,8 @@ from ptserve.server.api.deps import Principal, ReadyDep, authorize
 from ptserve.server.api.json_body import JSONBodyRoute
 from ptserve.server.api.predictions import classify_response
 from ptserve.server.api.schemas import ClassifyRequest, ClassifyResponse, ErrorResponse
+from ptserve.server.api.state import ServerState
+from ptserve.server.auth import Identity
 from ptserve.server.engine import LOGITS
 from ptserve.server.engine_core.client import AdapterMeta, encode_texts
 
@@ -17,6 +19,12 @@ ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 4
 
 @router.post("/v1/classify", response_model=ClassifyResponse, responses=ERRORS)
 async def classify(req: ClassifyRequest, principal: Principal, state: ReadyDep) -> Response:
+    # Requests mostly arrive through ``fast_classify`` (the same answer without FastAPI's routing and dependency
+    # machinery); this route is the contract (OpenAPI, validation errors) and serves whatever that hands on.
+    return await answer_classify(state, principal, req)
+
+
+async def answer_classify(state: ServerState, principal: Identity, req: ClassifyRequest) -> Response:
     if state.client is None:
         raise WrongTask(f"backbone {state.settings.backbone!r} is a decoder LM: it serves /v1/generate, not /v1/classify")
     limit = state.settings.max_inputs_per_request
