@@ -17,7 +17,7 @@ ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 413, 422, 4
 
 @router.post("/v1/classify", response_model=ClassifyResponse, responses=ERRORS)
 async def classify(req: ClassifyRequest, principal: Principal, state: ReadyDep) -> Response:
-    if state.client is None:
+    if state.backbone.family.causal:
         raise WrongTask(f"backbone {state.settings.backbone!r} is a decoder LM: it serves /v1/generate, not /v1/classify")
     limit = state.settings.max_inputs_per_request
     if len(req.inputs) > limit:
