@@ -22,7 +22,6 @@ from ptserve.server.api.state import ServerState
 from ptserve.server.engine_core import messages as m
 from ptserve.server.engine_core.client import VersionChanged
 from ptserve.server.engine_core.local_stream import LocalTokenStream
-from ptserve.server.generation.sequence import SamplingParams
 from ptserve.server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -96,8 +95,7 @@ class CoreServer:
     async def _generate(self, identity: bytes, rid: int, body: m.GenerateRequest) -> m.Finished:
         """``Accepted``, then a ``Tokens`` message per engine step; returns the ``Finished`` that ends it. A
         ``Cancel`` under the same id (``_answer``) reaches the stream while it runs."""
-        params = [SamplingParams(p.max_new_tokens, p.temperature, p.top_k, p.top_p, p.seed, (), p.logprobs,
-                                 p.prompt_logprobs) for p in body.params]
+        params = [m.sampling_params(p) for p in body.params]
         stream = await self.state.client.generate(AdapterId.parse(body.adapter), body.version, body.prompts, params,
                                                   body.tenant)
         key = (identity, rid)

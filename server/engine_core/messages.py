@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import msgspec
 
+from ptserve.server.generation.sequence import SamplingParams
+
 
 class MetaRequest(msgspec.Struct, tag_field="kind", tag="meta"):
     adapter: str
@@ -37,6 +39,20 @@ class Sampling(msgspec.Struct, array_like=True):
     seed: int | None
     logprobs: int | None
     prompt_logprobs: int | None
+
+
+MAX_WIRE_INT = 2**63 - 1
+
+
+def sampling_message(p: SamplingParams) -> Sampling:
+    """``top_k`` past the vocabulary means all tokens, so it is capped to what MessagePack carries."""
+    return Sampling(p.max_new_tokens, p.temperature, min(p.top_k, MAX_WIRE_INT), p.top_p, p.seed, p.logprobs,
+                    p.prompt_logprobs)
+
+
+def sampling_params(s: Sampling) -> SamplingParams:
+    return SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                          seed=s.seed, logprobs=s.logprobs, prompt_logprobs=s.prompt_logprobs)
 
 
 class GenerateRequest(msgspec.Struct, tag_field="kind", tag="generate"):

@@ -147,12 +147,11 @@ class RemoteEngineClient:
         if not self.connected:
             raise EngineUnavailable()
         rid, queue = next(self._ids), asyncio.Queue()
-        sampling = [m.Sampling(p.max_new_tokens, p.temperature, p.top_k, p.top_p, p.seed, p.logprobs,
-                               p.prompt_logprobs) for p in params]
+        payload = m.encoder.encode(m.Envelope(rid, m.GenerateRequest(
+            str(adapter_id), version, prompts, [m.sampling_message(p) for p in params], tenant)))
         self._streams[rid] = queue
         try:
-            self._sock.send(m.encoder.encode(m.Envelope(rid, m.GenerateRequest(
-                str(adapter_id), version, prompts, sampling, tenant))), zmq.NOBLOCK)
+            self._sock.send(payload, zmq.NOBLOCK)
         except zmq.Again:
             self._streams.pop(rid, None)
             raise EngineUnavailable() from None
