@@ -89,15 +89,6 @@ class Encoded(msgspec.Struct, tag_field="kind", tag="encoded"):
     data: bytes  # float32 little-endian, [rows, width]
 
 
-class Meta(msgspec.Struct, tag_field="kind", tag="meta_ok"):
-    id: str
-    version: int
-    task: str
-    labels: list[str]
-    num_virtual_tokens: int
-    generation: "Room | None" = None
-
-
 class Room(msgspec.Struct, array_like=True):
     """What tokenising a generate adapter's prompts needs (``client.GenerationRoom``)."""
 
@@ -105,6 +96,15 @@ class Room(msgspec.Struct, array_like=True):
     prefix_cap: int
     vocab_size: int
     eos_ids: list[int]
+
+
+class Meta(msgspec.Struct, tag_field="kind", tag="meta_ok"):
+    id: str
+    version: int
+    task: str
+    labels: list[str]
+    num_virtual_tokens: int
+    generation: Room | None = None  # generate adapters on a decoder backbone
 
 
 class Accepted(msgspec.Struct, tag_field="kind", tag="accepted"):

@@ -1,7 +1,9 @@
 """One generation request as the engine sees it: its adapter, tokens, sampling settings and text so far.
 
 Text is produced incrementally: each new token re-decodes the output and the part not yet sent is released,
-except a tail that could still become a stop string or is an incomplete UTF-8 character.
+except a tail that could still become a stop string or is an incomplete UTF-8 character. Served, that happens on
+the API's side, in a mirror of the engine's sequence (``engine_core/streams.py``); the engine's own sequences have
+no tokenizer and make token ids only.
 """
 from __future__ import annotations
 
