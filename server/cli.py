@@ -4,7 +4,6 @@ module loads no torch: each command imports what it runs."""
 from __future__ import annotations
 
 import inspect
-import logging
 import ipaddress
 from pathlib import Path
 from typing import Optional
