@@ -36,6 +36,7 @@ class CoreServer:
         self.sock: zmq.asyncio.Socket | None = None
         self.handlers: set[asyncio.Task] = set()
         self.streams: dict[tuple[bytes, int], LocalTokenStream] = {}  # generations running, by worker and id
+        self.opening: dict[tuple[bytes, int], list[m.Cancel]] = {}  # generations being accepted: early Cancels
 
     async def serve(self, stop: asyncio.Event) -> None:
         self.sock = self.ctx.socket(zmq.ROUTER)
@@ -96,10 +97,16 @@ class CoreServer:
         """``Accepted``, then a ``Tokens`` message per engine step; returns the ``Finished`` that ends it. A
         ``Cancel`` under the same id (``_answer``) reaches the stream while it runs."""
         params = [m.sampling_params(p) for p in body.params]
-        stream = await self.state.client.generate(AdapterId.parse(body.adapter), body.version, body.prompts, params,
-                                                  body.tenant)
         key = (identity, rid)
+        self.opening[key] = []  # a Cancel that arrives while the adapter is leased waits here
+        try:
+            stream = await self.state.client.generate(AdapterId.parse(body.adapter), body.version, body.prompts,
+                                                      params, body.tenant)
+        finally:
+            early = self.opening.pop(key)
         self.streams[key] = stream
+        for cancel in early:
+            stream.cancel(cancel.choices)
         try:
             await self._send(identity, rid, m.Accepted())
             async for msg in stream:
@@ -117,6 +124,8 @@ class CoreServer:
             stream = self.streams.get((identity, rid))
             if stream is not None:
                 stream.cancel(body.choices)
+            elif (identity, rid) in self.opening:
+                self.opening[(identity, rid)].append(body)
             return None
         if isinstance(body, m.EncodeRequest):
             adapter_id = None if body.adapter is None else AdapterId.parse(body.adapter)
