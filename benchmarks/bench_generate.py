@@ -22,9 +22,13 @@ its admission policy. The pieces live in ``benchmarks/generate/``.
 
     python -m benchmarks.bench_generate [--tokens 128] [--streams 16] [--threads 2] [--repeats 3] [--out DIR]
                                         [--dtypes float32 bfloat16] [--device cpu] [--only-dtypes]
+                                        [--only-streamed]
 
 Then the hardware section (issue 13, ``benchmarks/generate/dtypes.py``): (a) and (c″) in float32 and bfloat16 on
 ``--device``, the bf16 ÷ fp32 ratio of (a)'s tokens/s; its own section of ``RESULTS.md`` per device.
+
+Last, streamed generation over HTTP (issue 12, ``benchmarks/generate/streamed.py``): tokens/s of S concurrent SSE
+streams against ptserve in one process and against an engine core behind one API worker.
 """
 from __future__ import annotations
 
@@ -48,6 +52,7 @@ from benchmarks.generate.latency import latency_md, measure_latency
 from benchmarks.generate.peft_runs import load_peft
 from benchmarks.generate.ptserve_runs import new_engine, residents_of
 from benchmarks.generate.report import summary, write_chart
+from benchmarks.generate.streamed import measure_streamed, streamed_md
 from benchmarks.generate.throughput import SYSTEMS, measure_throughput, table, targets, targets_md
 from benchmarks.generate.workload import VIRTUAL_TOKENS, Job, Setup, make_adapter, make_prompts, save_llama
 from ptserve.server.backbone import load_backbone
@@ -74,6 +79,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="dtypes of the hardware section (none: skip it)")
     p.add_argument("--device", default="cpu", help="device of the hardware section (cpu, cuda)")
     p.add_argument("--only-dtypes", action="store_true", help="run the hardware section only")
+    p.add_argument("--only-streamed", action="store_true",
+                   help="run the streamed-over-HTTP section only (in process vs engine core + 1 API worker)")
     return p.parse_args(argv)
 
 
@@ -90,10 +97,31 @@ def main(argv=None) -> None:
     torch.set_num_threads(args.threads)
     started, load_before = time.perf_counter(), os.getloadavg()
     s = build_setup(args)
+    if args.only_streamed:
+        return streamed_section(s, args, argv)
     if not args.only_dtypes:
         issue4_sections(s, args, argv, started, load_before)
     if args.dtypes:
         hardware_section(s, args, argv)
+    if not args.only_dtypes:
+        streamed_section(s, args, argv)
+
+
+def streamed_section(s: Setup, args, argv) -> None:
+    load_before = os.getloadavg()[0]
+    rounds = measure_streamed(s, args)
+    info = machine_info()
+    command = "python -m benchmarks.bench_generate " + shlex.join(argv if argv is not None else sys.argv[1:])
+    report = "\n".join([
+        f"- date: {info['date']}; cpu: {info['cpu']}; {info['versions']}; torch threads {args.threads}",
+        f"- load average (1 min) before / after: {load_before:.2f} / {os.getloadavg()[0]:.2f}",
+        f"- command: `{command.strip()}`", "", streamed_md(rounds, args),
+    ]) + "\n"
+    print(report)
+    if not args.no_write:
+        args.out.mkdir(parents=True, exist_ok=True)
+        write_section(args.out / "RESULTS.md", "bench_generate_streamed",
+                      "## Streamed generation over HTTP: in process vs engine core + API worker (issue 12)", report)
 
 
 def hardware_section(s: Setup, args, argv) -> None:

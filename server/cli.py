@@ -4,7 +4,6 @@ module loads no torch: each command imports what it runs."""
 from __future__ import annotations
 
 import inspect
-import logging
 import ipaddress
 from pathlib import Path
 from typing import Optional
@@ -57,25 +56,12 @@ def serve(insecure: bool = False, **flags: Optional[str]) -> None:
 
 
 def _api_workers(settings: Settings) -> int:
-    """How many API worker processes (0: serve in this process). Decoder LMs serve in process: their token
-    streams do not cross the process boundary yet."""
-    from ptserve.server import hf_compat
-    from ptserve.server.backbone import family_for, resolve_path
+    """How many API worker processes (0: serve in this process), for encoders and decoder LMs alike."""
     from ptserve.server.engine_core.supervisor import default_api_workers
     from ptserve.server.hardware import cpu_budget
 
     asked = settings.api_workers
-    workers = default_api_workers(cpu_budget()) if asked == "auto" else asked
-    if not workers:
-        return 0
-    try:
-        causal = family_for(hf_compat.load_config(resolve_path(settings.backbone), not settings.allow_download)).causal
-    except Exception:  # the in-process server reports a backbone that does not load on /readyz, as before
-        return 0
-    if causal:
-        logging.getLogger(__name__).warning("PTSERVE_API_WORKERS=%s ignored: a decoder LM serves in process", asked)
-        return 0
-    return workers
+    return default_api_workers(cpu_budget()) if asked == "auto" else asked
 
 
 ENV_ONLY = {"admin_key"}  # secrets stay out of the command line, where `ps` would show them

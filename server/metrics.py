@@ -317,6 +317,8 @@ class Metrics:
         """One generation engine step (``ptserve.server.generation.runner.StepReport``; called from the engine thread)."""
         self.generation_step.observe(report.seconds)
         self.generation_batch.observe(report.rows)
+        if self.multiprocess_dir is not None:  # running / waiting as this step left them, for every scrape
+            self.refresh()
 
     def watch_generation(self, runner) -> None:
         running = self._gauge("ptserve_running_requests", "Generation requests decoding now.", "mostrecent")

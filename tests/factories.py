@@ -192,6 +192,20 @@ def save_tiny_decoder(kind: str, out: Path, seed: int = 0, initializer_range: fl
     return out
 
 
+def never_ending(folder: Path) -> Path:
+    """Make EOS an id past the model's vocabulary: the model can never choose it, so a generation runs until its
+    max_new_tokens or until its client leaves."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.add_special_tokens({"eos_token": "<|never|>"})
+    tok.save_pretrained(folder)
+    for config in (AutoConfig.from_pretrained(folder), GenerationConfig.from_pretrained(folder)):
+        config.eos_token_id = tok.eos_token_id
+        config.save_pretrained(folder)
+    return folder
+
+
 def real_texts() -> list[str]:
     """The project's own review sentences (360), then sentences of Python's own documentation as the interpreter
     ships it (``pydoc_data``: written by people, far from the reviews' domain), when the stdlib has it."""

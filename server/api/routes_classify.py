@@ -25,7 +25,7 @@ async def classify(req: ClassifyRequest, principal: Principal, state: ReadyDep) 
 
 
 async def answer_classify(state: ServerState, principal: Identity, req: ClassifyRequest) -> Response:
-    if state.client is None:
+    if state.backbone.family.causal:
         raise WrongTask(f"backbone {state.settings.backbone!r} is a decoder LM: it serves /v1/generate, not /v1/classify")
     limit = state.settings.max_inputs_per_request
     if len(req.inputs) > limit:

@@ -28,7 +28,7 @@ EMBEDDING_TASKS = ("embed", "classify")
 
 @router.post("/v1/embeddings", response_model=EmbeddingResponse, responses=ERRORS)
 async def embeddings(req: EmbeddingRequest, principal: Principal, state: ReadyDep) -> EmbeddingResponse:
-    if state.client is None:
+    if state.backbone.family.causal:
         raise WrongTask(f"backbone {state.settings.backbone!r} is a decoder LM: /v1/embeddings needs an encoder")
     texts = [req.input] if isinstance(req.input, str) else req.input
     limit = state.settings.max_inputs_per_request

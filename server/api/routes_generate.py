@@ -1,7 +1,8 @@
 """``POST /v1/generate``: one prompt under one adapter, answered as JSON or streamed as server-sent events.
 
-``run_generation`` is shared with the OpenAI-compatible route: it authorises, leases the adapter, queues the
-sequence on the engine thread and yields its events; leaving the iteration early (client disconnect) cancels it.
+``run_generation`` is shared with the OpenAI-compatible routes: it authorises, asks the engine client (in process,
+or the engine core) for the tokens of the request's choices and yields their events, the text made on this side
+(``engine_core.streams``); leaving the iteration early (client disconnect) cancels it.
 A request that fails before its first event answers a plain JSON error; a stream that fails later ends with one
 ``data: {"error": {"type", "message"}}`` event (never a cut connection); a client that disconnects from a
 non-streaming request is counted as 499, not as a server error.
@@ -12,8 +13,7 @@ import asyncio
 import json
 import logging
 import time
-from contextlib import AsyncExitStack
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from fastapi import APIRouter, Request
@@ -26,10 +26,10 @@ from ptserve.server.api.json_body import JSONBodyRoute
 from ptserve.server.api.schemas import ErrorResponse
 from ptserve.server.api.schemas_generate import GenerateRequest, GenerateResponse, GenerateUsage
 from ptserve.server.api.state import ServerState
+from ptserve.server.engine_core.streams import generate_events
 from ptserve.server.generation.engine import StepEvent
-from ptserve.server.engine_core.local import LEASE_HOLD_LIMIT_S
 from ptserve.server.generation.sequence import SamplingParams, Sequence
-from ptserve.server.limits import DeadlineExceeded, QueueFull
+from ptserve.server.limits import DeadlineExceeded
 from ptserve.server.logs import current, note
 
 log = logging.getLogger(__name__)
@@ -63,10 +63,10 @@ async def run_generation(
     state: ServerState, principal, adapter: str, prompts: list[str | list[int]], params: list[SamplingParams],
     gen: Generation, fill: bool = False,
 ) -> AsyncIterator[StepEvent]:
-    """Events of every choice of one request: ``params[k]`` for choice ``k`` of ``prompts[k // gen.n]``. With
+    """Events of every choice of one request: ``params[k]`` for choice ``k`` of ``prompts[k // gen.n]``, through
+    the engine client (in process or the engine core); the text is made here (``engine_core.streams``). With
     ``fill``, ``max_new_tokens`` is only a bound: each choice gets as many as fit beside its prompt and prefix."""
-    runner = state.generator
-    if runner is None:
+    if not state.backbone.family.causal:
         raise WrongTask(f"backbone {state.settings.backbone!r} is an encoder: it serves /v1/classify, not generation")
     limit, most = state.settings.max_new_tokens_limit, state.settings.max_inputs_per_request
     if len(params) > most:
@@ -74,62 +74,23 @@ async def run_generation(
     asked = max((p.max_new_tokens for p in params), default=0)
     if asked > limit:
         raise InvalidInput(f"max_new_tokens={asked}; at most {limit}")
-    if runner.waiting + len(params) > state.settings.max_queue_rows:
-        raise QueueFull(f"{runner.waiting} requests are waiting to generate; retry later", retry_after=1.0)
     adapter_id = authorize(principal, adapter)
     with state.limiter.slot(adapter_id.tenant):
-        lease = AsyncExitStack()
+        events = generate_events(state.client, state.backbone.tokenizer, adapter_id, prompts, params, gen, fill)
         try:
-            resident = await lease.enter_async_context(state.adapters.lease(adapter_id))
-            if resident.config.task != "generate":
-                raise WrongTask(f"adapter {adapter} is a {resident.config.task!r} adapter; use /v1/classify")
-            gen.adapter_id, gen.version = resident.id, resident.version
-            engine = runner.engine
-            for i, prompt in enumerate(prompts):
-                ids = engine.tokenize(prompt)
-                for p in params[i * gen.n: (i + 1) * gen.n]:
-                    if fill:  # as many as fit (one at least: a prompt with no room left is refused as too long)
-                        p = replace(p, max_new_tokens=max(1, min(p.max_new_tokens, engine.room(resident) - len(ids))))
-                    gen.seqs.append(engine.new_sequence(resident, ids, p))
-                state.metrics.prompt_tokens.inc(len(ids))
-            try:
-                async for event in _observed(state, runner.generate(gen.seqs)):
-                    yield event
-            finally:  # into the access-log line: what the engine did for this request
+            async for event in _observed(state, events, gen):
+                yield event
+        finally:  # into the access-log line: what the engine did for this request
+            if gen.seqs:
                 finish = [s.finish_reason for s in gen.seqs]
                 note(generation={**gen.usage.model_dump(exclude={"total_tokens"}), "choices": len(gen.seqs),
                                  "engine_steps": max(s.steps for s in gen.seqs),
                                  "finish_reason": finish[0] if len(finish) == 1 else finish})
-                if not all(s.released.is_set() for s in gen.seqs):  # left early: the engine frees them next step
-                    _hold_until_released(gen.seqs, lease.pop_all())
-        finally:
-            await lease.aclose()
 
 
-_holds: set[asyncio.Task] = set()  # leases kept past their request until the engine let its sequences go
-
-
-def _hold_until_released(seqs: list[Sequence], lease: AsyncExitStack) -> None:
-    """The adapter's lease outlives a request that left early (disconnect, deadline) until the engine no longer
-    holds its sequences, whose KV rows and prefix it still reads (issue 12 item 2)."""
-    def wait() -> bool:
-        end = time.monotonic() + LEASE_HOLD_LIMIT_S
-        return all(s.released.wait(max(0.0, end - time.monotonic())) for s in seqs)
-
-    async def hold() -> None:
-        try:
-            if not await asyncio.to_thread(wait):
-                log.warning("a generation lease outlived its request by %.0f s; released", LEASE_HOLD_LIMIT_S)
-        finally:
-            await lease.aclose()
-
-    task = asyncio.get_running_loop().create_task(hold(), name="ptserve-generation-lease-hold")
-    _holds.add(task)
-    task.add_done_callback(_holds.discard)
-
-
-async def _observed(state: ServerState, events: AsyncIterator[StepEvent]) -> AsyncIterator[StepEvent]:
-    """Time to first token (bounded by the request deadline), inter-token latency, generated tokens."""
+async def _observed(state: ServerState, events: AsyncIterator[StepEvent], gen: Generation,
+                    ) -> AsyncIterator[StepEvent]:
+    """Time to first token (bounded by the request deadline), inter-token latency, generated and prompt tokens."""
     m, start = state.metrics, time.monotonic()
     deadline, last = start + state.settings.request_timeout_s, None
     it = events.__aiter__()
@@ -143,6 +104,8 @@ async def _observed(state: ServerState, events: AsyncIterator[StepEvent]) -> Asy
             except asyncio.TimeoutError:
                 raise DeadlineExceeded(f"no token within {state.settings.request_timeout_s} s") from None
             now = time.monotonic()
+            if last is None:  # the request is queued on the engine: its prompts count
+                m.prompt_tokens.inc(sum(len(seq.prompt_ids) for seq in gen.seqs[:: gen.n]))
             if event.token is not None:
                 m.generated_tokens.inc()
                 (m.time_to_first_token if last is None else m.inter_token_latency).observe(now - (last or start))

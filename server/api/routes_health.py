@@ -38,8 +38,7 @@ async def readyz(state: StateDep):
     except (PtserveError, asyncio.TimeoutError):
         store_status = "unavailable"
     try:  # the engine's facts: this process's, or the engine core's (503 engine_unavailable while it is down)
-        facts = await state.client.health() if state.client is not None else {
-            **state.engine_facts(), "resident_adapters": len(state.adapters.cache)}
+        facts = await state.client.health()
     except EngineUnavailable as exc:
         return answer(exc)
     body = {

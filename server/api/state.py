@@ -57,7 +57,7 @@ class ServerState:
     # ``engine_address``; core: the engine only (no HTTP), serving workers through ``core_proc``
     mode: Mode = "inprocess"
     engine_address: str | None = None
-    client: EngineClient | None = None  # encoder backbones: what the classify and embeddings routes call
+    client: EngineClient | None = None  # the engine as every inference route calls it (None until started)
     metrics: Metrics = field(default_factory=Metrics)
     backbone: Backbone | None = None
     engine: Engine | None = None
@@ -94,7 +94,6 @@ class ServerState:
             self.inflight == 0
             and (self.batcher is None or self.batcher.idle)
             and (self.client is None or self.client.idle)
-            and (self.generator is None or (self.generator.running == 0 and self.generator.waiting == 0))
         )
 
     async def start(self) -> None:
@@ -120,6 +119,8 @@ class ServerState:
                 self.generator = GenerationRunner(self.engine, on_step=self.metrics.observe_step)
                 self.generator.start()
                 self.metrics.watch_generation(self.generator)
+                self.client = LocalEngineClient(self.adapters, None, self.engine, None, self.engine_facts,
+                                                runner=self.generator, max_waiting=s.max_queue_rows)
             else:
                 self.pass_cost = await asyncio.to_thread(self._prepare_encoder)
                 log.info("batch planner: %s", self.pass_cost.describe())
@@ -158,8 +159,8 @@ class ServerState:
         s = self.settings
         try:
             self.backbone = await asyncio.to_thread(load_frontend, s.backbone, s.device, s.dtype, s.allow_download)
-            if self.backbone.family.causal:
-                raise ValueError("API workers serve encoder backbones; a decoder LM runs with PTSERVE_API_WORKERS=0")
+            if self.backbone.family.causal:  # the text of generations is made here (engine_core.streams)
+                self.chat = ChatTemplate(self.backbone.tokenizer, s.backbone, s.chat_template)
             self.store = open_store(s.store)
             limits = Limits(max_bytes=s.max_adapter_bytes, max_virtual_tokens=s.max_virtual_tokens)
             self.adapters = AdapterService(self.store, Frontend(self.backbone), 0, limits)

@@ -8,7 +8,7 @@ answer always comes from one whole version, even while uploads run.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import AsyncIterator, Callable, Protocol
 
 import torch
 
@@ -17,6 +17,8 @@ from ptserve.adapters_store.ids import AdapterId
 from ptserve.client.wire.errors import AdapterChanged
 from ptserve.server.backbone import Backbone
 from ptserve.server.engine import tokenize
+from ptserve.server.engine_core import messages as m
+from ptserve.server.generation.sequence import SamplingParams
 from ptserve.server.logs import note
 
 
@@ -29,6 +31,16 @@ class VersionChanged(Exception):
 
 
 @dataclass(frozen=True)
+class GenerationRoom:
+    """What tokenising a generate adapter's prompts needs of the engine that will continue them."""
+
+    room: int  # prompt + generated tokens that fit in one row beside the adapter's prefix
+    prefix_cap: int  # the longest prefix a row holds
+    vocab_size: int
+    eos_ids: frozenset[int]
+
+
+@dataclass(frozen=True)
 class AdapterMeta:
     """What tokenising and answering need of an adapter (not its tensors)."""
 
@@ -37,6 +49,21 @@ class AdapterMeta:
     task: str
     labels: tuple[str, ...]
     num_virtual_tokens: int
+    generation: GenerationRoom | None = None  # generate adapters on a decoder backbone
+
+
+class TokenStream(Protocol):
+    """One generation request's tokens as the engine makes them: ``messages.Tokens`` per engine step, then one
+    ``messages.Finished``; an engine failure raises (an ``APIError``)."""
+
+    def __aiter__(self) -> AsyncIterator[m.Tokens | m.Finished]:
+        ...
+
+    def cancel(self, choices: list[int]) -> None:
+        """Stop generating these choices (their stop string matched); the engine frees their rows next step."""
+
+    async def aclose(self) -> None:
+        """Stop every choice still generating (the request ended early); idempotent."""
 
 
 @dataclass(frozen=True)
@@ -63,6 +90,14 @@ class EngineClient(Protocol):
     ) -> Encoded:
         """Rows of one request (``adapter_id`` None: the bare backbone) in the engine's shared passes, answered
         from ``version`` exactly (else ``VersionChanged``); ``DeadlineExceeded`` after ``timeout_s``."""
+
+    async def generate(
+        self, adapter_id: AdapterId, version: int, prompts: list[list[int]], params: list[SamplingParams],
+        tenant: str,
+    ) -> TokenStream:
+        """Queue one request's choices (``prompts[k]`` under ``params[k]``; stop strings are the caller's) on
+        the generation engine, answered from ``version`` exactly (else ``VersionChanged``); ``QueueFull``,
+        ``InputTooLong`` before any token. The adapter's lease is the engine's until it released every choice."""
 
     def check_room(self, tenant: str, rows: int) -> None:
         """``QueueFull`` now if the queue has no room (a cheap early refusal; the engine checks again)."""

@@ -21,6 +21,7 @@ from ptserve.client.wire.errors import APIError
 from ptserve.server.api.state import ServerState
 from ptserve.server.engine_core import messages as m
 from ptserve.server.engine_core.client import VersionChanged
+from ptserve.server.engine_core.local_stream import LocalTokenStream
 from ptserve.server.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -34,10 +35,13 @@ class CoreServer:
         self.ctx = zmq.asyncio.Context()
         self.sock: zmq.asyncio.Socket | None = None
         self.handlers: set[asyncio.Task] = set()
+        self.streams: dict[tuple[bytes, int], LocalTokenStream] = {}  # generations running, by worker and id
+        self.opening: dict[tuple[bytes, int], list[m.Cancel]] = {}  # generations being accepted: early Cancels
 
     async def serve(self, stop: asyncio.Event) -> None:
         self.sock = self.ctx.socket(zmq.ROUTER)
         self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.setsockopt(zmq.SNDHWM, 0)  # a ROUTER drops what exceeds its high-water mark: never a token
         if self.address.startswith("ipc://"):  # a core killed before left its socket file behind
             try:
                 os.unlink(self.address.removeprefix("ipc://"))
@@ -72,7 +76,10 @@ class CoreServer:
     async def _handle(self, identity: bytes, envelope: m.Envelope) -> None:
         body = envelope.body
         try:
-            reply = await self._answer(body)
+            if isinstance(body, m.GenerateRequest):
+                reply = await self._generate(identity, envelope.id, body)
+            else:
+                reply = await self._answer(identity, envelope.id, body)
         except VersionChanged as exc:
             reply = m.VersionMismatch(exc.adapter, exc.asked, exc.current)
         except APIError as exc:
@@ -81,10 +88,45 @@ class CoreServer:
             log.exception("engine core request failed")
             reply = m.Failed(500, "internal_error", "internal server error")
         if reply is not None:
-            await self.sock.send_multipart([identity, m.encoder.encode(m.Envelope(envelope.id, reply))])
+            await self._send(identity, envelope.id, reply)
 
-    async def _answer(self, body):
+    async def _send(self, identity: bytes, rid: int, reply) -> None:
+        await self.sock.send_multipart([identity, m.encoder.encode(m.Envelope(rid, reply))])
+
+    async def _generate(self, identity: bytes, rid: int, body: m.GenerateRequest) -> m.Finished:
+        """``Accepted``, then a ``Tokens`` message per engine step; returns the ``Finished`` that ends it. A
+        ``Cancel`` under the same id (``_answer``) reaches the stream while it runs."""
+        params = [m.sampling_params(p) for p in body.params]
+        key = (identity, rid)
+        self.opening[key] = []  # a Cancel that arrives while the adapter is leased waits here
+        try:
+            stream = await self.state.client.generate(AdapterId.parse(body.adapter), body.version, body.prompts,
+                                                      params, body.tenant)
+        finally:
+            early = self.opening.pop(key)
+        self.streams[key] = stream
+        for cancel in early:
+            stream.cancel(cancel.choices)
+        try:
+            await self._send(identity, rid, m.Accepted())
+            async for msg in stream:
+                if isinstance(msg, m.Finished):
+                    return msg
+                await self._send(identity, rid, msg)
+            raise AssertionError("a token stream ended without Finished")
+        finally:
+            self.streams.pop(key, None)
+            await stream.aclose()
+
+    async def _answer(self, identity: bytes, rid: int, body):
         client = self.state.client
+        if isinstance(body, m.Cancel):
+            stream = self.streams.get((identity, rid))
+            if stream is not None:
+                stream.cancel(body.choices)
+            elif (identity, rid) in self.opening:
+                self.opening[(identity, rid)].append(body)
+            return None
         if isinstance(body, m.EncodeRequest):
             adapter_id = None if body.adapter is None else AdapterId.parse(body.adapter)
             out = await client.encode(adapter_id, body.version, [tuple(t) for t in body.token_ids], body.output,
@@ -93,7 +135,9 @@ class CoreServer:
             return m.Encoded(out.adapter, out.version, list(out.labels), out.outputs.shape[0], data)
         if isinstance(body, m.MetaRequest):
             meta = await client.adapter_meta(AdapterId.parse(body.adapter))
-            return m.Meta(meta.id, meta.version, meta.task, list(meta.labels), meta.num_virtual_tokens)
+            g = meta.generation
+            room = None if g is None else m.Room(g.room, g.prefix_cap, g.vocab_size, sorted(g.eos_ids))
+            return m.Meta(meta.id, meta.version, meta.task, list(meta.labels), meta.num_virtual_tokens, room)
         if isinstance(body, m.AdapterChanged):
             await self.state.adapters.on_change(AdapterId.parse(body.adapter), body.version)
             return None
@@ -113,7 +157,7 @@ async def run_core(settings: Settings, address: str) -> int:
         loop.add_signal_handler(sig, stop.set)
     await state.start()
     if state.load_error or state.client is None:
-        log.error("engine core did not start: %s", state.load_error or "API workers need an encoder backbone")
+        log.error("engine core did not start: %s", state.load_error or "no engine")
         await state.stop()
         return EXIT_START_FAILED
     try:

@@ -18,9 +18,10 @@ import zmq.asyncio
 from zmq.utils.monitor import parse_monitor_message
 
 from ptserve.adapters_store.ids import AdapterId
-from ptserve.client.wire.errors import DeadlineExceeded, EngineUnavailable, error_class
+from ptserve.client.wire.errors import APIError, DeadlineExceeded, EngineUnavailable, error_class
 from ptserve.server.engine_core import messages as m
-from ptserve.server.engine_core.client import AdapterMeta, Encoded, VersionChanged
+from ptserve.server.engine_core.client import AdapterMeta, Encoded, GenerationRoom, VersionChanged
+from ptserve.server.generation.sequence import SamplingParams
 
 log = logging.getLogger(__name__)
 HEALTH_TIMEOUT_S = 2.0
@@ -33,6 +34,7 @@ class RemoteEngineClient:
         self.ctx = zmq.asyncio.Context()
         self._sock: zmq.asyncio.Socket | None = None
         self._pending: dict[int, asyncio.Future] = {}
+        self._streams: dict[int, asyncio.Queue] = {}  # generations: every message under their id, in order
         self._ids = itertools.count(1)
         self._meta: dict[str, AdapterMeta] = {}
         self._tasks: list[asyncio.Task] = []
@@ -44,6 +46,7 @@ class RemoteEngineClient:
         sock = self.ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for a core that is not there: fail fast instead
         sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.RCVHWM, 0)  # token streams: never drop what the core sent
         sock.setsockopt(zmq.RECONNECT_IVL, 100)
         sock.setsockopt(zmq.RECONNECT_IVL_MAX, 500)
         monitor = sock.get_monitor_socket(zmq.EVENT_HANDSHAKE_SUCCEEDED | zmq.EVENT_DISCONNECTED)
@@ -85,6 +88,10 @@ class RemoteEngineClient:
             except msgspec.DecodeError:
                 log.error("undecodable message from the engine core")
                 continue
+            stream = self._streams.get(envelope.id)
+            if stream is not None:
+                stream.put_nowait(envelope.body)
+                continue
             future = self._pending.pop(envelope.id, None)
             if future is not None and not future.done():
                 future.set_result(envelope.body)
@@ -94,6 +101,9 @@ class RemoteEngineClient:
         for future in pending.values():
             if not future.done():
                 future.set_exception(exc)
+        streams, self._streams = self._streams, {}
+        for stream in streams.values():  # a stream mid-way ends with this error (its SSE error event)
+            stream.put_nowait(exc)
 
     # --- calls ----------------------------------------------------------------------------------------------
     @property
@@ -102,7 +112,7 @@ class RemoteEngineClient:
 
     @property
     def idle(self) -> bool:
-        return not self._pending
+        return not self._pending and not self._streams
 
     async def _call(self, body, timeout_s: float):
         if not self.connected:
@@ -121,24 +131,57 @@ class RemoteEngineClient:
             raise DeadlineExceeded(f"the engine core did not answer within {timeout_s:.1f} s") from None
         finally:
             self._pending.pop(rid, None)
-        if isinstance(reply, m.Failed):
-            raise error_class(reply.status, reply.type).answered(reply.status, reply.type, reply.message,
-                                                                 reply.headers)
-        return reply
+        return _checked(reply)
 
-    def _tell(self, body) -> None:
+    def _tell(self, body, rid: int = 0) -> None:
         if self.connected:
             try:
-                self._sock.send(m.encoder.encode(m.Envelope(0, body)), zmq.NOBLOCK)
+                self._sock.send(m.encoder.encode(m.Envelope(rid, body)), zmq.NOBLOCK)
             except zmq.Again:
                 pass  # the core is going away; a restarted one reads the store afresh
+
+    async def generate(
+        self, adapter_id: AdapterId, version: int, prompts: list[list[int]], params: list[SamplingParams],
+        tenant: str,
+    ) -> RemoteTokenStream:
+        if not self.connected:
+            raise EngineUnavailable()
+        rid, queue = next(self._ids), asyncio.Queue()
+        payload = m.encoder.encode(m.Envelope(rid, m.GenerateRequest(
+            str(adapter_id), version, prompts, [m.sampling_message(p) for p in params], tenant)))
+        self._streams[rid] = queue
+        try:
+            self._sock.send(payload, zmq.NOBLOCK)
+        except zmq.Again:
+            self._streams.pop(rid, None)
+            raise EngineUnavailable() from None
+        try:  # Accepted once the core leased the adapter and queued the choices (or why it did not)
+            reply = await asyncio.wait_for(queue.get(), self.request_timeout_s)
+            if isinstance(reply, m.VersionMismatch):
+                self._meta.pop(reply.adapter, None)
+                raise VersionChanged(reply.adapter, reply.asked, reply.current)
+            _checked(reply)
+        except BaseException as exc:
+            self._end(rid, cancel=not isinstance(exc, (VersionChanged, APIError)))
+            if isinstance(exc, asyncio.TimeoutError):
+                raise DeadlineExceeded(f"the engine core did not answer within {self.request_timeout_s:.1f} s") \
+                    from None
+            raise
+        return RemoteTokenStream(self, rid, queue)
+
+    def _end(self, rid: int, cancel: bool) -> None:
+        """Forget stream ``rid``; with ``cancel``, tell the core to stop generating it."""
+        if self._streams.pop(rid, None) is not None and cancel:
+            self._tell(m.Cancel(), rid)
 
     async def adapter_meta(self, adapter_id: AdapterId) -> AdapterMeta:
         key = str(adapter_id)
         meta = self._meta.get(key)
         if meta is None:
             r = await self._call(m.MetaRequest(key), self.request_timeout_s)
-            meta = AdapterMeta(r.id, r.version, r.task, tuple(r.labels), r.num_virtual_tokens)
+            g = r.generation
+            room = None if g is None else GenerationRoom(g.room, g.prefix_cap, g.vocab_size, frozenset(g.eos_ids))
+            meta = AdapterMeta(r.id, r.version, r.task, tuple(r.labels), r.num_virtual_tokens, room)
             self._meta[key] = meta
         return meta
 
@@ -168,3 +211,44 @@ class RemoteEngineClient:
         except DeadlineExceeded:
             raise EngineUnavailable("the engine core does not answer") from None
         return reply.facts
+
+
+def _checked(reply):
+    """``reply``, or the API error it carries (raised as the class the core raised), or the exception queued for
+    it (the core went away)."""
+    if isinstance(reply, BaseException):
+        raise reply
+    if isinstance(reply, m.Failed):
+        raise error_class(reply.status, reply.type).answered(reply.status, reply.type, reply.message, reply.headers)
+    return reply
+
+
+class RemoteTokenStream:
+    """A generation's messages from the engine core (``client.TokenStream``): ``Tokens`` per step, then
+    ``Finished``; the error it ends with when the core failed it or went away (503 ``engine_unavailable``)."""
+
+    def __init__(self, client: RemoteEngineClient, rid: int, queue: asyncio.Queue):
+        self._client, self._rid, self._queue = client, rid, queue
+        self._ended = False
+
+    def __aiter__(self) -> "RemoteTokenStream":
+        return self
+
+    async def __anext__(self) -> m.Tokens | m.Finished:
+        if self._ended:
+            raise StopAsyncIteration
+        reply = await self._queue.get()
+        if isinstance(reply, m.Tokens):
+            return reply
+        self._ended = True
+        self._client._end(self._rid, cancel=False)
+        return _checked(reply)  # Finished, or raises
+
+    def cancel(self, choices: list[int]) -> None:
+        if not self._ended:
+            self._client._tell(m.Cancel(list(choices)), self._rid)
+
+    async def aclose(self) -> None:
+        if not self._ended:
+            self._ended = True
+            self._client._end(self._rid, cancel=True)

@@ -50,6 +50,27 @@ class GenerationLimits:
     prefix_cap: int = 256  # longest prefix a slot holds
 
 
+def tokenize_prompt(tokenizer, prompt: str | list[int], vocab_size: int, eos_ids: frozenset[int]) -> list[int]:
+    """A prompt's token ids (an empty prompt: BOS, else EOS); token-id prompts must lie in the vocabulary."""
+    ids = list(prompt) if isinstance(prompt, list) else tokenizer(prompt)["input_ids"]
+    if not ids:
+        ids = [tokenizer.bos_token_id or next(iter(eos_ids))]
+    if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in ids):
+        raise InvalidInput(f"prompt token ids must be integers in [0, {vocab_size})")
+    return ids
+
+
+def check_fits(prefix: int, prompt: int, new: int, room: int, prefix_cap: int) -> None:
+    """``InputTooLong`` unless a prefix of ``prefix`` tokens, the prompt and ``new`` tokens fit in one row."""
+    if prefix > prefix_cap:
+        raise InputTooLong(f"adapter has {prefix} virtual tokens; this server holds at most {prefix_cap}")
+    if prompt + new > room:
+        raise InputTooLong(
+            f"prompt has {prompt} tokens and max_new_tokens is {new}; with the adapter's {prefix} virtual tokens "
+            f"at most {room} fit. Shorten the prompt or lower max_new_tokens."
+        )
+
+
 class GenerationEngine:
     def __init__(self, backbone: Backbone, limits: GenerationLimits = GenerationLimits(),
                  admission: AdmissionPolicy | None = None):
@@ -77,31 +98,21 @@ class GenerationEngine:
     # --- admission ------------------------------------------------------------------------------------------
     def tokenize(self, prompt: str | list[int]) -> list[int]:
         """A prompt's token ids (token-id prompts are checked against the embedding's vocabulary)."""
-        ids = list(prompt) if isinstance(prompt, list) else self.backbone.tokenizer(prompt)["input_ids"]
-        if not ids:
-            ids = [self.backbone.tokenizer.bos_token_id or next(iter(self.eos_ids))]
-        if any(not isinstance(t, int) or not 0 <= t < self.vocab_size for t in ids):
-            raise InvalidInput(f"prompt token ids must be integers in [0, {self.vocab_size})")
-        return ids
+        return tokenize_prompt(self.backbone.tokenizer, prompt, self.vocab_size, self.eos_ids)
 
     def room(self, adapter: ResidentAdapter) -> int:
         """Prompt + generated tokens that fit in one row beside the adapter's prefix."""
         return min(self.backbone.max_positions - adapter.num_virtual_tokens, self.cache.max_tokens)
 
-    def new_sequence(self, adapter: ResidentAdapter, prompt: str | list[int], params: SamplingParams) -> Sequence:
-        """Tokenise and check that prefix + prompt + max_new_tokens fit; ``InputTooLong`` otherwise."""
+    def new_sequence(self, adapter: ResidentAdapter, prompt: str | list[int], params: SamplingParams,
+                     detokenize: bool = True) -> Sequence:
+        """Tokenise and check that prefix + prompt + max_new_tokens fit; ``InputTooLong`` otherwise. Without
+        ``detokenize`` the sequence yields tokens only (its caller makes the text, and applies stop strings)."""
         ids = self.tokenize(prompt)
-        p, n, new = adapter.num_virtual_tokens, len(ids), params.max_new_tokens
         room = self.room(adapter)
-        if p > self.cache.prefix_cap:
-            raise InputTooLong(f"adapter has {p} virtual tokens; this server holds at most {self.cache.prefix_cap}")
-        if n + new > room:
-            raise InputTooLong(
-                f"prompt has {n} tokens and max_new_tokens is {new}; with the adapter's {p} virtual tokens at most "
-                f"{room} fit. Shorten the prompt or lower max_new_tokens."
-            )
-        return Sequence(adapter, ids, params, self.backbone.tokenizer, self.eos_ids,
-                        max_positions=min(self.backbone.max_positions, p + self.cache.max_tokens))
+        check_fits(adapter.num_virtual_tokens, len(ids), params.max_new_tokens, room, self.cache.prefix_cap)
+        return Sequence(adapter, ids, params, self.backbone.tokenizer if detokenize else None, self.eos_ids,
+                        max_positions=adapter.num_virtual_tokens + room)
 
     def add(self, seq: Sequence) -> None:
         self.scheduler.add(seq)

@@ -61,6 +61,17 @@ class GenerationRunner:
     async def generate(self, seqs: Sequence | list[Sequence]) -> AsyncIterator[StepEvent]:
         """Events of ``seqs`` (one request's sequences, handed to the engine together so that they join the
         same step when slots allow) until all finish; leaving early (disconnect, cancel) frees their rows."""
+        steps = self.generate_steps(seqs)
+        try:
+            async for _, events in steps:
+                for event in events:
+                    yield event
+        finally:
+            await steps.aclose()
+
+    async def generate_steps(self, seqs: Sequence | list[Sequence]) -> AsyncIterator[tuple[int, list[StepEvent]]]:
+        """``generate`` a step at a time: (the engine step's number, the events it made for ``seqs``). A
+        sequence's error is raised (the request fails; its other sequences are cancelled)."""
         seqs = [seqs] if isinstance(seqs, Sequence) else list(seqs)
         sink: asyncio.Queue = asyncio.Queue()
         with self._queued_lock:
@@ -69,12 +80,15 @@ class GenerationRunner:
         left = {seq.id for seq in seqs}
         try:
             while left:
-                event = await sink.get()
-                if isinstance(event, BaseException):
-                    raise event
-                if event.done:
-                    left.discard(event.seq.id)
-                yield event
+                step, events = await sink.get()
+                for event in events:
+                    if isinstance(event, BaseException):
+                        raise event
+                    if event.error is not None:
+                        raise event.error
+                    if event.done:
+                        left.discard(event.seq.id)
+                yield step, events
         finally:
             for seq in seqs:
                 if seq.id in left:
@@ -98,8 +112,7 @@ class GenerationRunner:
                 self._on_step(StepReport(len(self.engine.scheduler.running), tokens, time.perf_counter() - start))
             except Exception:  # metrics must never stop the engine
                 log.exception("step report failed")
-            for event in events:
-                self._deliver(event.seq, event.error or event)
+            self._deliver(self.engine.steps, [(event.seq, event) for event in events])
 
     def _take_new(self, block: bool) -> None:
         try:
@@ -118,17 +131,23 @@ class GenerationRunner:
             except queue.Empty:
                 return
 
-    def _deliver(self, seq: Sequence, event) -> None:
-        loop, sink = self._sinks[seq.id]
-        if isinstance(event, BaseException) or event.done:
-            del self._sinks[seq.id]
-            seq.released.set()  # the engine has let it go (its KV slot is free)
-        try:
-            loop.call_soon_threadsafe(sink.put_nowait, event)
-        except RuntimeError:  # the caller's event loop is closed: nobody left to tell (and no reason to stop)
-            seq.cancelled.set()
+    def _deliver(self, step: int, items: list[tuple[Sequence, object]]) -> None:
+        """Each request's events (or errors) of one step go to its coroutine together, in one hop."""
+        batches: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Queue, list]] = {}
+        for seq, event in items:
+            loop, sink = self._sinks[seq.id]
+            if isinstance(event, BaseException) or event.done:
+                del self._sinks[seq.id]
+                seq.released.set()  # the engine has let it go (its KV slot is free)
+            batches.setdefault(id(sink), (loop, sink, []))[2].append(event)
+        for loop, sink, events in batches.values():
+            try:
+                loop.call_soon_threadsafe(sink.put_nowait, (step, events))
+            except RuntimeError:  # the caller's event loop is closed: nobody left to tell (and no reason to stop)
+                for event in events:
+                    if not isinstance(event, BaseException):
+                        event.seq.cancelled.set()
 
     def _fail_all(self, exc: Exception) -> None:
         error = GenerationFailed(f"the generation engine failed ({type(exc).__name__}); retry the request")
-        for seq in self.engine.abort():
-            self._deliver(seq, error)
+        self._deliver(self.engine.steps, [(seq, error) for seq in self.engine.abort()])

@@ -1,7 +1,9 @@
 """One generation request as the engine sees it: its adapter, tokens, sampling settings and text so far.
 
 Text is produced incrementally: each new token re-decodes the output and the part not yet sent is released,
-except a tail that could still become a stop string or is an incomplete UTF-8 character.
+except a tail that could still become a stop string or is an incomplete UTF-8 character. Served, that happens on
+the API's side, in a mirror of the engine's sequence (``engine_core/streams.py``); the engine's own sequences have
+no tokenizer and make token ids only.
 """
 from __future__ import annotations
 
@@ -60,7 +62,7 @@ class Sequence:
     adapter: ResidentAdapter
     prompt_ids: list[int]
     params: SamplingParams
-    tokenizer: object
+    tokenizer: object  # None: no text (an engine core's sequence; the API detokenises, engine_core/streams.py)
     eos_ids: frozenset[int]
     max_positions: int  # P + tokens may not exceed this
     id: int = field(default_factory=lambda: next(_ids))
@@ -141,6 +143,8 @@ class Sequence:
         """Extend ``text`` with the characters the newest tokens complete, decoding a short window of tokens
         (not the whole output, which would make every step cost O(output length)). Both decodes start at the same
         token, so tokenizers that drop a leading space at the start of a decode are handled (as vLLM does)."""
+        if self.tokenizer is None:
+            return
         ids, decode = self.output_ids, self.tokenizer.decode
         seen = decode(ids[self._prefix_offset: self._read_offset], skip_special_tokens=True)
         upto = decode(ids[self._prefix_offset:], skip_special_tokens=True)

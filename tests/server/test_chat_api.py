@@ -52,7 +52,7 @@ def _serve(llama, store, **env):
 
 
 @pytest.fixture(scope="module")
-def server(llama, tmp_path_factory):
+def server(llama, tmp_path_factory, server_modes):
     ctx, url = _serve(llama, tmp_path_factory.mktemp("chat-store"))
     yield url
     ctx.__exit__(None, None, None)

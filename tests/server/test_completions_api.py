@@ -31,7 +31,7 @@ def llama(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(llama, tmp_path_factory):
+def server(llama, tmp_path_factory, server_modes):
     bb, adapters = llama
     env = {"PTSERVE_BACKBONE": bb.path, "PTSERVE_STORE": f"file://{tmp_path_factory.mktemp('cmpl-store')}",
            "PTSERVE_MAX_RUNNING": "4", "PTSERVE_MAX_SEQ_TOKENS": "240",

@@ -31,7 +31,7 @@ def llama(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def server(llama, tmp_path_factory):
+def server(llama, tmp_path_factory, server_modes):
     bb, adapters = llama
     env = {"PTSERVE_BACKBONE": bb.path, "PTSERVE_STORE": f"file://{tmp_path_factory.mktemp('store')}",
            "PTSERVE_MAX_RUNNING": "8", "PTSERVE_MAX_SEQ_TOKENS": "240"}
@@ -147,6 +147,10 @@ def test_concurrent_streams_over_tenants_each_equal_alone(server, llama):
         assert chunks[-1]["finish_reason"] == finish and chunks[-1]["adapter"] == aid
         assert all("finish_reason" not in c for c in chunks[:-1])
     assert _steps_with_company(server) > shared_before  # the streams really decoded together
+    # one /metrics in both modes: the streams' latencies (where the tokens reach the client) and the engine's steps
+    for name in ("ptserve_time_to_first_token_seconds_count", "ptserve_inter_token_latency_seconds_count",
+                 "ptserve_generation_step_duration_seconds_count"):
+        assert _gauge(server, name) >= len(jobs), name
 
 
 def _steps_with_company(url: str) -> float:

@@ -30,7 +30,7 @@ from ptserve.client.errors import StreamError
 from ptserve.server.backbone import load_backbone
 from ptserve.server.generation.engine import GenerationEngine, GenerationLimits
 from ptserve.server.generation.sequence import SamplingParams
-from tests.factories import CHAT_TEMPLATE, make_adapter, server_process, save_tiny_decoder
+from tests.factories import CHAT_TEMPLATE, make_adapter, never_ending, server_process, save_tiny_decoder
 
 MAX_SEQ = 240
 # (log10 of the prefix values, seed): adapters that overflow GPT-2 some tokens into a generation; the fixture
@@ -349,25 +349,11 @@ def test_several_choices_stream_until_one_fails_then_end_with_an_error_event(ser
 
 
 # --- finding 6 -------------------------------------------------------------------------------------------------
-def _never_ending(folder):
-    """Make EOS an id past the model's vocabulary: the model can never choose it, so a generation runs until its
-    max_new_tokens or until its client leaves."""
-    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
-
-    tok = AutoTokenizer.from_pretrained(folder)
-    tok.add_special_tokens({"eos_token": "<|never|>"})
-    tok.save_pretrained(folder)
-    for config in (AutoConfig.from_pretrained(folder), GenerationConfig.from_pretrained(folder)):
-        config.eos_token_id = tok.eos_token_id
-        config.save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def one_slot_server(tmp_path_factory):
     """One generation slot, held by a stream of 4,000 tokens that no EOS can end: a request queued behind it is
     still waiting when its client leaves (or its 3 s deadline passes), on any machine."""
-    folder = _never_ending(save_tiny_decoder("gpt2", tmp_path_factory.mktemp("gpt2-long"), max_positions=4096,
+    folder = never_ending(save_tiny_decoder("gpt2", tmp_path_factory.mktemp("gpt2-long"), max_positions=4096,
                                              chat_template=CHAT_TEMPLATE))
     bb = load_backbone(str(folder), device="cpu", dtype="float32")
     engine = GenerationEngine(bb, GenerationLimits(max_running=1))
