@@ -259,7 +259,7 @@ def parse_args(argv=None):
     ap.add_argument("--autocast", default="auto", choices=("auto", "on", "off"),
                     help="bf16 autocast of the prefix methods (TrainConfig.autocast; auto = where bf16 is fast)")
     ap.add_argument("--full-autocast", default="off", choices=("auto", "on", "off"),
-                    help="bf16 autocast of full fine-tuning (off: float32, its faster setting on CPU; RESULTS.md)")
+                    help="bf16 autocast of full fine-tuning (off = float32, the baseline of the runs in RESULTS.md)")
     ap.add_argument("--full-lr", type=float, default=5e-5)
     ap.add_argument("--full-epochs", type=int, default=5)
     ap.add_argument("--peft-epochs", type=int, default=10)
