@@ -40,7 +40,7 @@ from benchmarks._report import machine_info, write_section
 from benchmarks.bench_training import FullModel  # the backbone + dropout + a linear head on its pooler
 from benchmarks.quality.data import TASKS, Task, dev_split, load_task
 from ptserve.server.backbone import load_backbone
-from ptserve.server.training.classify import TrainConfig, evaluate, tokenize, train_classifier
+from ptserve.server.training.classify import TrainConfig, autocast_bf16, evaluate, tokenize, train_classifier
 from ptserve.server.training.data import Example, label_set
 from ptserve.server.training.loop import Evaluation, FitConfig, fit
 from ptserve.server.training.search import SearchConfig, search_and_train
@@ -70,7 +70,7 @@ def _test_accuracy_prefix(bb, adapter_model, task: Task, labels, p: int, max_len
 
 def run_prefix(bb, task: Task, seed: int, args) -> Run:
     train, dev = dev_split(task, seed)
-    cfg = TrainConfig(seed=seed, max_length=task.max_length)
+    cfg = TrainConfig(seed=seed, max_length=task.max_length, autocast=args.autocast)
     t0 = time.perf_counter()
     result = train_classifier(bb, train, dev, cfg)
     wall = time.perf_counter() - t0
@@ -81,7 +81,7 @@ def run_prefix(bb, task: Task, seed: int, args) -> Run:
 
 def run_prefix_pooler(bb, task: Task, seed: int, args) -> Run:
     train, dev = dev_split(task, seed)
-    cfg = TrainConfig(seed=seed, max_length=task.max_length, head="pooler_linear")
+    cfg = TrainConfig(seed=seed, max_length=task.max_length, head="pooler_linear", autocast=args.autocast)
     t0 = time.perf_counter()
     result = train_classifier(bb, train, dev, cfg)
     wall = time.perf_counter() - t0
@@ -92,7 +92,7 @@ def run_prefix_pooler(bb, task: Task, seed: int, args) -> Run:
 
 def run_prefix_search(bb, task: Task, seed: int, args) -> Run:
     train, dev = dev_split(task, seed)
-    base = TrainConfig(seed=seed, max_length=task.max_length)
+    base = TrainConfig(seed=seed, max_length=task.max_length, autocast=args.autocast)
     t0 = time.perf_counter()
     found = search_and_train(bb, train, dev, base, SearchConfig(budget_s=args.search_budget_s,
                                                                 trial_epochs=args.search_trial_epochs))
@@ -118,13 +118,18 @@ def run_full(bb, task: Task, seed: int, args) -> Run:
     model = FullModel(bb.path, len(labels))
     enc = _encoder(bb, task.max_length)
     texts, y = [e.text for e in train], [labels.index(e.label) for e in train]
+    bf16 = autocast_bf16(args.full_autocast, bb.device)  # the prefix trainer's rule, so like runs with like
+
+    def forward(batch_texts: list[str]) -> torch.Tensor:
+        with torch.autocast(bb.device.type, dtype=torch.bfloat16, enabled=bf16):
+            return model(enc(batch_texts)).float()
 
     def logits_of(examples: list[Example]) -> torch.Tensor:
         t = [e.text for e in examples]
-        return torch.cat([model(enc(t[i : i + 64])) for i in range(0, len(t), 64)])
+        return torch.cat([forward(t[i : i + 64]) for i in range(0, len(t), 64)])
 
     def batch_loss(batch):
-        return F.cross_entropy(model(enc([texts[i] for i in batch])), torch.tensor([y[i] for i in batch]))
+        return F.cross_entropy(forward([texts[i] for i in batch]), torch.tensor([y[i] for i in batch]))
 
     y_dev = torch.tensor([labels.index(e.label) for e in dev])
 
@@ -251,6 +256,10 @@ def parse_args(argv=None):
     ap.add_argument("--later-methods", nargs="*", default=["prefix", "full", "probe"], choices=METHODS,
                     help="for the seeds after the first (the target's methods; a CPU budget)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    ap.add_argument("--autocast", default="auto", choices=("auto", "on", "off"),
+                    help="bf16 autocast of the prefix methods (TrainConfig.autocast; auto = where bf16 is fast)")
+    ap.add_argument("--full-autocast", default="off", choices=("auto", "on", "off"),
+                    help="bf16 autocast of full fine-tuning (off = float32, the baseline of the runs in RESULTS.md)")
     ap.add_argument("--full-lr", type=float, default=5e-5)
     ap.add_argument("--full-epochs", type=int, default=5)
     ap.add_argument("--peft-epochs", type=int, default=10)
