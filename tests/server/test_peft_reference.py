@@ -58,13 +58,40 @@ def test_mixed_batch_matches_peft_feature_extraction(minilm, minilm_engine):
         base = peft.unload() if hasattr(peft, "unload") else peft.base_model
 
 
-
-
 def _ref(*args: str) -> dict:
     proc = subprocess.run([REF_PYTHON, "scripts/peft_reference.py", *args], capture_output=True, text=True,
                           cwd=Path(__file__).resolve().parents[2], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
+
+
+# PEFT's answers do not depend on which server (``server_modes``) is checked against them: each reference
+# subprocess (seconds: torch, transformers 4.57 and PEFT load anew) runs once per input for the module and both
+# modes compare with its result. The key is the input itself, for ``logits`` the exported folder's bytes, so a
+# server whose export differed would get a reference of its own.
+_REFERENCES: dict[tuple, tuple[Path, torch.Tensor]] = {}
+
+
+def _peft_made(minilm, out: Path, texts_file: Path, virtual_tokens: int) -> tuple[Path, torch.Tensor]:
+    """(PEFT SEQ_CLS folder, PEFT's logits for TEXTS) of ``scripts/peft_reference.py make``."""
+    key = ("make", virtual_tokens)
+    if key not in _REFERENCES:
+        folder, result = out / f"peft{virtual_tokens}", out / f"ref{virtual_tokens}.json"
+        _ref("make", "--model", minilm.path, "--out", str(folder), "--virtual-tokens", str(virtual_tokens),
+             "--labels", "3", "--seed", str(virtual_tokens), "--texts", str(texts_file), "--result", str(result))
+        _REFERENCES[key] = folder, torch.tensor(json.loads(result.read_text())["logits"])
+    return _REFERENCES[key]
+
+
+def _peft_logits(minilm, folder: Path, texts_file: Path) -> torch.Tensor:
+    """PEFT's logits for TEXTS with the PEFT folder ``folder`` (``scripts/peft_reference.py logits``)."""
+    key = ("logits", *((folder / name).read_bytes() for name in (CONFIG_FILE, WEIGHTS_FILE)))
+    if key not in _REFERENCES:
+        result = folder.parent / "ref.json"
+        _ref("logits", "--model", minilm.path, "--adapter", str(folder), "--texts", str(texts_file),
+             "--result", str(result))
+        _REFERENCES[key] = folder, torch.tensor(json.loads(result.read_text())["logits"])
+    return _REFERENCES[key][1]
 
 
 @pytest.fixture(scope="module")
@@ -82,11 +109,8 @@ def server(tmp_path_factory, server_modes):
 
 @pytest.mark.peft_ref
 @pytest.mark.parametrize("virtual_tokens", [4, 16])
-def test_peft_seq_cls_folder_served_with_peft_logits(minilm, server, texts_file, tmp_path, virtual_tokens):
-    folder, result = tmp_path / "peft", tmp_path / "ref.json"
-    _ref("make", "--model", minilm.path, "--out", str(folder), "--virtual-tokens", str(virtual_tokens),
-         "--labels", "3", "--seed", str(virtual_tokens), "--texts", str(texts_file), "--result", str(result))
-    reference = torch.tensor(json.loads(result.read_text())["logits"])
+def test_peft_seq_cls_folder_served_with_peft_logits(minilm, server, texts_file, virtual_tokens):
+    folder, reference = _peft_made(minilm, texts_file.parent, texts_file, virtual_tokens)
 
     files = {name: (name, (folder / name).read_bytes()) for name in (CONFIG_FILE, WEIGHTS_FILE)}
     up = httpx.put(f"{server}/v1/adapters/acme/peft{virtual_tokens}", files=files, timeout=30)
@@ -110,9 +134,7 @@ def test_exported_peft_folder_loads_in_peft_with_same_logits(minilm, server, tex
     assert up.status_code == 201, up.text
     stored = httpx.get(f"{server}/v1/adapters/acme/native/blob", timeout=30).content
     folder = write_peft_folder(decode_blob(stored, minilm.fingerprint, minilm.family.head_kind), tmp_path / "export")
-    result = tmp_path / "ref.json"
-    _ref("logits", "--model", minilm.path, "--adapter", str(folder), "--texts", str(texts_file), "--result", str(result))
-    reference = torch.tensor(json.loads(result.read_text())["logits"])
+    reference = _peft_logits(minilm, folder, texts_file)
     got = httpx.post(f"{server}/v1/classify", json={"adapter": "acme/native", "inputs": TEXTS, "return_logits": True},
                      timeout=30)
     served = torch.tensor([p["logits"] for p in got.json()["predictions"]])

@@ -26,9 +26,8 @@ from ptserve.adapters_store.validation import Limits, decode_blob
 from ptserve.server.engine import Row
 from tests.factories import MINILM_LABELS, make_blob, running_server
 
-pytestmark = pytest.mark.usefixtures("server_modes")  # in process and with an engine core process
-
-pytestmark = pytest.mark.slow
+# in process and with an engine core process (one list: a second ``pytestmark =`` would replace the first)
+pytestmark = [pytest.mark.usefixtures("server_modes"), pytest.mark.slow]
 
 TEXT = "the delivery was quick and the product is great"
 PROMPT_S = 3.0  # an answer during the outage comes within this (bounded store timeouts, no hang)
