@@ -151,21 +151,17 @@ class Batcher(Generic[Item]):
             self._tenant_rows[tenant] += len(pending)
             self._depth += len(pending)
             self._cond.notify_all()
-        # One row (the common request) awaits its future itself; the deadline is a timeout on this task
-        # (``asyncio.timeout_at``), not ``wait_for``, which wraps the wait in a task of its own.
-        waiter = pending[0].future if len(pending) == 1 else asyncio.gather(*(p.future for p in pending))
+        # ``asyncio.wait`` on the rows' own futures: no task around the wait (``wait_for`` makes one) and no gathering
+        # future; ``asyncio.timeout_at`` would do it too, but needs Python 3.11 and the server supports 3.10.
+        futures = [p.future for p in pending]
         try:
-            if deadline is None:
-                done = await waiter
-            else:
-                async with asyncio.timeout_at(loop.time() + deadline - time.monotonic()):
-                    done = await waiter
-            return [done] if len(pending) == 1 else list(done)
-        except asyncio.TimeoutError:
-            raise DeadlineExceeded(
-                f"the request did not finish within its deadline ({len(items)} rows; "
-                f"{self._depth} rows queued)"
-            ) from None
+            timeout = None if deadline is None else max(0.0, deadline - time.monotonic())
+            _, late = await asyncio.wait(futures, timeout=timeout)
+            if late:
+                raise DeadlineExceeded(
+                    f"the request did not finish within its deadline ({len(items)} rows; {self._depth} rows queued)"
+                )
+            return [f.result() for f in futures]
         finally:
             with self._cond:
                 for p in pending:  # a cancelled or timed-out caller's rows are skipped, not computed

@@ -1,5 +1,5 @@
-"""Fixtures the decode-level validation suites share (test_blob_validation, test_hostile_blobs,
-test_peft_folder_validation, test_served_tasks): the default backbone's fingerprint, head kind, one valid blob."""
+"""Fixtures the decode-level suites share (test_blob_validation, test_hostile_blobs, test_peft_folder_validation,
+test_served_tasks, test_embed_adapters): the default backbone's fingerprint, head kind, one valid blob."""
 from __future__ import annotations
 
 import pytest

@@ -18,16 +18,6 @@ from ptserve.adapters_store.validation import decode_blob
 from tests.factories import make_adapter
 
 
-@pytest.fixture(scope="module")
-def fp(minilm):
-    return minilm.fingerprint
-
-
-@pytest.fixture(scope="module")
-def head(minilm):
-    return minilm.family.head_kind
-
-
 def test_embed_blob_round_trips(fp, head):
     adapter = make_adapter(fp, 6, seed=1, task="embed")
     decoded = decode_blob(encode_blob(adapter), fp, head)
