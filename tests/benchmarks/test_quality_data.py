@@ -15,14 +15,25 @@ def tasks():
     return {name: data.load_task(name) for name in data.TASKS}
 
 
-def test_three_tasks_of_the_stated_shapes(tasks):
+def test_four_tasks_of_the_stated_shapes(tasks):
     shapes = {name: (len(t.train), len(t.test), len(t.labels)) for name, t in tasks.items()}
     assert shapes["spam_subjects"][2] == 2 and shapes["spam_bodies"][2] == 3 and shapes["chat_topics"][2] == 9
+    assert shapes["tweet_sentiment"][2] == 2
     for name, (n_train, n_test, _) in shapes.items():
         assert 500 <= n_train <= 5000 and n_test >= 150, (name, shapes[name])
     chars = {name: sum(len(e.text) for e in t.train) / len(t.train) for name, t in tasks.items()}
     assert chars["spam_bodies"] > 1000 > 100 > max(chars["spam_subjects"], chars["chat_topics"])  # one long task
     assert {e.label for e in tasks["spam_bodies"].train} == {"easy_ham", "hard_ham", "spam"}
+
+
+def test_tweet_sentiment_is_imbalanced_like_user_reviews_and_has_one_label_per_text(tasks):
+    t = tasks["tweet_sentiment"]
+    for split in (t.train, t.test):
+        share = collections.Counter(e.label for e in split)["negative"] / len(split)
+        assert 0.65 <= share <= 0.9, share  # a majority class to beat, as in the reviews (0.72)
+    texts = [e.text for e in t.train + t.test]
+    assert len(texts) == len(set(texts))  # retweets and doubly-rated texts appear once
+    assert all(e.label in ("negative", "positive") and len(e.text) >= 10 for e in t.train)
 
 
 def test_test_splits_are_disjoint_from_train_and_fixed(tasks):
