@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass, field, replace
 
 from ptserve.server.backbone import Backbone
-from ptserve.server.training.classify import TrainConfig, TrainResult, train_classifier
+from ptserve.server.training.classify import TrainConfig, TrainResult, default_head, train_classifier
 from ptserve.server.training.data import Example
 from ptserve.server.training.loop import Callbacks
 
@@ -24,7 +24,9 @@ class SearchConfig:
     budget_s: float = 300.0  # wall time of all trials together (the final fit comes on top)
     lrs: tuple[float, ...] = (1e-2, 3e-3, 3e-2)  # the first is the default
     virtual_tokens: tuple[int, ...] = (16, 8, 32)
-    heads: tuple[str | None, ...] = (None, "mean_linear")  # None = the trainer's default head for the backbone
+    # None = the trainer's default head for the backbone, "family" = the family's (PEFT's) head; duplicates
+    # after resolving (on MiniLM the default is mean_linear) are tried once.
+    heads: tuple[str | None, ...] = (None, "family", "mean_linear")
     trial_epochs: int = 4  # epochs per trial (patience 2); the final fit uses the base config's epochs
 
 
@@ -50,9 +52,15 @@ class SearchResult:
     record: dict = field(default_factory=dict)
 
 
-def candidates(cfg: SearchConfig) -> list[tuple[float, int, str | None]]:
+def resolve_heads(bb: Backbone, heads: tuple[str | None, ...]) -> tuple[str, ...]:
+    """The head kinds the search tries on ``bb``, named as trained and saved (first = the default), no repeats."""
+    named = [default_head(bb) if h is None else bb.family.head_kind if h == "family" else h for h in heads]
+    return tuple(dict.fromkeys(named))
+
+
+def candidates(cfg: SearchConfig, heads: tuple[str, ...] | None = None) -> list[tuple[float, int, str | None]]:
     """Every (lr, P, head) of the grid: the defaults, then single changes, then the rest, in grid order."""
-    grid = list(itertools.product(cfg.lrs, cfg.virtual_tokens, cfg.heads))
+    grid = list(itertools.product(cfg.lrs, cfg.virtual_tokens, heads or cfg.heads))
     default = grid[0]
     return sorted(grid, key=lambda c: sum(a != b for a, b in zip(c, default)))
 
@@ -79,7 +87,7 @@ def search_and_train(
     progress = progress or SearchProgress()
     start = time.perf_counter()
     deadline = start + cfg.budget_s
-    grid = candidates(cfg)
+    grid = candidates(cfg, resolve_heads(bb, cfg.heads))
     trials: list[Trial] = []
     skipped = 0
     for n, (lr, p, head) in enumerate(grid, 1):
@@ -89,10 +97,10 @@ def search_and_train(
             skipped = len(grid) - n + 1
             break
         trial_cfg = replace(base, lr=lr, virtual_tokens=p, head=head, epochs=cfg.trial_epochs, patience=2)
-        progress.on_trial_start(n, len(grid), lr, p, head or bb.family.head_kind)
+        progress.on_trial_start(n, len(grid), lr, p, head)
         t0 = time.perf_counter()
         r = train_classifier(bb, train, dev, trial_cfg, deadline=deadline)
-        trial = Trial(lr, p, head or bb.family.head_kind, r.eval.accuracy, r.eval.loss, time.perf_counter() - t0,
+        trial = Trial(lr, p, r.adapter.config.head, r.eval.accuracy, r.eval.loss, time.perf_counter() - t0,
                       len(r.fit.history))
         best = all((trial.dev_accuracy, -trial.dev_loss) > (t.dev_accuracy, -t.dev_loss) for t in trials)
         trials.append(trial)

@@ -161,6 +161,10 @@ def test_search_is_time_bounded_records_its_choice_and_fits_with_it(small_data, 
     assert (record["config"]["lr"], record["config"]["virtual_tokens"], record["head"]) == (
         chosen["lr"], chosen["virtual_tokens"], chosen["head"])
     assert trials[0]["lr"] == 1e-2 and trials[0]["virtual_tokens"] == 16  # the defaults are tried first
+    # ... with MiniLM's default head, named as trained: a trial's head is the head its adapter has
+    assert trials[0]["head"] == "mean_linear"
+    tried = [(t["lr"], t["virtual_tokens"], t["head"]) for t in trials]
+    assert len(tried) == len(set(tried))  # no setting tried twice under two names
 
 
 def test_search_needs_a_dev_split_and_the_dev_split_is_carved_without_eval_data(small_data, tmp_path):
