@@ -171,11 +171,14 @@ def encoder_forward(
     token_ids: list[tuple[int, ...]],  # B rows of token ids (special tokens included)
     kv: torch.Tensor,  # [layers, 2, B, kv_heads, P_max, head_dim]; row b's prefix in the last P_b slots
     prefix_lens: list[int],  # P_b per row
+    record=None,  # an object with ``write_prompt(layer, slots, key, value)``: gets every layer's token K/V
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One prefixed forward pass of an encoder: (hidden [B, T_max, H], pooled [B, H] or None).
 
     Differentiable with respect to ``kv``: the trainer calls this same function, so what is trained is what is
     served. Real tokens are right-padded; the mask hides pad tokens and the pad slots of shorter prefixes.
+    ``record`` (the trainer's prefix initialisation, ``training.prefix_init``) is handed each layer's keys and
+    values of the real tokens, [B, kv_heads, T_max, head_dim], as a decoder's prefill hands them to its cache.
     """
     dev, b = bb.device, len(token_ids)
     t_max, p_max = max(len(t) for t in token_ids), kv.shape[4]
@@ -193,6 +196,7 @@ def encoder_forward(
         input_ids=to_device(input_ids, dev),
         token_type_ids=torch.zeros_like(input_ids, device=dev),
         position_ids=to_device(positions, dev),
-        ptserve_prefix=PrefixContext(keys=kv[:, 0], values=kv[:, 1], mask=to_device(mask, dev)),
+        ptserve_prefix=PrefixContext(keys=kv[:, 0], values=kv[:, 1], mask=to_device(mask, dev), cache=record,
+                                     slots=slice(0, b)),
     )
     return out.last_hidden_state, getattr(out, "pooler_output", None)

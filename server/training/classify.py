@@ -24,6 +24,7 @@ from ptserve.server.resident import prefix_kv
 from ptserve.server.training.data import Example, label_set
 from ptserve.server.training.loop import Callbacks, Evaluation, FitConfig, FitResult, fit
 from ptserve.server.training.prefix_encoder import PrefixEncoder
+from ptserve.server.training.prefix_init import PREFIX_INITS, token_kv
 
 
 @dataclass
@@ -47,6 +48,8 @@ class TrainConfig:
     head: str | None = None  # head kind: None = the backbone's default (``default_head``), or "mean_linear"
     autocast: str = "auto"  # bf16 autocast of the forward: "auto" (where bf16 is fast: ``autocast_bf16``), on, off
     init_std: float = 1.0  # of the prefix embedding (PEFT and THUDM use nn.Embedding's default, 1.0)
+    prefix_init: str = "random"  # "random" (N(0, init_std)) or "tokens": real tokens' K/V (``prefix_init``)
+    probe_start: bool = False  # fit the head alone on the starting prefix's features first (LP-FT)
     max_length: int | None = None  # tokens per text incl. special tokens; None = what fits beside the prefix
 
     @property
@@ -108,6 +111,8 @@ class PrefixClassifier(nn.Module):
                 f"backbone {bb.name!r} ({bb.fingerprint.model_type}) serves no classification head"
             )
         self.bb, self.kind = bb, cfg.head or default_head(bb)
+        if cfg.prefix_init not in PREFIX_INITS:
+            raise ValueError(f"prefix_init {cfg.prefix_init!r} is not one of {', '.join(PREFIX_INITS)}")
         if self.kind not in served_heads(bb.family.head_kind):
             raise ValueError(f"head {self.kind!r} does not fit backbone {bb.name!r}; it serves "
                              + ", ".join(map(repr, served_heads(bb.family.head_kind))))
@@ -132,16 +137,24 @@ class PrefixClassifier(nn.Module):
 
     def forward(self, token_ids: list[tuple[int, ...]]) -> torch.Tensor:
         """Logits [B, C] float32 for B rows of token ids, every row under this prefix."""
+        return self.apply_head(self.features(token_ids))
+
+    def features(self, token_ids: list[tuple[int, ...]]) -> dict[str, torch.Tensor | None]:
+        """What the head reads, float32 [B, H] each: ``first`` (first token's state), ``pooled`` (the backbone's
+        pooler, if it has one), ``mean`` (mean of the real tokens' states; mean_linear heads only)."""
         bb, b = self.bb, len(token_ids)
         flat = self.prefix_dropout(self.prefix())  # [P, width]
         kv = prefix_kv(flat, bb.fingerprint).to(device=bb.device, dtype=bb.dtype)  # [L, 2, H, P, D]
         kv = kv.unsqueeze(2).expand(-1, -1, b, -1, -1, -1)  # [L, 2, B, H, P, D]
         hidden, pooled = encoder_forward(bb, token_ids, kv, [kv.shape[4]] * b)
-        first = self.dropout(hidden[:, 0].float())  # [B, H]
-        pooled = self.dropout(pooled.float()) if pooled is not None else None
-        mean = self.dropout(mean_states(hidden, [len(t) for t in token_ids])) if self.kind == MEAN_HEAD else None
-        head = {k: v.to(bb.device) for k, v in self.head_tensors().items()}
-        return HEADS[self.kind](pooled, first, head, mean).float()
+        return {"first": hidden[:, 0].float(), "pooled": pooled.float() if pooled is not None else None,
+                "mean": mean_states(hidden, [len(t) for t in token_ids]) if self.kind == MEAN_HEAD else None}
+
+    def apply_head(self, features: dict[str, torch.Tensor | None]) -> torch.Tensor:
+        """Logits [B, C] float32: dropout (training only) on the features, then the head."""
+        x = {k: self.dropout(v) if v is not None else None for k, v in features.items()}
+        head = {k: v.to(self.bb.device) for k, v in self.head_tensors().items()}
+        return HEADS[self.kind](x["pooled"], x["first"], head, x["mean"]).float()
 
     def to_adapter(self, labels: list[str]) -> Adapter:
         fp = self.bb.fingerprint
@@ -156,6 +169,61 @@ class PrefixClassifier(nn.Module):
             base_model_name_or_path=self.bb.name,
         )
         return Adapter(config, tensors)
+
+
+# probe_start's stage: cheap (its epochs read cached features, no backbone pass); a linear probe's usual lr,
+# whatever the prefix's (the bench's probe uses the same).
+PROBE_EPOCHS, PROBE_PATIENCE, PROBE_LR = 50, 5, 1e-2
+
+
+class _HeadOnly(nn.Module):
+    """The head and its dropout, as one module for ``fit`` (the prefix stays as it is)."""
+
+    def __init__(self, model: PrefixClassifier):
+        super().__init__()
+        self.head, self.dropout = model.head, model.dropout
+
+
+def _fit_head_alone(
+    model: PrefixClassifier,
+    items: list[tuple[tuple[int, ...], int]],  # (token ids, label index) per training example
+    held_out: tuple[list[tuple[int, ...]], list[int]] | None,
+    cfg: TrainConfig,
+    bf16: bool,
+) -> FitResult:
+    """LP-FT's first stage (Kumar et al. 2022, "Fine-Tuning can Distort Pretrained Features"): a linear probe on
+    the features of the starting prefix, one frozen pass over the data, then many cheap epochs on those
+    features with early stopping on the dev split. The prefix then starts training under a head that already
+    reads its features, rather than under a random head whose first gradients push the prefix anywhere."""
+
+    def features_of(ids: list[tuple[int, ...]]) -> dict[str, torch.Tensor | None]:
+        model.eval()
+        with torch.no_grad(), torch.autocast(model.bb.device.type, dtype=torch.bfloat16, enabled=bf16):
+            parts = [model.features(ids[i : i + cfg.batch_size * 2]) for i in range(0, len(ids), cfg.batch_size * 2)]
+        return {k: torch.cat([p[k] for p in parts]).float() if parts[0][k] is not None else None for k in parts[0]}
+
+    x = features_of([ids for ids, _ in items])  # [N, H] each
+    y = torch.tensor([label for _, label in items], device=model.bb.device)
+
+    def pick(feats: dict[str, torch.Tensor | None], idx: torch.Tensor) -> dict[str, torch.Tensor | None]:
+        return {k: v[idx] if v is not None else None for k, v in feats.items()}
+
+    def batch_loss(batch: list[int]) -> torch.Tensor:
+        idx = torch.tensor(batch, device=y.device)
+        return F.cross_entropy(model.apply_head(pick(x, idx)), y[idx])
+
+    run_eval = None
+    if held_out is not None:
+        x_dev, y_dev = features_of(held_out[0]), torch.tensor(held_out[1], device=y.device)
+
+        def run_eval() -> Evaluation:
+            logits = model.apply_head(x_dev)
+            return Evaluation(float(F.cross_entropy(logits, y_dev)), float((logits.argmax(-1) == y_dev).float().mean()))
+
+    head = _HeadOnly(model)
+    return fit(head, [{"params": list(model.head.parameters()), "lr": PROBE_LR}],
+               list(range(len(items))), batch_loss, run_eval,
+               FitConfig(PROBE_EPOCHS, cfg.batch_size, cfg.seed, PROBE_PATIENCE, 0.0, cfg.weight_decay))
 
 
 def autocast_bf16(setting: str, device: torch.device) -> bool:
@@ -224,9 +292,10 @@ def train_classifier(
     torch.manual_seed(cfg.seed)
     model = PrefixClassifier(bb, len(labels), cfg).to(bb.device)  # trainable state next to the backbone
     p = cfg.virtual_tokens
-    items = list(
-        zip(tokenize(bb, [e.text for e in train], p, cfg.max_length), [index[e.label] for e in train])
-    )
+    train_ids = tokenize(bb, [e.text for e in train], p, cfg.max_length)
+    if cfg.prefix_init == "tokens":
+        model.prefix.start_from(token_kv(bb, train_ids, p, cfg.seed))
+    items = list(zip(train_ids, [index[e.label] for e in train]))
     eval_ids = tokenize(bb, [e.text for e in held_out], p, cfg.max_length) if held_out else []
     eval_y = [index[e.label] for e in held_out or []]
 
@@ -242,6 +311,8 @@ def train_classifier(
         ev = evaluate(model, eval_ids, eval_y, labels, cfg.batch_size * 2)
         return Evaluation(loss=ev.loss, score=ev.accuracy, metrics={"eval_accuracy": ev.accuracy})
 
+    if cfg.probe_start:
+        _fit_head_alone(model, items, (eval_ids, eval_y) if held_out else None, cfg, bf16)
     groups = [
         {"params": list(model.prefix.parameters()), "lr": cfg.prefix_lr},
         {"params": list(model.head.parameters()), "lr": cfg.head_lr or cfg.prefix_lr},
@@ -252,8 +323,9 @@ def train_classifier(
         items,
         batch_loss,
         run_eval if held_out else None,
+        # After a probe start the starting point is a trained model: it competes with the epochs on dev.
         FitConfig(cfg.epochs, cfg.batch_size, cfg.seed, cfg.patience, cfg.warmup_ratio, cfg.weight_decay,
-                  deadline=deadline),
+                  deadline=deadline, evaluate_start=cfg.probe_start),
         callbacks,
     )
     counts = {

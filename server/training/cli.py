@@ -49,6 +49,11 @@ def train(
         help="Reparameterise the prefix with an MLP while training (materialised to plain K/V when saved).",
     ),
     projection_hidden: int = typer.Option(512, help="Hidden width of the projection MLP."),
+    prefix_init: Optional[str] = typer.Option(
+        None, help="Where the prefix starts (classify): tokens (every virtual token = one real training token's "
+        "K/V in every layer) or random (PEFT's N(0, 1)) [see TrainConfig.prefix_init; random with "
+        "--prefix-projection]."
+    ),
     lr: Optional[float] = typer.Option(
         None, help="Learning rate of the prefix [1e-2; 1e-3 with --prefix-projection]."
     ),
@@ -138,6 +143,7 @@ def train(
             head=None if head == "auto" else head,
             weight_decay=weight_decay,
             prefix_dropout=prefix_dropout,
+            **({} if prefix_init is None else {"prefix_init": prefix_init}),
             warmup_ratio=warmup_ratio,
             autocast=autocast,
             virtual_tokens=virtual_tokens,
@@ -192,7 +198,9 @@ def train(
     if conn.as_json:
         return print_json(summary)
     err.print(
-        f"best epoch {summary['best_epoch']} of {summary['epochs_run']}: {_shown(summary)}; "
+        (f"best epoch {summary['best_epoch']} of {summary['epochs_run']}" if summary["best_epoch"] else
+         f"kept the probe start (no epoch of {summary['epochs_run']} beat it on dev)")
+        + f": {_shown(summary)}; "
         f"{summary['train_seconds']}s; wrote {out}/{{{BLOB_FILE}, peft/, training.json}}",
         highlight=False,
     )

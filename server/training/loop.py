@@ -39,6 +39,7 @@ class FitConfig:
     weight_decay: float = 0.0  # AdamW's decoupled decay, on every parameter of the groups
     max_grad_norm: float = 1.0
     deadline: float | None = None  # time.perf_counter() after which no further epoch starts (a search's budget)
+    evaluate_start: bool = False  # score the starting weights too: "epoch 0" may be the best (a probe start)
 
 
 class Callbacks:
@@ -58,6 +59,7 @@ class FitResult:
     stopped_early: bool
     seconds: float
     step_losses: list[float]
+    start: Evaluation | None = None  # of the starting weights (FitConfig.evaluate_start); best_epoch 0 = these
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -88,7 +90,12 @@ def fit(
     history: list[EpochStats] = []
     step_losses: list[float] = []
     best_score, best_state, best_epoch, stale = (-math.inf, 0.0), None, 0, 0
-    start = time.perf_counter()
+    start, at_start = time.perf_counter(), None
+    if evaluate is not None and cfg.evaluate_start:
+        module.eval()
+        with torch.no_grad():
+            at_start = evaluate()
+        best_score, best_state = (at_start.score, -at_start.loss), copy.deepcopy(module.state_dict())
     callbacks.on_start(cfg.epochs, steps_per_epoch)
     for epoch in range(1, cfg.epochs + 1):
         t0, losses = time.perf_counter(), []
@@ -126,4 +133,5 @@ def fit(
             break
     module.load_state_dict(best_state)
     module.eval()
-    return FitResult(history, best_epoch, len(history) < cfg.epochs, time.perf_counter() - start, step_losses)
+    return FitResult(history, best_epoch, len(history) < cfg.epochs, time.perf_counter() - start, step_losses,
+                     at_start)

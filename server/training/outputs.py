@@ -49,4 +49,5 @@ def history_record(fit: FitResult) -> dict:
             for s in fit.history
         ],
         "step_losses": fit.step_losses,
+        **({"start_eval": {"eval_loss": fit.start.loss, **fit.start.metrics}} if fit.start else {}),
     }

@@ -42,6 +42,14 @@ class PrefixEncoder(nn.Module):
             self.embedding = nn.Embedding(num_virtual_tokens, prefix_width)
         nn.init.normal_(self.embedding.weight, std=init_std)
 
+    @torch.no_grad()
+    def start_from(self, flat: torch.Tensor) -> None:
+        """Start training from these K/V ([P, width]; ``prefix_init.token_kv``). A reparameterised prefix has no
+        such starting point (its K/V are an MLP's output), so it refuses."""
+        if self.projection:
+            raise ValueError("a reparameterised prefix (prefix_projection) starts random: use prefix_init='random'")
+        self.embedding.weight.copy_(flat.to(self.embedding.weight))
+
     def forward(self) -> torch.Tensor:  # [P, width]
         if not self.projection:
             return self.embedding.weight

@@ -56,6 +56,23 @@ def test_early_stopping_restores_the_best_epoch_and_reports_progress():
     assert not module.training
 
 
+def test_a_scored_start_is_kept_when_no_epoch_beats_it():
+    module = nn.Linear(2, 1)
+    start = module.weight.detach().clone()
+    scores = iter([0.8, 0.7, 0.75, 0.8])  # the start, then 3 epochs: the last ties with a higher loss
+
+    def evaluate():
+        score = next(scores)
+        return Evaluation(loss=0.5 if score == 0.8 and torch.equal(module.weight, start) else 0.9, score=score)
+
+    result = fit(module, [{"params": list(module.parameters()), "lr": 0.1}], list(range(8)),
+                 lambda b: module(torch.ones(len(b), 2)).pow(2).mean(), evaluate,
+                 FitConfig(epochs=5, batch_size=4, seed=0, patience=3, warmup_ratio=0.0, evaluate_start=True))
+    assert result.best_epoch == 0 and result.start == Evaluation(loss=0.5, score=0.8)
+    assert len(result.history) == 3 and not any(s.best for s in result.history)  # patience counts from the start
+    assert torch.equal(module.weight, start)
+
+
 def test_without_eval_data_runs_every_epoch_and_keeps_the_last():
     module = nn.Linear(1, 1)
     result = fit(
