@@ -268,7 +268,8 @@ def parse_args(argv=None):
     ap.add_argument("--max-train", type=int, default=0,
                     help="use at most this many train examples per task (0 = all; a CPU budget)")
     ap.add_argument("--max-test", type=int, default=0, help="score at most this many test examples per task (0 = all)")
-    ap.add_argument("--from-json", type=Path, default=None, help="print (and write) the table of runs saved by --json")
+    ap.add_argument("--from-json", type=Path, nargs="+", default=None,
+                    help="print (and write) the table of the runs saved by --json (one or more files, merged)")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
     ap.add_argument("--no-write", action="store_true", help="print the table only")
     ap.add_argument("--json", type=Path, default=None, help="also write every run as JSON here")
@@ -289,7 +290,7 @@ def main(argv=None) -> None:
             test = [e for e in t.test if e.label in known][: args.max_test or None]
             cut.append(Task(t.name, train, test, t.max_length, t.description))
         tasks = cut
-    runs: list[Run] = [Run(**r) for r in json.loads(args.from_json.read_text())] if args.from_json else []
+    runs: list[Run] = [Run(**r) for f in args.from_json or [] for r in json.loads(f.read_text())]
     todo = [] if args.from_json else [(s, t, m) for i, s in enumerate(args.seeds) for t in tasks
                                       for m in (args.methods if i == 0 else args.later_methods)]
     for seed, task, method in todo:  # seed by seed: a run cut short still has every task and method once
