@@ -124,6 +124,10 @@ def train(
             train_set, eval_set = stratified_split(train_set, dev_fraction, seed)
         if autocast not in ("auto", "on", "off"):
             raise DataError(f"--autocast {autocast!r}: use auto, on or off")
+        if prefix_init is not None and prefix_init not in ("tokens", "random"):
+            raise DataError(f"--prefix-init {prefix_init!r}: use tokens or random")
+        if prefix_init == "tokens" and prefix_projection:
+            raise DataError("--prefix-init tokens cannot start a reparameterised prefix (--prefix-projection)")
         if threads:
             torch.set_num_threads(threads)
         bb = load_backbone(backbone, device=device, dtype="float32")

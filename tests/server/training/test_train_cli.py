@@ -135,6 +135,8 @@ def test_bad_inputs_exit_2_with_a_clear_message(small_data, tmp_path):
         (["--data", str(tmp_path / "missing.jsonl")], "no such file"),
         (["--upload", "no-slash"], "must be tenant/name"),
         (["--backbone", str(tmp_path / "not-a-model")], "cannot load backbone"),
+        (["--prefix-init", "vocab"], "--prefix-init 'vocab': use tokens or random"),
+        (["--prefix-init", "tokens", "--prefix-projection"], "cannot start a reparameterised prefix"),
     ]
     for extra, message in cases:
         res = runner.invoke(app, train_args(d, tmp_path / "out", *extra))
