@@ -117,6 +117,7 @@ def main(argv=None) -> None:
     ap.add_argument("--max-train", type=int, default=0, help="at most this many train examples (0 = all)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None, help="runs so far; read back to resume")
+    ap.add_argument("--report", action="store_true", help="print the table of the runs in --json, run nothing")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -124,6 +125,8 @@ def main(argv=None) -> None:
     if "defaults" not in settings:
         settings = {"defaults": {}} | settings
     trials = [Trial(**t) for t in json.loads(args.json.read_text())] if args.json and args.json.exists() else []
+    if args.report:
+        return print(table(trials, args.tasks, list(settings)))
     done = {(t.task, t.setting, t.seed) for t in trials}
     bb = load_backbone("minilm", device="cpu", dtype="float32")
     tasks = []
