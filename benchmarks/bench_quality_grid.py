@@ -56,19 +56,28 @@ class Trial:
     best_epoch: int
 
 
+def _value(text: str) -> bool | int | float | str:
+    """``true``/``false``, else an int, else a float, else the text itself."""
+    if text in ("true", "false"):
+        return text == "true"
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            pass
+    return text
+
+
 def parse_setting(text: str) -> tuple[str, dict]:
-    """``NAME:field=value,field=value`` -> (NAME, {field: value}); values typed after TrainConfig's defaults."""
+    """``NAME:field=value,field=value`` -> (NAME, {field: value}) of TrainConfig fields."""
     name, _, body = text.partition(":")
-    types = {f.name: type(getattr(TrainConfig(), f.name)) for f in fields(TrainConfig)}
+    known = {f.name for f in fields(TrainConfig)}
     out = {}
     for pair in filter(None, body.split(",")):
         key, _, value = pair.partition("=")
-        if key not in types:
+        if key not in known:
             raise SystemExit(f"--set {text!r}: TrainConfig has no field {key!r}")
-        kind = types[key]
-        out[key] = (value == "true") if kind is bool else value if kind in (str, type(None)) else kind(value)
-        if key in ("lr", "head_lr"):
-            out[key] = float(value)
+        out[key] = _value(value)
     return name, out
 
 

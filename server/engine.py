@@ -197,6 +197,6 @@ def encoder_forward(
         token_type_ids=torch.zeros_like(input_ids, device=dev),
         position_ids=to_device(positions, dev),
         ptserve_prefix=PrefixContext(keys=kv[:, 0], values=kv[:, 1], mask=to_device(mask, dev), cache=record,
-                                     slots=slice(0, b)),
+                                     slots=slice(0, b) if record is not None else None),
     )
     return out.last_hidden_state, getattr(out, "pooler_output", None)

