@@ -1,13 +1,15 @@
 """The dev-split grid behind ``ptserve train``'s defaults (issue 14): each setting is the defaults with a few
 ``TrainConfig`` fields changed, trained per task and seed on the task's train split less its stratified dev
-split (``benchmarks.quality.data.dev_split``), and scored on that dev split only. Test splits are never read
-here: this is where defaults are chosen, ``bench_quality`` is where they are then scored.
+split (``benchmarks.quality.data.dev_split``), and scored on that dev split. With ``--max-train N`` the train
+examples past the first N are never trained on: each run is also scored on (at most ``--holdout`` of) them, a
+held-out set several times the dev split's size, so that a one-point change is not one dev example. Test splits
+are never read here: this is where defaults are chosen, ``bench_quality`` is where they are then scored.
 
     .venv/bin/python -m benchmarks.bench_quality_grid [--tasks ...] [--seeds 0 1] [--settings NAME ...]
         [--set NAME:field=value,field=value ...] [--threads 1] [--json runs.json]
 
-The table: mean dev accuracy per task and setting, its change against ``defaults`` (points, same seeds), the
-mean change over tasks, and training seconds. A setting earns a default only if it helps on every task.
+The table: mean held-out accuracy (dev accuracy where there is no held-out set) per task and setting, its
+change against ``defaults`` (points, same seeds), the mean change over tasks, and training seconds. A setting earns a default only if it helps on every task.
 """
 
 from __future__ import annotations
@@ -24,7 +26,8 @@ import torch
 
 from benchmarks.quality.data import TASKS, Task, dev_split, load_task
 from ptserve.server.backbone import load_backbone
-from ptserve.server.training.classify import TrainConfig, train_classifier
+from ptserve.server.training.classify import TrainConfig, evaluate, tokenize, train_classifier
+from ptserve.server.training.data import Example
 
 # What the P-Tuning v2 paper and practitioners vary, one change at a time from the defaults.
 SETTINGS: dict[str, dict] = {
@@ -54,6 +57,11 @@ class Trial:
     seconds: float
     epochs_run: int
     best_epoch: int
+    holdout_accuracy: float | None = None  # on train examples past --max-train (never trained on, never test)
+
+    @property
+    def score(self) -> float:
+        return self.dev_accuracy if self.holdout_accuracy is None else self.holdout_accuracy
 
 
 def _value(text: str) -> bool | int | float | str:
@@ -81,20 +89,34 @@ def parse_setting(text: str) -> tuple[str, dict]:
     return name, out
 
 
-def run(bb, task: Task, seed: int, name: str, changes: dict) -> Trial:
+def run(bb, task: Task, seed: int, name: str, changes: dict, holdout: list[Example]) -> Trial:
     train, dev = dev_split(task, seed)
     cfg = replace(TrainConfig(seed=seed, max_length=task.max_length), **changes)
     t0 = time.perf_counter()
     result = train_classifier(bb, train, dev, cfg)
-    return Trial(task.name, name, seed, result.eval.accuracy, result.eval.loss, time.perf_counter() - t0,
-                 len(result.fit.history), result.fit.best_epoch)
+    seconds = time.perf_counter() - t0
+    held = None
+    if holdout:
+        ids = tokenize(bb, [e.text for e in holdout], cfg.virtual_tokens, task.max_length)
+        held = evaluate(result.model, ids, [result.labels.index(e.label) for e in holdout], result.labels, 64).accuracy
+    return Trial(task.name, name, seed, result.eval.accuracy, result.eval.loss, seconds,
+                 len(result.fit.history), result.fit.best_epoch, held)
+
+
+def holdout_of(task: Task, max_train: int, cap: int) -> list[Example]:
+    """The train examples past the first ``max_train`` whose labels training saw (at most ``cap``)."""
+    if not max_train:
+        return []
+    seen = {e.label for e in task.train[:max_train]}
+    return [e for e in task.train[max_train:] if e.label in seen][:cap]
 
 
 def table(trials: list[Trial], tasks: list[str], settings: list[str]) -> str:
     def acc(task, setting):
-        return {t.seed: t.dev_accuracy for t in trials if t.task == task and t.setting == setting}
+        return {t.seed: t.score for t in trials if t.task == task and t.setting == setting}
 
-    head = " | ".join(f"{t} dev acc (Δ)" for t in tasks)
+    held = any(t.holdout_accuracy is not None for t in trials)
+    head = " | ".join(f"{t} {'held-out' if held else 'dev'} acc (Δ)" for t in tasks)
     lines = [f"| setting | {head} | mean Δ (points) | tasks better / worse | train s (mean) |",
              "|---|" + "---:|" * (len(tasks) + 3)]
     for s in settings:
@@ -121,41 +143,46 @@ def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
     ap.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    ap.add_argument("--settings", nargs="+", default=list(SETTINGS), help=f"of: {', '.join(SETTINGS)}")
+    ap.add_argument("--settings", nargs="+", default=list(SETTINGS),
+                    help=f"the settings to run, of: {', '.join(SETTINGS)} (the table compares them with defaults, "
+                    "run here or read from --json)")
     ap.add_argument("--set", nargs="*", default=[], metavar="NAME:field=value,...", help="more settings")
     ap.add_argument("--max-train", type=int, default=0, help="at most this many train examples (0 = all)")
+    ap.add_argument("--holdout", type=int, default=400, help="score on at most this many train examples past "
+                    "--max-train (0 = none)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--json", type=Path, default=None, help="runs so far; read back to resume")
     ap.add_argument("--report", action="store_true", help="print the table of the runs in --json, run nothing")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    settings = {n: SETTINGS[n] for n in args.settings} | dict(map(parse_setting, args.set))
-    if "defaults" not in settings:
-        settings = {"defaults": {}} | settings
+    settings = {n: SETTINGS[n] for n in args.settings} | dict(map(parse_setting, args.set))  # what runs
+    shown = list({"defaults": {}} | settings)  # the table compares with the defaults (from --json if not run)
     trials = [Trial(**t) for t in json.loads(args.json.read_text())] if args.json and args.json.exists() else []
     if args.report:
-        return print(table(trials, args.tasks, list(settings)))
+        return print(table(trials, args.tasks, shown))
     done = {(t.task, t.setting, t.seed) for t in trials}
     bb = load_backbone("minilm", device="cpu", dtype="float32")
-    tasks = []
+    tasks, holdouts = [], {}
     for name in args.tasks:
         t = load_task(name)  # test is never read: dropped here
         tasks.append(Task(t.name, t.train[: args.max_train or None], [], t.max_length, t.description))
+        holdouts[name] = holdout_of(t, args.max_train, args.holdout)
     for seed in args.seeds:  # seed-major: a run cut short still has every task and setting on its first seeds
         for task in tasks:
             name = task.name
             for s, changes in settings.items():
                 if (name, s, seed) in done:
                     continue
-                trial = run(bb, task, seed, s, changes)
+                trial = run(bb, task, seed, s, changes, holdouts[name])
                 trials.append(trial)
-                print(f"{name:15} {s:20} seed {seed}: dev {trial.dev_accuracy:.3f} loss {trial.dev_loss:.3f} "
+                held = "" if trial.holdout_accuracy is None else f" held-out {trial.holdout_accuracy:.3f}"
+                print(f"{name:15} {s:20} seed {seed}: dev {trial.dev_accuracy:.3f} loss {trial.dev_loss:.3f}{held} "
                       f"{trial.seconds:.0f}s epochs {trial.epochs_run} (best {trial.best_epoch})",
                       file=sys.stderr, flush=True)
                 if args.json:
                     args.json.write_text(json.dumps([asdict(t) for t in trials], indent=1))
-    print(table(trials, args.tasks, list(settings)))
+    print(table(trials, args.tasks, shown))
 
 
 if __name__ == "__main__":
