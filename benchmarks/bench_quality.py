@@ -12,6 +12,10 @@ on the task's train split less a stratified 15 % dev split (seeded), chooses eve
   peft           PEFT P-Tuning v2 (``PrefixTuningConfig(num_virtual_tokens=20)``, its defaults otherwise) trained
                  with transformers' recipe in the PEFT reference interpreter (``PTSERVE_REF_PYTHON``)
 
+With ``--max-train N --holdout M``, ``prefix`` and ``full`` are also scored on up to M of the train examples past the
+first N (never trained on, never used for a choice, disjoint from test): a second sample of their gap, of the
+test split's size.
+
 Training seconds are wall time of the training loop (per-epoch dev evaluation included; for prefix-search the
 search and the final fit, and its seconds per epoch are the final fit's). Texts are cut to the
 task's ``max_length`` tokens for every method (a CPU budget: see the task list).
@@ -61,11 +65,16 @@ class Run:
     epochs_run: int
     seconds_per_epoch: float
     note: str = ""
+    holdout_accuracy: float | None = None  # on train examples past --max-train (--holdout), prefix and full only
+
+
+def _accuracy_prefix(bb, adapter_model, examples: list[Example], labels, p: int, max_length: int) -> float:
+    ids = tokenize(bb, [e.text for e in examples], p, max_length)
+    return evaluate(adapter_model, ids, [labels.index(e.label) for e in examples], labels, 64).accuracy
 
 
 def _test_accuracy_prefix(bb, adapter_model, task: Task, labels, p: int, max_length: int) -> float:
-    ids = tokenize(bb, [e.text for e in task.test], p, max_length)
-    return evaluate(adapter_model, ids, [labels.index(e.label) for e in task.test], labels, 64).accuracy
+    return _accuracy_prefix(bb, adapter_model, task.test, labels, p, max_length)
 
 
 def run_prefix(bb, task: Task, seed: int, args) -> Run:
@@ -75,8 +84,11 @@ def run_prefix(bb, task: Task, seed: int, args) -> Run:
     result = train_classifier(bb, train, dev, cfg)
     wall = time.perf_counter() - t0
     acc = _test_accuracy_prefix(bb, result.model, task, result.labels, cfg.virtual_tokens, task.max_length)
+    held = args.holdouts.get(task.name)
+    held_acc = (_accuracy_prefix(bb, result.model, held, result.labels, cfg.virtual_tokens, task.max_length)
+                if held else None)
     n = len(result.fit.history)
-    return Run(task.name, "prefix", seed, acc, result.eval.accuracy, wall, n, wall / n)
+    return Run(task.name, "prefix", seed, acc, result.eval.accuracy, wall, n, wall / n, holdout_accuracy=held_acc)
 
 
 def run_prefix_pooler(bb, task: Task, seed: int, args) -> Run:
@@ -141,12 +153,17 @@ def run_full(bb, task: Task, seed: int, args) -> Run:
     result = fit(model, [{"params": list(model.parameters()), "lr": args.full_lr}], list(range(len(train))),
                  batch_loss, evaluate_dev, FitConfig(args.full_epochs, 16, seed, 2, 0.1, weight_decay=0.01))
     wall = time.perf_counter() - t0
-    with torch.no_grad():
-        pred = logits_of(task.test).argmax(-1)
-    acc = float((pred == torch.tensor([labels.index(e.label) for e in task.test])).float().mean())
+
+    def accuracy(examples: list[Example]) -> float:
+        with torch.no_grad():
+            pred = logits_of(examples).argmax(-1)
+        return float((pred == torch.tensor([labels.index(e.label) for e in examples])).float().mean())
+
+    held = args.holdouts.get(task.name)
     dev_acc = result.history[result.best_epoch - 1].eval.score
     n = len(result.history)
-    return Run(task.name, "full", seed, acc, dev_acc, wall, n, wall / n)
+    return Run(task.name, "full", seed, accuracy(task.test), dev_acc, wall, n, wall / n,
+               holdout_accuracy=accuracy(held) if held else None)
 
 
 @torch.no_grad()
@@ -227,11 +244,26 @@ def _ms(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values) if len(values) > 1 else 0.0:.3f}"
 
 
+def _held_out_cell(rs: list[Run], full: list[Run], method: str) -> str:
+    """Held-out accuracy mean ± std, and its Δ against full FT on the seeds both have."""
+    mine = {r.seed: r.holdout_accuracy for r in rs if r.holdout_accuracy is not None}
+    if not mine:
+        return ""
+    base = {r.seed: r.holdout_accuracy for r in full if r.holdout_accuracy is not None}
+    seeds = sorted(set(mine) & set(base))
+    delta = (f" ({100 * statistics.mean(mine[k] - base[k] for k in seeds):+.1f})"
+             if seeds and method != "full" else "")
+    return f" {_ms(list(mine.values()))}{delta} |"
+
+
 def table(runs: list[Run], tasks: list[Task]) -> str:
+    held = any(r.holdout_accuracy is not None for r in runs)
     lines = ["| task (train / test, classes, max tokens) | method | test accuracy (mean ± std) | dev accuracy | "
-             "train s | s / epoch | epochs | Δ vs full (points) |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+             "train s | s / epoch | epochs | Δ vs full (points) |" + (" held-out accuracy (Δ vs full) |" if held else ""),
+             "|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if held else "")]
     for task in tasks:
-        full = [r.accuracy for r in runs if r.task == task.name and r.method == "full"]
+        full_runs = [r for r in runs if r.task == task.name and r.method == "full"]
+        full = [r.accuracy for r in full_runs]
         for method in METHODS:
             rs = [r for r in runs if r.task == task.name and r.method == method]
             if not rs:
@@ -243,7 +275,8 @@ def table(runs: list[Run], tasks: list[Task]) -> str:
                 f"| {task.name} ({len(task.train)} / {len(task.test)}, {len(task.labels)}, {task.max_length}) | "
                 f"{method} | {_ms(acc)} | {_ms([r.dev_accuracy for r in rs])} | "
                 f"{statistics.mean(r.seconds for r in rs):.0f} | {statistics.mean(r.seconds_per_epoch for r in rs):.1f}"
-                f" | {statistics.mean(r.epochs_run for r in rs):.1f} | {delta} |")
+                f" | {statistics.mean(r.epochs_run for r in rs):.1f} | {delta} |"
+                + ((_held_out_cell(rs, full_runs, method) or " |") if held else ""))
     notes = sorted({f"{r.task} {r.method} seed {r.seed}: {r.note}" for r in runs if r.note})
     return "\n".join(lines) + ("\n\n" + "\n".join(f"- {n}" for n in notes) if notes else "")
 
@@ -267,6 +300,8 @@ def parse_args(argv=None):
     ap.add_argument("--search-trial-epochs", type=int, default=2)
     ap.add_argument("--max-train", type=int, default=0,
                     help="use at most this many train examples per task (0 = all; a CPU budget)")
+    ap.add_argument("--holdout", type=int, default=0,
+                    help="score prefix and full on at most this many train examples past --max-train (0 = none)")
     ap.add_argument("--max-test", type=int, default=0, help="score at most this many test examples per task (0 = all)")
     ap.add_argument("--from-json", type=Path, nargs="+", default=None,
                     help="print (and write) the table of the runs saved by --json (one or more files, merged)")
@@ -282,12 +317,15 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     bb = load_backbone("minilm", device="cpu", dtype="float32")
     tasks = [load_task(name) for name in args.tasks]
+    args.holdouts = {}  # task -> train examples past --max-train, scored, never trained on
     if args.max_train or args.max_test:  # the loaders shuffle, so a head of each split is a sample of it
         cut = []
         for t in tasks:
             train = t.train[: args.max_train or None]
             known = {e.label for e in train}  # a label the sample lacks cannot be scored
             test = [e for e in t.test if e.label in known][: args.max_test or None]
+            if args.max_train and args.holdout:
+                args.holdouts[t.name] = [e for e in t.train[args.max_train:] if e.label in known][: args.holdout]
             cut.append(Task(t.name, train, test, t.max_length, t.description))
         tasks = cut
     runs: list[Run] = [Run(**r) for f in args.from_json or [] for r in json.loads(f.read_text())]

@@ -1,0 +1,38 @@
+"""bench_quality's table (issue 14): the target's Δ against full fine-tuning, and, where runs were also scored on
+held-out train examples, that second sample's accuracy and its Δ on the seeds both methods have."""
+
+from __future__ import annotations
+
+from benchmarks.bench_quality import Run, table
+from benchmarks.quality.data import Task
+from ptserve.server.training.data import Example
+
+
+def run(method, seed, acc, held=None):
+    return Run("t", method, seed, acc, 0.9, 100.0, 5, 20.0, holdout_accuracy=held)
+
+
+TASK = Task("t", [Example("a", "x"), Example("b", "y")], [Example("c", "x")], 32, "")
+
+
+def rows(text: str) -> dict[str, str]:
+    return {line.split(" | ")[1]: line for line in text.splitlines() if line.startswith("| t (")}
+
+
+def test_runs_without_a_held_out_score_keep_the_table_as_it_was():
+    text = table([run("full", 0, 0.90), run("prefix", 0, 0.85)], [TASK])
+    assert "held-out" not in text
+    assert rows(text)["prefix"].endswith("| -5.0 |")
+
+
+def test_the_held_out_column_gives_its_own_delta_against_full_on_shared_seeds():
+    runs = [run("full", 0, 0.90, 0.88), run("full", 1, 0.80, 0.84), run("prefix", 0, 0.85, 0.87),
+            run("prefix", 1, 0.82, 0.86), run("prefix", 2, 0.70, 0.50), run("probe", 0, 0.80)]
+    text = table(runs, [TASK])
+    assert "held-out accuracy (Δ vs full) |" in text.splitlines()[0]
+    r = rows(text)
+    assert r["full"].endswith("| 0.860 ± 0.028 |")
+    # prefix: seeds 0 and 1 are compared (-1, +2 points), seed 2 has no full run to compare with
+    assert r["prefix"].endswith("(+0.5) |") and "0.743 ± 0.211 (+0.5)" in r["prefix"]
+    assert r["probe"].endswith("| -5.0 | |")  # no held-out score: an empty cell, the columns still line up
+    assert all(line.count("|") == text.splitlines()[0].count("|") for line in text.splitlines()[:5])
