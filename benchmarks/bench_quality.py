@@ -42,7 +42,7 @@ from torch import nn
 
 from benchmarks._report import machine_info, write_section
 from benchmarks.bench_training import FullModel  # the backbone + dropout + a linear head on its pooler
-from benchmarks.quality.data import TASKS, Task, dev_split, load_task
+from benchmarks.quality.data import TASKS, Task, dev_split, holdout_of, load_task
 from ptserve.server.backbone import load_backbone
 from ptserve.server.training.classify import TrainConfig, autocast_bf16, evaluate, tokenize, train_classifier
 from ptserve.server.training.data import Example, label_set
@@ -68,13 +68,13 @@ class Run:
     holdout_accuracy: float | None = None  # on train examples past --max-train (--holdout), prefix and full only
 
 
-def _accuracy_prefix(bb, adapter_model, examples: list[Example], labels, p: int, max_length: int) -> float:
+def accuracy_prefix(bb, adapter_model, examples: list[Example], labels, p: int, max_length: int) -> float:
     ids = tokenize(bb, [e.text for e in examples], p, max_length)
     return evaluate(adapter_model, ids, [labels.index(e.label) for e in examples], labels, 64).accuracy
 
 
 def _test_accuracy_prefix(bb, adapter_model, task: Task, labels, p: int, max_length: int) -> float:
-    return _accuracy_prefix(bb, adapter_model, task.test, labels, p, max_length)
+    return accuracy_prefix(bb, adapter_model, task.test, labels, p, max_length)
 
 
 def run_prefix(bb, task: Task, seed: int, args) -> Run:
@@ -85,7 +85,7 @@ def run_prefix(bb, task: Task, seed: int, args) -> Run:
     wall = time.perf_counter() - t0
     acc = _test_accuracy_prefix(bb, result.model, task, result.labels, cfg.virtual_tokens, task.max_length)
     held = args.holdouts.get(task.name)
-    held_acc = (_accuracy_prefix(bb, result.model, held, result.labels, cfg.virtual_tokens, task.max_length)
+    held_acc = (accuracy_prefix(bb, result.model, held, result.labels, cfg.virtual_tokens, task.max_length)
                 if held else None)
     n = len(result.fit.history)
     return Run(task.name, "prefix", seed, acc, result.eval.accuracy, wall, n, wall / n, holdout_accuracy=held_acc)
@@ -324,8 +324,7 @@ def main(argv=None) -> None:
             train = t.train[: args.max_train or None]
             known = {e.label for e in train}  # a label the sample lacks cannot be scored
             test = [e for e in t.test if e.label in known][: args.max_test or None]
-            if args.max_train and args.holdout:
-                args.holdouts[t.name] = [e for e in t.train[args.max_train:] if e.label in known][: args.holdout]
+            args.holdouts[t.name] = holdout_of(t, args.max_train, args.holdout)
             cut.append(Task(t.name, train, test, t.max_length, t.description))
         tasks = cut
     runs: list[Run] = [Run(**r) for f in args.from_json or [] for r in json.loads(f.read_text())]

@@ -9,7 +9,8 @@ are never read here: this is where defaults are chosen, ``bench_quality`` is whe
         [--set NAME:field=value,field=value ...] [--threads 1] [--json runs.json]
 
 The table: mean held-out accuracy (dev accuracy where there is no held-out set) per task and setting, its
-change against ``defaults`` (points, same seeds), the mean change over tasks, and training seconds. A setting earns a default only if it helps on every task.
+change against ``defaults`` (points, same seeds), the mean change over tasks, and training seconds. A setting
+earns a default only if it helps on every task.
 """
 
 from __future__ import annotations
@@ -24,9 +25,10 @@ from pathlib import Path
 
 import torch
 
-from benchmarks.quality.data import TASKS, Task, dev_split, load_task
+from benchmarks.bench_quality import accuracy_prefix
+from benchmarks.quality.data import TASKS, Task, dev_split, holdout_of, load_task
 from ptserve.server.backbone import load_backbone
-from ptserve.server.training.classify import TrainConfig, evaluate, tokenize, train_classifier
+from ptserve.server.training.classify import TrainConfig, train_classifier
 from ptserve.server.training.data import Example
 
 # What the P-Tuning v2 paper and practitioners vary, one change at a time from the defaults.
@@ -95,20 +97,10 @@ def run(bb, task: Task, seed: int, name: str, changes: dict, holdout: list[Examp
     t0 = time.perf_counter()
     result = train_classifier(bb, train, dev, cfg)
     seconds = time.perf_counter() - t0
-    held = None
-    if holdout:
-        ids = tokenize(bb, [e.text for e in holdout], cfg.virtual_tokens, task.max_length)
-        held = evaluate(result.model, ids, [result.labels.index(e.label) for e in holdout], result.labels, 64).accuracy
+    held = (accuracy_prefix(bb, result.model, holdout, result.labels, cfg.virtual_tokens, task.max_length)
+            if holdout else None)
     return Trial(task.name, name, seed, result.eval.accuracy, result.eval.loss, seconds,
                  len(result.fit.history), result.fit.best_epoch, held)
-
-
-def holdout_of(task: Task, max_train: int, cap: int) -> list[Example]:
-    """The train examples past the first ``max_train`` whose labels training saw (at most ``cap``)."""
-    if not max_train:
-        return []
-    seen = {e.label for e in task.train[:max_train]}
-    return [e for e in task.train[max_train:] if e.label in seen][:cap]
 
 
 def table(trials: list[Trial], tasks: list[str], settings: list[str]) -> str:

