@@ -66,6 +66,12 @@ class Run:
     seconds_per_epoch: float
     note: str = ""
     holdout_accuracy: float | None = None  # on train examples past --max-train (--holdout), prefix and full only
+    bf16: bool | None = None  # trained under bf16 autocast (None: not recorded, runs saved before it was)
+
+    @property
+    def label(self) -> str:
+        """The method as the table names it: a bf16 run apart from a float32 one of the same method."""
+        return f"{self.method} (bf16)" if self.bf16 else self.method
 
 
 def accuracy_prefix(bb, adapter_model, examples: list[Example], labels, p: int, max_length: int) -> float:
@@ -88,7 +94,8 @@ def run_prefix(bb, task: Task, seed: int, args) -> Run:
     held_acc = (accuracy_prefix(bb, result.model, held, result.labels, cfg.virtual_tokens, task.max_length)
                 if held else None)
     n = len(result.fit.history)
-    return Run(task.name, "prefix", seed, acc, result.eval.accuracy, wall, n, wall / n, holdout_accuracy=held_acc)
+    return Run(task.name, "prefix", seed, acc, result.eval.accuracy, wall, n, wall / n, holdout_accuracy=held_acc,
+               bf16=autocast_bf16(cfg.autocast, bb.device))
 
 
 def run_prefix_pooler(bb, task: Task, seed: int, args) -> Run:
@@ -99,7 +106,8 @@ def run_prefix_pooler(bb, task: Task, seed: int, args) -> Run:
     wall = time.perf_counter() - t0
     acc = _test_accuracy_prefix(bb, result.model, task, result.labels, cfg.virtual_tokens, task.max_length)
     n = len(result.fit.history)
-    return Run(task.name, "prefix-pooler", seed, acc, result.eval.accuracy, wall, n, wall / n)
+    return Run(task.name, "prefix-pooler", seed, acc, result.eval.accuracy, wall, n, wall / n,
+               bf16=autocast_bf16(cfg.autocast, bb.device))
 
 
 def run_prefix_search(bb, task: Task, seed: int, args) -> Run:
@@ -114,7 +122,8 @@ def run_prefix_search(bb, task: Task, seed: int, args) -> Run:
     n = len(result.fit.history)
     chosen = found.chosen
     note = f"lr {chosen['lr']:g}, P {chosen['virtual_tokens']}, {chosen['head']}; {len(found.trials)} trials"
-    return Run(task.name, "prefix-search", seed, acc, result.eval.accuracy, wall, n, result.fit.seconds / n, note)
+    return Run(task.name, "prefix-search", seed, acc, result.eval.accuracy, wall, n, result.fit.seconds / n, note,
+               bf16=autocast_bf16(base.autocast, bb.device))
 
 
 # --- full fine-tuning and the probe (the backbone's own HF forward) ------------------------------------------------
@@ -163,7 +172,7 @@ def run_full(bb, task: Task, seed: int, args) -> Run:
     dev_acc = result.history[result.best_epoch - 1].eval.score
     n = len(result.history)
     return Run(task.name, "full", seed, accuracy(task.test), dev_acc, wall, n, wall / n,
-               holdout_accuracy=accuracy(held) if held else None)
+               holdout_accuracy=accuracy(held) if held else None, bf16=bf16)
 
 
 @torch.no_grad()
@@ -204,7 +213,8 @@ def run_probe(bb, task: Task, seed: int, args) -> Run:
         pred = head(mean_features(bb, [e.text for e in task.test], task.max_length)).argmax(-1)
     acc = float((pred == torch.tensor([labels.index(e.label) for e in task.test])).float().mean())
     n = len(result.history)
-    return Run(task.name, "probe", seed, acc, result.history[result.best_epoch - 1].eval.score, wall, n, wall / n)
+    return Run(task.name, "probe", seed, acc, result.history[result.best_epoch - 1].eval.score, wall, n, wall / n,
+               bf16=False)
 
 
 def run_peft(bb, task: Task, seed: int, args) -> Run:
@@ -230,7 +240,7 @@ def run_peft(bb, task: Task, seed: int, args) -> Run:
         out = json.loads((Path(tmp) / "out.json").read_text())
     n = out["epochs_run"]
     return Run(task.name, "peft", seed, out["test_accuracy"], out["dev_accuracy"], out["seconds"], n,
-               out["seconds"] / n, "best epoch on dev")
+               out["seconds"] / n, "best epoch on dev", bf16=False)
 
 
 RUNNERS = {"prefix": run_prefix, "prefix-pooler": run_prefix_pooler, "prefix-search": run_prefix_search, "full": run_full, "probe": run_probe,
@@ -256,16 +266,25 @@ def _held_out_cell(rs: list[Run], full: list[Run], method: str) -> str:
     return f" {_ms(list(mine.values()))}{delta} |"
 
 
+def _labels(runs: list[Run]) -> list[str]:
+    """The table's method rows in METHODS order, each method's float32 row before its bf16 one."""
+    present = {r.label for r in runs}
+    return [label for m in METHODS for label in (m, f"{m} (bf16)") if label in present]
+
+
 def table(runs: list[Run], tasks: list[Task]) -> str:
+    """One row per task and method (a bf16 run of a method is a row of its own). Δ vs full is against full
+    fine-tuning in float32 where the runs have it (the baseline), else against whatever full runs there are."""
     held = any(r.holdout_accuracy is not None for r in runs)
     lines = ["| task (train / test, classes, max tokens) | method | test accuracy (mean ± std) | dev accuracy | "
              "train s | s / epoch | epochs | Δ vs full (points) |" + (" held-out accuracy (Δ vs full) |" if held else ""),
              "|---|---|---:|---:|---:|---:|---:|---:|" + ("---:|" if held else "")]
     for task in tasks:
-        full_runs = [r for r in runs if r.task == task.name and r.method == "full"]
+        all_full = [r for r in runs if r.task == task.name and r.method == "full"]
+        full_runs = [r for r in all_full if not r.bf16] or all_full
         full = [r.accuracy for r in full_runs]
-        for method in METHODS:
-            rs = [r for r in runs if r.task == task.name and r.method == method]
+        for method in _labels([r for r in runs if r.task == task.name]):
+            rs = [r for r in runs if r.task == task.name and r.label == method]
             if not rs:
                 continue
             acc = [r.accuracy for r in rs]

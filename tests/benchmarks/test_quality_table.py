@@ -36,3 +36,17 @@ def test_the_held_out_column_gives_its_own_delta_against_full_on_shared_seeds():
     assert r["prefix"].endswith("(+0.5) |") and "0.743 ± 0.211 (+0.5)" in r["prefix"]
     assert r["probe"].endswith("| -5.0 | |")  # no held-out score: an empty cell, the columns still line up
     assert all(line.count("|") == text.splitlines()[0].count("|") for line in text.splitlines()[:5])
+
+
+def test_bf16_runs_are_rows_of_their_own_compared_with_full_in_float32():
+    def bf(method, seed, acc, bf16):
+        return Run("t", method, seed, acc, 0.9, 100.0, 5, 20.0, bf16=bf16)
+
+    runs = [bf("full", 0, 0.90, False), bf("full", 0, 0.80, True), bf("prefix", 0, 0.88, False),
+            bf("prefix", 0, 0.86, True)]
+    r = rows(table(runs, [TASK]))
+    assert list(r) == ["prefix", "prefix (bf16)", "full", "full (bf16)"]  # METHODS order, float32 first
+    assert r["prefix"].endswith("| -2.0 |") and r["prefix (bf16)"].endswith("| -4.0 |")
+    assert r["full (bf16)"].endswith("| -10.0 |") and r["full"].endswith("|  |")
+    # runs saved before the field (None) are the method's plain row, as before
+    assert list(rows(table([run("full", 0, 0.9), run("prefix", 0, 0.8)], [TASK]))) == ["prefix", "full"]
