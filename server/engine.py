@@ -172,6 +172,7 @@ def encoder_forward(
     kv: torch.Tensor,  # [layers, 2, B, kv_heads, P_max, head_dim]; row b's prefix in the last P_b slots
     prefix_lens: list[int],  # P_b per row
     record=None,  # an object with ``write_prompt(layer, slots, key, value)``: gets every layer's token K/V
+    attention_dtype: torch.dtype | None = None,  # attention computed in this dtype (``PrefixContext.compute_dtype``)
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """One prefixed forward pass of an encoder: (hidden [B, T_max, H], pooled [B, H] or None).
 
@@ -197,6 +198,7 @@ def encoder_forward(
         token_type_ids=torch.zeros_like(input_ids, device=dev),
         position_ids=to_device(positions, dev),
         ptserve_prefix=PrefixContext(keys=kv[:, 0], values=kv[:, 1], mask=to_device(mask, dev), cache=record,
-                                     slots=slice(0, b) if record is not None else None),
+                                     slots=slice(0, b) if record is not None else None,
+                                     compute_dtype=attention_dtype),
     )
     return out.last_hidden_state, getattr(out, "pooler_output", None)

@@ -14,6 +14,7 @@ and which tokens each row may see, so rows never see each other's prefix or toke
 """
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -35,6 +36,9 @@ class PrefixContext:
     mask: torch.Tensor  # [B, 1, T_q | 1, P_max + T_k] bool, True = may attend
     cache: "SlotKVCache | None" = None  # decoder prefill: also store this call's K/V ...
     slots: slice | None = None  # ... in these cache slots (one per row), token columns [0, T_k)
+    # Attention's own dtype, when not the query's (the output comes back in the query's): the trainer's bf16
+    # autocast on CPUs whose bf16 attention is slower than float32's (``training.attention_dtype``).
+    compute_dtype: torch.dtype | None = None
 
 
 @dataclass
@@ -59,6 +63,7 @@ def prefix_attention(
     **kwargs,
 ) -> tuple[torch.Tensor, None]:
     mask, is_causal, layer = attention_mask, False, getattr(module, "layer_idx", 0)
+    compute_dtype = None
     if ptserve_cache is not None:
         c = ptserve_cache
         c.cache.write(layer, c.slots, c.write_pos, key, value)
@@ -70,14 +75,19 @@ def prefix_attention(
             p.cache.write_prompt(layer, p.slots, key, value)
         key = torch.cat([p.keys[layer], key], dim=2)
         value = torch.cat([p.values[layer], value], dim=2)
-        mask = p.mask
+        mask, compute_dtype = p.mask, p.compute_dtype
     elif mask is None:
         is_causal = bool(getattr(module, "is_causal", False)) and query.shape[2] > 1
-    out = F.scaled_dot_product_attention(
-        query, key, value, attn_mask=mask, is_causal=is_causal, scale=scaling,
-        dropout_p=dropout if module.training else 0.0, enable_gqa=query.shape[1] != key.shape[1],
-    )
-    return out.transpose(1, 2).contiguous(), None  # [B, T_q, heads, head_dim]
+    out_dtype = query.dtype
+    recast = compute_dtype is not None and compute_dtype != out_dtype
+    if recast:  # autocast off inside, or it would cast the inputs straight back to its own dtype
+        query, key, value = query.to(compute_dtype), key.to(compute_dtype), value.to(compute_dtype)
+    with torch.autocast(query.device.type, enabled=False) if recast else nullcontext():
+        out = F.scaled_dot_product_attention(
+            query, key, value, attn_mask=mask, is_causal=is_causal, scale=scaling,
+            dropout_p=dropout if module.training else 0.0, enable_gqa=query.shape[1] != key.shape[1],
+        )
+    return out.to(out_dtype).transpose(1, 2).contiguous(), None  # [B, T_q, heads, head_dim]
 
 
 register_attention(ATTENTION_NAME, prefix_attention)

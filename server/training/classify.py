@@ -21,6 +21,7 @@ from ptserve.server.hardware import pick_dtype
 from ptserve.server.heads import HEADS
 from ptserve.server.pooling import mean_states
 from ptserve.server.resident import prefix_kv
+from ptserve.server.training.attention_dtype import AttentionChoice, attention_dtype_for
 from ptserve.server.training.data import Example, label_set
 from ptserve.server.training.loop import Callbacks, Evaluation, FitConfig, FitResult, fit
 from ptserve.server.training.prefix_encoder import PrefixEncoder
@@ -76,6 +77,7 @@ class TrainResult:
     trainable_parameters: dict[str, int] = field(default_factory=dict)
     model: "PrefixClassifier | None" = None  # the trained module (best epoch), for scoring more data in process
     bf16: bool = False  # whether the forward ran under bf16 autocast
+    attention: AttentionChoice | None = None  # the dtype attention ran in, and why (``attention_dtype``)
 
     def record(self) -> dict:
         """What ``training.json`` holds."""
@@ -90,6 +92,7 @@ class TrainResult:
             "trainable_parameters": self.trainable_parameters,
             "head": self.adapter.config.head,
             "autocast_bf16": self.bf16,
+            "attention": self.attention.record() if self.attention else None,
             **history_record(self.fit),
             "eval": None
             if self.eval is None
@@ -131,6 +134,7 @@ class PrefixClassifier(nn.Module):
             self.head[name.replace(".", "__")] = nn.Parameter(init)
         self.dropout = nn.Dropout(cfg.dropout)
         self.prefix_dropout = nn.Dropout(cfg.prefix_dropout)
+        self.attention_dtype: torch.dtype | None = None  # None = the forward's own (``attention_dtype``)
 
     def head_tensors(self) -> dict[str, torch.Tensor]:
         return {name.replace("__", "."): p for name, p in self.head.items()}
@@ -146,7 +150,7 @@ class PrefixClassifier(nn.Module):
         flat = self.prefix_dropout(self.prefix())  # [P, width]
         kv = prefix_kv(flat, bb.fingerprint).to(device=bb.device, dtype=bb.dtype)  # [L, 2, H, P, D]
         kv = kv.unsqueeze(2).expand(-1, -1, b, -1, -1, -1)  # [L, 2, B, H, P, D]
-        hidden, pooled = encoder_forward(bb, token_ids, kv, [kv.shape[4]] * b)
+        hidden, pooled = encoder_forward(bb, token_ids, kv, [kv.shape[4]] * b, attention_dtype=self.attention_dtype)
         return {"first": hidden[:, 0].float(), "pooled": pooled.float() if pooled is not None else None,
                 "mean": mean_states(hidden, [len(t) for t in token_ids]) if self.kind == MEAN_HEAD else None}
 
@@ -300,6 +304,8 @@ def train_classifier(
     eval_y = [index[e.label] for e in held_out or []]
 
     bf16 = autocast_bf16(cfg.autocast, bb.device)
+    attention = attention_dtype_for(bb.fingerprint, bb.device, bf16, cfg.batch_size, max(map(len, train_ids)), p)
+    model.attention_dtype = attention.dtype
 
     def batch_loss(batch: list[tuple[tuple[int, ...], int]]) -> torch.Tensor:
         ids, y = zip(*batch)
@@ -335,4 +341,4 @@ def train_classifier(
     counts["total"] = counts["prefix"] + counts["head"]
     counts["served_prefix"] = p * bb.fingerprint.prefix_width  # after materialising a projection
     final = evaluate(model, eval_ids, eval_y, labels, cfg.batch_size * 2) if held_out else None
-    return TrainResult(model.to_adapter(labels), labels, cfg, result, final, counts, model, bf16)
+    return TrainResult(model.to_adapter(labels), labels, cfg, result, final, counts, model, bf16, attention)

@@ -208,6 +208,8 @@ def train(
         f"{summary['train_seconds']}s; wrote {out}/{{{BLOB_FILE}, peft/, training.json}}",
         highlight=False,
     )
+    if summary.get("autocast_bf16"):
+        err.print(f"bf16 autocast; {summary['attention']['reason']}", highlight=False)
     if upload:
         err.print(f"uploaded {upload} version {summary['uploaded']['version']}", highlight=False)
 
@@ -273,7 +275,8 @@ def _summary(task: str, result, out: Path) -> dict:
     if task == "classify":
         summary.update(labels=result.labels, head=result.adapter.config.head,
                        virtual_tokens=result.adapter.config.num_virtual_tokens,
-                       eval_accuracy=ev.accuracy if ev else None)
+                       eval_accuracy=ev.accuracy if ev else None, autocast_bf16=result.bf16,
+                       attention=result.attention.record() if result.attention else None)
     elif task == "embed":
         base = result.baseline
         summary.update(eval_recall_at_1=ev.recall_at_1 if ev else None, eval_mrr=ev.mrr if ev else None,

@@ -201,8 +201,9 @@ def test_projected_prefix_trains_and_is_served_materialised(minilm, minilm_engin
 
 
 def test_bf16_autocast_follows_the_setting_and_saves_float32(minilm):
-    """--autocast on runs the forward in bf16 (emulated here: this CPU has no fast bf16, so "auto" is off on it,
-    as the serving dtype rule says); the saved adapter is float32 either way."""
+    """--autocast on runs the forward in bf16 (emulated on a CPU without fast bf16, where "auto" is off, as the
+    serving dtype rule says); the saved adapter is float32 either way; training.json says which dtype attention
+    ran in, as measured on this CPU."""
     from ptserve.server.hardware import pick_dtype
     from ptserve.server.training.classify import autocast_bf16
 
@@ -212,6 +213,9 @@ def test_bf16_autocast_follows_the_setting_and_saves_float32(minilm):
     held_out = load_examples(EXAMPLES / "eval.jsonl")[:8]
     result = train_classifier(minilm, train, held_out, TrainConfig(virtual_tokens=4, epochs=1, autocast="on"))
     assert result.bf16 and result.record()["autocast_bf16"] is True
+    attention = result.record()["attention"]
+    assert attention["dtype"] in (None, "float32") and set(attention["ms"]) == {"bfloat16", "float32"}
+    assert result.model.attention_dtype == (torch.float32 if attention["dtype"] else None)
     assert all(t.dtype == torch.float32 for t in result.adapter.tensors.values())
     assert all(torch.isfinite(t).all() for t in result.adapter.tensors.values())
     assert result.fit.history[0].train_loss == result.fit.history[0].train_loss  # not NaN
