@@ -300,6 +300,16 @@ def table(runs: list[Run], tasks: list[Task]) -> str:
     return "\n".join(lines) + ("\n\n" + "\n".join(f"- {n}" for n in notes) if notes else "")
 
 
+def sampled(task: Task, args) -> Task:
+    """The task as this run uses it: the first --max-train train and --max-test test examples (the loaders
+    shuffle, so a head of a split is a sample of it; test keeps only labels the train sample has, which alone can
+    be scored), texts cut to --max-length tokens instead of the task's own cap when given."""
+    train = task.train[: args.max_train or None]
+    known = {e.label for e in train}
+    test = [e for e in task.test if e.label in known][: args.max_test or None]
+    return Task(task.name, train, test, args.max_length or task.max_length, task.description)
+
+
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tasks", nargs="+", default=list(TASKS), choices=list(TASKS))
@@ -322,6 +332,8 @@ def parse_args(argv=None):
     ap.add_argument("--holdout", type=int, default=0,
                     help="score prefix and full on at most this many train examples past --max-train (0 = none)")
     ap.add_argument("--max-test", type=int, default=0, help="score at most this many test examples per task (0 = all)")
+    ap.add_argument("--max-length", type=int, default=0,
+                    help="tokens per text for every method, instead of each task's own max_length (0 = the task's)")
     ap.add_argument("--from-json", type=Path, nargs="+", default=None,
                     help="print (and write) the table of the runs saved by --json (one or more files, merged)")
     ap.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "RESULTS.md")
@@ -335,17 +347,9 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     bb = load_backbone("minilm", device="cpu", dtype="float32")
-    tasks = [load_task(name) for name in args.tasks]
-    args.holdouts = {}  # task -> train examples past --max-train, scored, never trained on
-    if args.max_train or args.max_test:  # the loaders shuffle, so a head of each split is a sample of it
-        cut = []
-        for t in tasks:
-            train = t.train[: args.max_train or None]
-            known = {e.label for e in train}  # a label the sample lacks cannot be scored
-            test = [e for e in t.test if e.label in known][: args.max_test or None]
-            args.holdouts[t.name] = holdout_of(t, args.max_train, args.holdout)
-            cut.append(Task(t.name, train, test, t.max_length, t.description))
-        tasks = cut
+    whole = [load_task(name) for name in args.tasks]
+    args.holdouts = {t.name: holdout_of(t, args.max_train, args.holdout) for t in whole}  # scored, never trained on
+    tasks = [sampled(t, args) for t in whole]
     runs: list[Run] = [Run(**r) for f in args.from_json or [] for r in json.loads(f.read_text())]
     todo = [] if args.from_json else [(s, t, m) for i, s in enumerate(args.seeds) for t in tasks
                                       for m in (args.methods if i == 0 else args.later_methods)]

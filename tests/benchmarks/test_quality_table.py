@@ -50,3 +50,17 @@ def test_bf16_runs_are_rows_of_their_own_compared_with_full_in_float32():
     assert r["full (bf16)"].endswith("| -10.0 |") and r["full"].endswith("|  |")
     # runs saved before the field (None) are the method's plain row, as before
     assert list(rows(table([run("full", 0, 0.9), run("prefix", 0, 0.8)], [TASK]))) == ["prefix", "full"]
+
+
+def test_a_run_samples_each_split_and_may_cut_texts_shorter_for_every_method():
+    from argparse import Namespace
+
+    from benchmarks.bench_quality import sampled
+
+    task = Task("t", [Example(f"a{i}", "x" if i % 2 else "y") for i in range(10)],
+                [Example("c", "x"), Example("d", "z"), Example("e", "y")], 96, "d")
+    cut = sampled(task, Namespace(max_train=4, max_test=0, max_length=0))
+    assert cut.train == task.train[:4] and cut.max_length == 96
+    assert [e.text for e in cut.test] == ["c", "e"]  # "z" is no label of the train sample: it cannot be scored
+    longer = sampled(task, Namespace(max_train=0, max_test=1, max_length=192))
+    assert longer.train == task.train and longer.test == task.test[:1] and longer.max_length == 192
