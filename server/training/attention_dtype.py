@@ -2,11 +2,11 @@
 
 Under autocast every matmul of a training step runs in bf16, and so does attention (``scaled_dot_product_attention``
 is on autocast's bf16 list). On a CPU with AVX512-BF16 but no AMX (an AMD EPYC Zen 4, torch 2.13) the matmuls get
-~2x faster while ATen's CPU flash attention in bf16 is slower than in float32, its backward ~4x slower: a prefix step
-that should take ~0.55x of float32's took ~0.75x (docs/design.md, issue 14). Which side wins depends on the CPU and
-torch's kernels, so the trainer times one forward + backward of attention at its own shapes in both dtypes before
-it starts and keeps the faster (float32 only when clearly faster: it costs two casts per layer). GPUs keep bf16:
-their fused attention kernels are bf16-native.
+~2x faster while ATen's CPU flash attention in bf16 is slower than in float32, its backward ~4x slower: a prefix
+step took 0.81x of float32's time with bf16 attention and 0.56x with float32 attention (``bench_train_step``,
+issue 14). Which side wins depends on the CPU and torch's kernels, so the trainer times one forward + backward of
+attention at its own shapes in both dtypes before it starts and keeps the faster (float32 only when clearly
+faster: it costs two casts per layer). GPUs keep bf16: their fused attention kernels are bf16-native.
 """
 
 from __future__ import annotations
