@@ -95,7 +95,7 @@ def run_prefix(bb, task: Task, seed: int, args) -> Run:
                 if held else None)
     n = len(result.fit.history)
     return Run(task.name, "prefix", seed, acc, result.eval.accuracy, wall, n, wall / n, holdout_accuracy=held_acc,
-               bf16=autocast_bf16(cfg.autocast, bb.device))
+               bf16=result.bf16)
 
 
 def run_prefix_pooler(bb, task: Task, seed: int, args) -> Run:
@@ -106,8 +106,7 @@ def run_prefix_pooler(bb, task: Task, seed: int, args) -> Run:
     wall = time.perf_counter() - t0
     acc = _test_accuracy_prefix(bb, result.model, task, result.labels, cfg.virtual_tokens, task.max_length)
     n = len(result.fit.history)
-    return Run(task.name, "prefix-pooler", seed, acc, result.eval.accuracy, wall, n, wall / n,
-               bf16=autocast_bf16(cfg.autocast, bb.device))
+    return Run(task.name, "prefix-pooler", seed, acc, result.eval.accuracy, wall, n, wall / n, bf16=result.bf16)
 
 
 def run_prefix_search(bb, task: Task, seed: int, args) -> Run:
@@ -123,7 +122,7 @@ def run_prefix_search(bb, task: Task, seed: int, args) -> Run:
     chosen = found.chosen
     note = f"lr {chosen['lr']:g}, P {chosen['virtual_tokens']}, {chosen['head']}; {len(found.trials)} trials"
     return Run(task.name, "prefix-search", seed, acc, result.eval.accuracy, wall, n, result.fit.seconds / n, note,
-               bf16=autocast_bf16(base.autocast, bb.device))
+               bf16=result.bf16)
 
 
 # --- full fine-tuning and the probe (the backbone's own HF forward) ------------------------------------------------
